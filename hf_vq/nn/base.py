@@ -1,0 +1,192 @@
+"""`VQModuleMixin`: what every compressed module holds and how it turns codes back into a weight.
+
+A VQ module is the float module (same class, same attributes, same `forward`) whose `weight`
+parameter is replaced by
+
+* `codes`: a frozen uint8 **buffer** `[rows, packed_bytes]` holding the bit-packed integer codes
+  (`[rows, n_blocks, num_codebooks]` once unpacked), exactly as it is stored on disk;
+* `codebooks`: a trainable **parameter** `[num_codebooks, k, d]`;
+
+and `weight` becomes a property that decodes them (see [`VQModuleMixin.decode_weight`]). Keeping the
+float class as a base means subclasses with their own `forward` (timm's `Conv2dSame`, transformers'
+`Conv1D`) keep working unchanged, and `isinstance(m, nn.Linear)` stays true.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codec.packing import bits_for, pack_codes, packed_row_bytes, unpack_codes
+from ..codec.pq import decode
+
+__all__ = ["VQModuleMixin", "CodesError"]
+
+
+class CodesError(ValueError):
+    """Codes that do not fit the module: out of range (>= k) or of the wrong shape."""
+
+
+class VQModuleMixin:
+    """Mixin placed before a float module class (`class VQLinear(VQModuleMixin, nn.Linear)`).
+
+    Subclasses define how the dense weight maps to the `[rows, cols]` matrix that is cut into
+    subvectors (`_weight_to_matrix` / `_matrix_to_weight`) and which float class they replace.
+    """
+
+    #: The float class this VQ class replaces (nn.Linear, nn.Conv2d, ...).
+    float_class: type[nn.Module]
+
+    # set by _init_vq
+    vq_kind: str
+    weight_shape: tuple[int, ...]
+    k: int
+    d: int
+    num_codebooks: int
+    codes: torch.Tensor  # uint8 [rows, packed_bytes]
+    codebooks: nn.Parameter  # [num_codebooks, k, d]
+
+    # ------------------------------------------------------------------ layout of the weight
+    @staticmethod
+    def _weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
+        """Dense weight (module layout) -> `[rows, cols]` matrix whose rows are cut into subvectors."""
+        return weight.reshape(weight.shape[0], -1)
+
+    def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`[rows, cols]` matrix -> dense weight in the module's own layout."""
+        return matrix.reshape(self.weight_shape)
+
+    @classmethod
+    def matrix_shape(cls, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+        """`(rows, cols)` of the matrix view of a weight of `weight_shape`."""
+        rows, cols = cls._weight_to_matrix(torch.empty(weight_shape, device="meta")).shape
+        return int(rows), int(cols)
+
+    # ------------------------------------------------------------------ construction
+    def _init_vq(self, *, kind: str, weight_shape: tuple[int, ...], k: int, d: int, num_codebooks: int,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        rows, cols = self.matrix_shape(weight_shape)
+        if cols % d:
+            raise ValueError(f"block size d={d} does not divide the row length {cols} of a weight of shape {weight_shape}.")
+        self.vq_kind = kind
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.k, self.d, self.num_codebooks = int(k), int(d), int(num_codebooks)
+        n_codes = (cols // d) * num_codebooks
+        self.register_buffer(
+            "codes", torch.zeros(rows, packed_row_bytes(n_codes, bits_for(k)), dtype=torch.uint8, device=device)
+        )  # uint8 [rows, packed_bytes]
+        self.codebooks = nn.Parameter(torch.zeros(num_codebooks, k, d, dtype=dtype, device=device))  # [M, k, d]
+        self.cache_decoded = False
+        self._codes_cache: tuple[Any, torch.Tensor] | None = None
+        self._weight_cache: tuple[Any, torch.Tensor] | None = None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, *, kind: str, k: int, d: int, num_codebooks: int = 1,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VQModuleMixin":
+        """An empty VQ module (zero codes and codebooks) with the attributes of the float `module`.
+
+        `module` is not modified; its `weight` may live on the meta device. The VQ class is the
+        registered one for `type(module)`, subclassed on the fly for subclasses (e.g. `Conv2dSame`).
+        """
+        weight = module._parameters["weight"]
+        device = weight.device if device is None else device
+        dtype = (weight.dtype if weight.dtype.is_floating_point else torch.float32) if dtype is None else dtype
+        new = copy.copy(module)
+        new.__class__ = cls
+        new._parameters = {n: p for n, p in module._parameters.items() if n != "weight"}
+        new._buffers = dict(module._buffers)
+        new._modules = dict(module._modules)
+        new._init_vq(kind=kind, weight_shape=tuple(weight.shape), k=k, d=d, num_codebooks=num_codebooks,
+                     dtype=dtype, device=device)
+        return new
+
+    def set_codes_(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+        """Fill the module from unpacked `codes` `[rows, n_blocks, M]` and `codebooks` `[M, k, d]`."""
+        rows, cols = self.matrix_shape(self.weight_shape)
+        expected = (rows, cols // self.d, self.num_codebooks)
+        if tuple(codes.shape) != expected:
+            raise CodesError(f"codes of shape {tuple(codes.shape)} do not match the layout {expected}.")
+        if tuple(codebooks.shape) != tuple(self.codebooks.shape):
+            raise CodesError(f"codebooks of shape {tuple(codebooks.shape)}, expected {tuple(self.codebooks.shape)}.")
+        if codes.numel() and int(codes.max()) >= self.k:
+            raise CodesError(f"codes contain {int(codes.max())} >= k={self.k}.")
+        packed = pack_codes(codes.reshape(rows, -1), bits_for(self.k))
+        with torch.no_grad():
+            self.codes = packed.to(self.codes.device)
+            self.codebooks.data = codebooks.to(self.codebooks.device, self.codebooks.dtype).contiguous()
+
+    # ------------------------------------------------------------------ decoding
+    @property
+    def bits(self) -> int:
+        return bits_for(self.k)
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """Codes `[rows, n_blocks, M]` (uint8 or int32), unpacked once and cached until `codes` changes.
+
+        Raises:
+            `CodesError`: if the stored codes do not fit the layout or a code is >= k.
+        """
+        packed = self.codes
+        key = (packed.data_ptr(), packed._version, packed.device, tuple(packed.shape))
+        if self._codes_cache is not None and self._codes_cache[0] == key:
+            return self._codes_cache[1]
+        rows, cols = self.matrix_shape(self.weight_shape)
+        n_blocks = cols // self.d
+        expected = (rows, packed_row_bytes(n_blocks * self.num_codebooks, self.bits))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+            raise CodesError(
+                f"stored codes are {packed.dtype} {tuple(packed.shape)}, expected uint8 {expected} "
+                f"(k={self.k}, d={self.d}, weight {self.weight_shape})."
+            )
+        codes = unpack_codes(packed, self.bits, n_blocks * self.num_codebooks).reshape(rows, n_blocks, self.num_codebooks)
+        if codes.numel() and int(codes.max()) >= self.k:
+            raise CodesError(f"codes contain {int(codes.max())} >= k={self.k}; the checkpoint is corrupted.")
+        self._codes_cache = (key, codes)
+        return codes
+
+    def decode_weight(self) -> torch.Tensor:
+        """The dense weight, in the float module's layout, decoded from codes and codebooks.
+
+        With `cache_decoded = True` and no gradient needed, the decoded weight is kept until the
+        codebooks or codes change (trades memory for speed at inference).
+        """
+        use_cache = self.cache_decoded and not (torch.is_grad_enabled() and self.codebooks.requires_grad)
+        if use_cache:
+            key = (self.codebooks.data_ptr(), self.codebooks._version, self.codes._version, self.codebooks.dtype)
+            if self._weight_cache is not None and self._weight_cache[0] == key:
+                return self._weight_cache[1]
+        weight = self._matrix_to_weight(decode(self.unpacked_codes(), self.codebooks))
+        if use_cache:
+            self._weight_cache = (key, weight)
+        else:
+            self._weight_cache = None
+        return weight
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.decode_weight()
+
+    # ------------------------------------------------------------------ conversion back
+    def dequantize(self) -> nn.Module:
+        """A dense module of the original class with the decoded weight (this module is untouched)."""
+        dense = copy.copy(self)
+        dense.__class__ = next(c for c in type(self).__mro__ if not issubclass(c, VQModuleMixin) and issubclass(c, nn.Module))
+        with torch.no_grad():
+            weight = nn.Parameter(self.decode_weight().detach().clone())
+        dense._parameters = {"weight": weight, **{n: p for n, p in self._parameters.items() if n != "codebooks"}}
+        dense._buffers = {n: b for n, b in self._buffers.items() if n != "codes"}
+        dense._modules = dict(self._modules)
+        for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_weight_cache"):
+            dense.__dict__.pop(attr, None)
+        return dense
+
+    def compressed_bits(self) -> int:
+        """Accounted size in bits: `ceil(log2 k)` per code plus fp16 codebooks (bias counted elsewhere)."""
+        rows, cols = self.matrix_shape(self.weight_shape)
+        return rows * (cols // self.d) * self.num_codebooks * self.bits + self.codebooks.numel() * 16
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vq={self.vq_kind} k={self.k} d={self.d} M={self.num_codebooks}"
