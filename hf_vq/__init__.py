@@ -9,6 +9,7 @@ from .checkpoint import CheckpointError, SizeReport, checkpoint_size_report, loa
 from .config import FORMAT_VERSION, LayerLayout, VQConfig
 from .nn import CodesError, VQConv1D, VQConv2d, VQEmbedding, VQLinear, VQModuleMixin
 from .quantize import build_skeleton_, dequantize_, plan, quantize_, vq_modules
+from .integrations import timm as _timm_integration  # noqa: F401  registers timm's "hf_vq" entrypoint: create_model loads compressed models
 
 __version__ = "0.1.0"
 

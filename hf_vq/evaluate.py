@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["real_sentences", "mean_pool", "embedding_cosine"]
+__all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "real_photos", "real_images",
+           "image_fidelity"]
 
 
 def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
@@ -50,3 +53,110 @@ def embedding_cosine(dense: nn.Module, compressed: nn.Module, tokenizer, sentenc
         cosines.append(F.cosine_similarity(a.float(), b.float(), dim=-1))
     cos = torch.cat(cosines)
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "n_sentences": len(sentences)}
+
+
+# ------------------------------------------------------------------------------------------------ images
+#: Real photographs bundled with scikit-image (no download), by their `skimage.data` name. Grey ones are
+#: replicated to RGB; `motorcycle_left/right` are the two views of `stereo_motorcycle`.
+REAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "camera", "clock",
+               "coins", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon")
+
+
+def real_photos() -> list:
+    """The [`REAL_PHOTOS`] as RGB `PIL.Image`s (scikit-image's bundled data, offline).
+
+    Raises:
+        `ImportError`: if scikit-image is not installed (`pip install scikit-image`).
+    """
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise ImportError("Real test images come from scikit-image's bundled photos: `pip install scikit-image`.") from err
+    import numpy as np
+    from PIL import Image
+
+    photos = []
+    for name in REAL_PHOTOS:
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            array = left if name.endswith("left") else right
+        else:
+            array = getattr(skimage.data, name)()
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        photos.append(Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8)))
+    return photos
+
+
+def real_images(n: int = 128, *, model: nn.Module | None = None, data_config: dict | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """`n` deterministic views of real photos, preprocessed as `model` expects: `[n, C, H, W]` float.
+
+    View `i` is a random crop (10-100% of the photo's area, aspect 3:4 to 4:3, drawn from a generator
+    seeded with `seed`) of photo `i mod 16` of [`REAL_PHOTOS`], mirrored for every other round through
+    the photos, then passed through timm's evaluation transform for `model`
+    (`resolve_data_config` + `create_transform`: resize, centre crop, normalisation). Give
+    `data_config` instead of `model` to choose the preprocessing.
+    """
+    from PIL import ImageOps
+    from timm.data import create_transform, resolve_data_config
+
+    if data_config is None:
+        data_config = resolve_data_config({}, model=model) if model is not None else resolve_data_config({"img_size": 224})
+    transform = create_transform(**data_config, is_training=False)
+    photos = real_photos()
+    gen = torch.Generator().manual_seed(seed)
+    views = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        u = torch.rand(3, generator=gen).tolist()
+        area = w * h * (0.1 + 0.9 * u[0])
+        aspect = math.exp(math.log(3 / 4) + u[1] * (math.log(4 / 3) - math.log(3 / 4)))
+        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        view = photo.crop((x0, y0, x0 + cw, y0 + ch))
+        if (i // len(photos)) % 2 == 1:
+            view = ImageOps.mirror(view)
+        views.append(transform(view))
+    return torch.stack(views)
+
+
+@torch.no_grad()
+def image_fidelity(dense: nn.Module, model: nn.Module, images: torch.Tensor | None = None, *, n_images: int = 128,
+                   batch_size: int = 32) -> dict[str, float]:
+    """How closely a compressed image classifier follows its dense original on real photos.
+
+    Args:
+        dense (`nn.Module`): the dense model (its timm preprocessing is used for the default images).
+        model (`nn.Module`): the compressed model.
+        images (`torch.Tensor`, *optional*): preprocessed inputs `[n, C, H, W]`; default
+            [`real_images`]`(n_images, model=dense)`.
+
+    Returns:
+        `dict`: `top1_agreement` (fraction of images where both predict the same class),
+        `mean_kl` (mean KL(dense ‖ compressed) of the softmax outputs, nats) and `n_images`.
+    """
+    if images is None:
+        images = real_images(n_images, model=dense)
+    dense_was, model_was = dense.training, model.training
+    dense.eval()
+    model.eval()
+    agree, kl = 0, 0.0
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i: i + batch_size]
+            a, b = dense(x), model(x)
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.ndim != 2:
+                raise ValueError("image_fidelity needs classifiers returning logits [batch, classes].")
+            a, b = a.float(), b.float()
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            log_p, log_q = F.log_softmax(a, -1), F.log_softmax(b, -1)
+            kl += float((log_p.exp() * (log_p - log_q)).sum())
+    finally:
+        dense.train(dense_was)
+        model.train(model_was)
+    n = len(images)
+    return {"top1_agreement": agree / max(1, n), "mean_kl": kl / max(1, n), "n_images": n}
