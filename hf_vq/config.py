@@ -150,6 +150,11 @@ class VQConfig(QuantizationConfigMixin):
             Annealed k-means (noise on the centroid update, shrinking over iterations) instead of Lloyd's.
         seed (`int`, defaults to 0):
             Seed of the k-means initialisation and annealing noise; results are deterministic per device.
+        permute (`bool`, defaults to `True`):
+            PQF's first step: before quantizing, permute the channels of coupled layers (which leaves the
+            function unchanged) so that subvectors are easier to quantize.
+        permute_iters (`int`, defaults to 1000):
+            Swap proposals of the stochastic local search per channel group (0 keeps the greedy start).
         modules_to_not_convert (`list[str]`, *optional*):
             Glob patterns (`fnmatch`) of module names left dense, e.g. `["classifier", "*.attention.*"]`.
             Norms and biases are never converted.
@@ -191,6 +196,8 @@ class VQConfig(QuantizationConfigMixin):
         n_iter: int = 100,
         anneal: bool = True,
         seed: int = 0,
+        permute: bool = True,
+        permute_iters: int = 1000,
         modules_to_not_convert: list[str] | None = None,
         keep_stem_dense: bool = True,
         quantize_embeddings: bool = True,
@@ -216,6 +223,8 @@ class VQConfig(QuantizationConfigMixin):
         self.n_iter = n_iter
         self.anneal = anneal
         self.seed = seed
+        self.permute = permute
+        self.permute_iters = permute_iters
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.keep_stem_dense = keep_stem_dense
         self.quantize_embeddings = quantize_embeddings
@@ -228,7 +237,7 @@ class VQConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------------ validation
     @classmethod
     def _valid_keys(cls) -> set[str]:
-        return {"method", "k", "block_size", "n_iter", "anneal", "seed", "modules_to_not_convert", "keep_stem_dense",
+        return {"method", "k", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
                 "quantize_embeddings", "quantize_head", "overrides", "modules", "version", "quant_method"}
 
     def post_init(self) -> None:
@@ -257,11 +266,11 @@ class VQConfig(QuantizationConfigMixin):
                 f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must be a multiple of 9 (one 3x3 kernel "
                 "per block = 9, two adjacent input channels = 18) so that blocks never split a kernel."
             )
-        for field in ("n_iter", "seed"):
+        for field, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if field == "n_iter" else 0):
-                raise ValueError(f"VQConfig.{field}={value!r} must be an integer >= {1 if field == 'n_iter' else 0}.")
-        for field in ("anneal", "keep_stem_dense", "quantize_embeddings", "quantize_head"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"VQConfig.{field}={value!r} must be an integer >= {low}.")
+        for field in ("anneal", "permute", "keep_stem_dense", "quantize_embeddings", "quantize_head"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"VQConfig.{field}={getattr(self, field)!r} must be True or False.")
         if not all(isinstance(p, str) and p for p in self.modules_to_not_convert):
@@ -338,6 +347,8 @@ class VQConfig(QuantizationConfigMixin):
             "n_iter": self.n_iter,
             "anneal": self.anneal,
             "seed": self.seed,
+            "permute": self.permute,
+            "permute_iters": self.permute_iters,
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "keep_stem_dense": self.keep_stem_dense,
             "quantize_embeddings": self.quantize_embeddings,
