@@ -259,17 +259,21 @@ def checkpoint_size_report(folder: str | os.PathLike) -> SizeReport:
     """Accounted and on-disk size of a saved compressed folder (reads only the safetensors header)."""
     folder = Path(folder)
     config = read_quantization_config(folder)
-    path = folder / WEIGHTS_NAME
+    paths = [folder / WEIGHTS_NAME]
+    index = folder / (WEIGHTS_NAME + ".index.json")  # sharded by save_pretrained(max_shard_size=...)
+    if not paths[0].is_file() and index.is_file():
+        paths = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     tensors = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                tensors[key] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path} cannot be read ({err}); re-download it or save the model again.") from None
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    tensors[key] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} cannot be read ({err}); re-download it or save the model again.") from None
     report = _report(config.layouts, tensors)
-    report.file_bytes = path.stat().st_size
+    report.file_bytes = sum(path.stat().st_size for path in paths)
     return report
 
 

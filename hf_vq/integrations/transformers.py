@@ -1,33 +1,53 @@
-"""transformers integration: load a dense model, write a compressed folder that `from_pretrained` reads.
+"""transformers integration: the user-facing side.
 
-The `HfQuantizer` that makes `from_pretrained` rebuild VQ modules lives next to this (its own issue);
-this module holds what the CLI needs: loading a dense model of any architecture and writing
-config.json (with `quantization_config`) + model.safetensors + tokenizer files + model card.
+`import hf_vq` registers the quantizer (see `transformers_quantizer.py`), after which the plain
+transformers API does everything:
+
+```python
+>>> import hf_vq
+>>> from transformers import AutoModel
+>>> model = AutoModel.from_pretrained("org/dense", quantization_config=hf_vq.VQConfig(k=256))  # compress on load
+>>> model.save_pretrained("dense-vq")             # config.json + quantization_config, safetensors, model card
+>>> model = AutoModel.from_pretrained("dense-vq")  # rebuilds the VQ modules, loads codes and codebooks
+>>> dense = model.dequantize()                     # back to nn.Linear / nn.Embedding
+```
+
+This module adds what the CLI needs on top: loading a dense model of any architecture
+([`load_dense`]) and writing a complete folder with tokenizer files and a model card with
+fidelity figures ([`save_compressed`]).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_folder, save_weights, size_report
-from ..config import VQConfig
+from ..checkpoint import atomic_folder, checkpoint_size_report
 from .hub import render_model_card
+from .transformers_quantizer import HfVQQuantizer, attach_, register
 
-__all__ = ["load_dense", "save_compressed"]
+__all__ = ["HfVQQuantizer", "register", "load_dense", "save_compressed"]
 
 # Files of a transformers / sentence-transformers folder that are not weights and travel with the model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".index.json")
-_SKIP_FILES = {"README.md", ".gitattributes", "config.json"}
+_SKIP_FILES = {"README.md", ".gitattributes", "config.json", "generation_config.json"}
 
 
 def load_dense(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load the dense model of a transformers folder with the class named in its config (`architectures[0]`)."""
+    """Load the dense model of a transformers folder with the class named in its config (`architectures[0]`).
+
+    Args:
+        folder (`str` or `os.PathLike`): a local transformers model folder.
+        dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the loaded weights.
+
+    Returns:
+        `PreTrainedModel`: the model class of `architectures[0]`, or `AutoModel` if transformers lacks it.
+    """
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -44,36 +64,46 @@ def save_compressed(
     *,
     source_dir: str | os.PathLike | None = None,
     base_model: str | None = None,
-    fidelity: dict | None = None,
+    fidelity: dict[str, Any] | None = None,
+    max_shard_size: int | str = "50GB",
 ) -> Path:
     """Write a compressed transformers model as a Hugging Face folder, atomically.
 
+    The weights and config.json are written by `model.save_pretrained` (so the folder loads back with
+    `from_pretrained` and no extra argument); the dense model's tokenizer and other non-weight files are
+    copied next to them, and the model card records `base_model` and the fidelity figures.
+
     Args:
-        model: a transformers `PreTrainedModel` compressed with [`hf_vq.quantize_`].
-        save_directory: the output folder (replaced only once everything is written).
-        source_dir: the dense model's folder; its tokenizer and other non-weight files are copied.
-        base_model: Hub id of the dense model, recorded in the model card.
-        fidelity: figures to print in the model card (e.g. embedding cosine to the dense model).
+        model (`PreTrainedModel`): a transformers model compressed with [`hf_vq.quantize_`] or loaded
+            with a `VQConfig`.
+        save_directory (`str` or `os.PathLike`): the output folder, replaced only once everything is written.
+        source_dir (`str` or `os.PathLike`, *optional*): the dense model's folder; its tokenizer and other
+            non-weight files are copied.
+        base_model (`str`, *optional*): Hub id of the dense model, recorded in the model card.
+        fidelity (`dict`, *optional*): figures to print in the model card (e.g. embedding cosine to the dense model).
+        max_shard_size (`int` or `str`, defaults to `"50GB"`): shard the safetensors above this size.
+
+    Returns:
+        `Path`: `save_directory`.
+
+    Raises:
+        `ValueError`: if `model` is not a compressed transformers model.
     """
-    vq_config: VQConfig = model.vq_config
-    config_dict = model.config.to_dict()
-    config_dict["quantization_config"] = vq_config.to_dict()
-    if base_model:
-        config_dict["_name_or_path"] = base_model
+    config = getattr(model, "vq_config", None)
+    if config is None or attach_(model, config) is None:
+        raise ValueError("save_compressed needs a transformers PreTrainedModel compressed with hf_vq.quantize_.")
     with atomic_folder(save_directory) as tmp:
         if source_dir is not None:
             for path in Path(source_dir).iterdir():
                 if path.name in _SKIP_FILES or path.name.endswith(_WEIGHT_SUFFIXES) or path.name.startswith("."):
                     continue
                 if path.is_dir():
-                    if path.name in ("onnx", "openvino"):
-                        continue
-                    shutil.copytree(path, tmp / path.name)
+                    if path.name not in ("onnx", "openvino"):
+                        shutil.copytree(path, tmp / path.name)
                 else:
                     shutil.copy2(path, tmp / path.name)
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        save_weights(model, tmp)
-        card = render_model_card(base_model=base_model, library_name="transformers", config_spec=vq_config.spec,
-                                 size=size_report(model), fidelity=fidelity)
+        type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size)
+        card = render_model_card(base_model=base_model, library_name="transformers", config_spec=config.spec,
+                                 size=checkpoint_size_report(tmp), fidelity=fidelity)
         card.save(tmp / "README.md")
     return Path(save_directory)

@@ -1,0 +1,502 @@
+"""hf_vq as a transformers quantization method: `from_pretrained` compresses dense models and loads compressed ones.
+
+`import hf_vq` registers [`HfVQQuantizer`] and [`VQConfig`] under `quant_method = "hf_vq"`. Then
+
+* `AutoModel.from_pretrained(dense, quantization_config=VQConfig(...))` loads the dense weights and
+  compresses them in place with [`hf_vq.quantize_`] (data-free k-means, progress bar per layer);
+* `AutoModel.from_pretrained(compressed)` rebuilds the VQ modules on the meta device from the layout
+  in config.json ([`hf_vq.build_skeleton_`]) and loads codes and codebooks, nothing recomputed;
+* `save_pretrained` / `push_to_hub` write config.json with the full `quantization_config`, safetensors
+  (codebooks in fp16, tied modules once, sharded when large) and hf_vq's model card;
+* `model.dequantize()` returns the dense model; `Trainer` fine-tunes the codebooks (codes stay frozen).
+
+Two transformers behaviours are handled here rather than left to the user:
+
+* **Tied modules** (input embedding ↔ LM head): transformers ties *parameters* named in
+  `all_tied_weights_keys` (`lm_head.weight`), which a VQ module no longer has. The tie is moved to the
+  `codebooks` parameter, and the tied copy of the uint8 `codes` buffer is aliased and kept out of the
+  state dict, so the pair is stored once and stays one pair of tensors after loading and training.
+* **Loading without hf_vq**: transformers skips an unknown `quant_method` with a warning and would
+  return randomly initialised layers. Every checkpoint written here carries two guard tensors: a
+  one-element `<module>.weight` whose shape mismatches the dense layer (transformers then raises), and
+  a tensor whose *name* is the fix, listed in transformers' load report. hf_vq ignores both.
+
+The algorithms live in `hf_vq.quantize` / `hf_vq.codec`; this module only adapts them to transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from ..checkpoint import CODEBOOKS, CODES, CheckpointError
+from ..codec.packing import bits_for, packed_row_bytes
+from ..config import VQConfig
+from ..nn import CodesError, VQModuleMixin
+
+__all__ = ["QUANT_METHOD", "GUARD_NOTE_KEY", "HfVQQuantizer", "register", "attach_", "detach_",
+           "check_checkpoint_files"]
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "hf_vq"
+
+#: Name of a one-element guard tensor in every hf_vq transformers checkpoint. Loaded without hf_vq,
+#: transformers lists it in its load report (next to the failing guard `<module>.weight`), so the fix is on screen.
+#: (Plain words only: transformers' per-architecture key renamings rewrite words such as "layer" or "model".)
+GUARD_NOTE_KEY = ("HF_VQ REQUIRED - pip install hf_vq - then import hf_vq before from_pretrained - otherwise this "
+                  "checkpoint loads as random values")
+_GUARD_SUFFIX = ".weight"
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+# ---------------------------------------------------------------------------------------------- the quantizer
+class HfVQQuantizer(HfQuantizer):
+    """transformers quantizer of hf_vq (`quant_method = "hf_vq"`), registered by `import hf_vq`.
+
+    Not instantiated by users: `from_pretrained` builds it from a [`VQConfig`] passed as
+    `quantization_config=` (quantize on load) or read from config.json (pre-quantized checkpoint).
+
+    Args:
+        quantization_config ([`VQConfig`] or `dict`): the scheme, and for a compressed checkpoint the
+            per-module layout (`modules`).
+        pre_quantized (`bool`, defaults to `True`): whether the weights being loaded are already compressed.
+
+    Attributes:
+        base_model (`str`, *optional*): Hub id of the dense model, written into the model card
+            (`base_model`, `base_model_relation: quantized`). Set when quantizing on load from a Hub id.
+        fidelity (`dict`, *optional*): figures printed in the model card's fidelity section.
+    """
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: VQConfig | dict, **kwargs: Any) -> None:
+        if isinstance(quantization_config, dict):
+            quantization_config = VQConfig.from_dict(quantization_config)
+        if not isinstance(quantization_config, VQConfig):
+            raise TypeError(f"HfVQQuantizer needs a hf_vq.VQConfig, not {type(quantization_config).__name__}.")
+        super().__init__(quantization_config, **kwargs)
+        self.base_model: str | None = None
+        self.fidelity: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ abstract API
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Codebooks (and every dense parameter) train with `Trainer`; the uint8 codes are buffers and stay frozen."""
+        return True
+
+    # ------------------------------------------------------------------ loading
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.pre_quantized and not self.quantization_config.is_quantized:
+            raise CheckpointError(
+                "config.json has an hf_vq quantization_config without 'modules' (the per-module layout), so the "
+                "compressed layers cannot be rebuilt. Re-save the model with save_pretrained, or to compress a dense "
+                "model pass quantization_config=VQConfig(...) to from_pretrained on the dense checkpoint."
+            )
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        """Pre-quantized: swap in empty VQ modules (on meta) so that codes and codebooks load into them."""
+        if not self.pre_quantized:
+            return model  # dense weights load as usual; they are compressed after loading
+        from ..quantize import build_skeleton_
+
+        config = self.quantization_config = _fit_layout(model, self.quantization_config)
+        build_skeleton_(model, config)
+        _tie_(model, config)
+        for module in model.modules():
+            if isinstance(module, VQModuleMixin):
+                # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
+                # the still-empty codes of tied modules, re-aliased to their owner's after loading)
+                module._is_hf_initialized = True
+        if checkpoint_files:
+            check_checkpoint_files(checkpoint_files, config, rename=_checkpoint_key_renamer(model, self))
+        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0])} | {
+            rf"^{re.escape(name)}{re.escape(_GUARD_SUFFIX)}$" for name in config.modules}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | unexpected
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
+        if self.pre_quantized:
+            config = self.quantization_config
+            _check_loaded(model, config)
+        else:
+            from ..quantize import quantize_
+
+            self.base_model = _hub_id(getattr(model.config, "name_or_path", None))
+            config = quantize_(model, self.quantization_config, progress=True)
+        attach_(model, config)
+        return model
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        from ..quantize import dequantize_
+
+        return dequantize_(model)  # also detaches the quantizer (see `detach_`)
+
+    # ------------------------------------------------------------------ saving
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors `save_pretrained` writes: codebooks in fp16, tied modules once, plus the two guard tensors."""
+        config = self.quantization_config
+        vq = {name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, VQModuleMixin)}
+        tied = {name for name, layout in config.layouts.items() if layout.tied_to is not None}
+        skip = {f"{name}.{suffix}" for name in tied for suffix in (CODES, CODEBOOKS)}
+        codebooks = {f"{name}.{CODEBOOKS}" for name in vq}
+        state_dict: dict[str, torch.Tensor] = {}
+        for key, tensor in model.state_dict().items():
+            if key in skip:
+                continue
+            if key in codebooks and tensor.is_floating_point():
+                tensor = tensor.to(torch.float16)  # [M, k, d]; quantize_ already rounded them to fp16
+            state_dict[key] = tensor
+        owner = next((name for name in config.modules if name not in tied), None)
+        if owner is not None:
+            state_dict[owner + _GUARD_SUFFIX] = torch.zeros(1, dtype=torch.float16)  # mismatches the dense [out, in]
+            state_dict[GUARD_NOTE_KEY] = torch.zeros(1, dtype=torch.uint8)
+        metadata = {"hf_vq_format_version": str(config.version), "hf_vq_spec": config.spec,
+                    "hf_vq_note": "load with transformers after `import hf_vq` (pip install hf_vq)"}
+        return state_dict, metadata
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def register() -> None:
+    """Register [`VQConfig`] and [`HfVQQuantizer`] with transformers under `"hf_vq"` (idempotent).
+
+    transformers' `register_quantization_config` / `register_quantizer` refuse a name twice, so an
+    existing registration is checked first (and replaced if it is a stale class, e.g. after a reload).
+    """
+    for mapping, cls, decorator in ((AUTO_QUANTIZATION_CONFIG_MAPPING, VQConfig, register_quantization_config),
+                                    (AUTO_QUANTIZER_MAPPING, HfVQQuantizer, register_quantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is cls:
+            continue
+        if current is not None:
+            logger.warning("hf_vq: replacing %r registered with transformers under %r.", current, QUANT_METHOD)
+            del mapping[QUANT_METHOD]
+        decorator(QUANT_METHOD)(cls)
+
+
+# ---------------------------------------------------------------------------------------------- model state
+def _pretrained_models(model: nn.Module):
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def attach_(model: nn.Module, config: VQConfig) -> HfVQQuantizer | None:
+    """Make a transformers model compressed by [`hf_vq.quantize_`] a quantized transformers model (in place).
+
+    Called by `quantize_` and by the quantizer itself: sets `model.hf_quantizer`,
+    `model.config.quantization_config`, ties VQ modules that share a weight through their codebooks,
+    and installs `save_pretrained` / `push_to_hub` that also write hf_vq's model card. A no-op (returns
+    `None`) for models that are not transformers `PreTrainedModel`s.
+
+    Raises:
+        `ValueError`: if the model is already quantized with another method.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        quantizer = HfVQQuantizer(config, pre_quantized=True)
+        model.hf_quantizer = quantizer
+    elif not isinstance(quantizer, HfVQQuantizer):
+        raise ValueError(
+            f"This model is already quantized with {quantizer.quantization_config.quant_method!r}; hf_vq compresses "
+            "dense models only. Load the dense checkpoint instead."
+        )
+    quantizer.quantization_config = config
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    for sub in _pretrained_models(model):
+        sub.config._is_quantized = True
+    _tie_(model, config)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.push_to_hub = types.MethodType(_push_to_hub, model)
+    return quantizer
+
+
+def detach_(model: nn.Module) -> None:
+    """Undo [`attach_`] on a model whose VQ modules were dequantized (restores the dense weight ties)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, HfVQQuantizer):
+        return
+    for sub in _pretrained_models(model):
+        original = sub.__dict__.pop("_hf_vq_tied_keys", None)
+        if original is not None:
+            sub.all_tied_weights_keys = original
+            sub.__dict__.pop("_tied_weights_keys", None)
+        sub.config._is_quantized = False
+    for name in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(name, None)
+    quantizer.remove_quantization_config(model)
+
+
+def _tie_(model: nn.Module, config: VQConfig) -> None:
+    """Share codes and codebooks of tied VQ modules; move transformers' weight ties onto `codebooks`.
+
+    The tied module's `codes` buffer aliases its owner's and is non-persistent (stored once); its
+    `codebooks` is the owner's parameter, and transformers re-ties it after loading (`tie_weights`).
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, layout in config.layouts.items():
+        if layout.tied_to is None or name not in modules or layout.tied_to not in modules:
+            continue
+        module, owner = modules[name], modules[layout.tied_to]
+        module._buffers[CODES] = owner._buffers[CODES]  # uint8 [rows, packed_bytes]
+        module._non_persistent_buffers_set.add(CODES)
+        module._parameters[CODEBOOKS] = owner._parameters[CODEBOOKS]  # [M, k, d]
+    for sub in _pretrained_models(model):
+        original = sub.__dict__.get("_hf_vq_tied_keys")
+        if original is None:
+            original = dict(getattr(sub, "all_tied_weights_keys", None) or {})
+            sub._hf_vq_tied_keys = original
+        translated = {}
+        for target, source in original.items():
+            target_vq, source_vq = _vq_weight_owner(sub, target), _vq_weight_owner(sub, source)
+            if target_vq and source_vq:
+                translated[f"{target_vq}.{CODEBOOKS}"] = f"{source_vq}.{CODEBOOKS}"
+            elif not (target_vq or source_vq):
+                translated[target] = source
+        sub.all_tied_weights_keys = translated
+        sub._tied_weights_keys = dict(translated)  # what tie_weights(recompute_mapping=True) expands
+
+
+def _vq_weight_owner(model: nn.Module, key: str) -> str | None:
+    """`"lm_head"` for `key = "lm_head.weight"` when `lm_head` is a VQ module, else None."""
+    module_name, _, attr = key.rpartition(".")
+    if attr != "weight":
+        return None
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return module_name if isinstance(module, VQModuleMixin) else None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _fit_layout(model: nn.Module, config: VQConfig) -> VQConfig:
+    """The layout with module names as `model` has them (transformers' `base_model_prefix` rule).
+
+    A checkpoint of `BertForMaskedLM` names `bert.encoder...`; loaded as `BertModel` the modules are
+    `encoder...` (and the other way round). Head modules of the checkpoint that a base model lacks are
+    dropped, as transformers drops their weights. Other unknown names are kept: `build_skeleton_` refuses them.
+    """
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or all(name in names for name in config.modules):
+        return config
+    is_base = getattr(model, "base_model", model) is model
+    renamed: dict[str, str | None] = {}
+    for name in config.modules:
+        if name in names:
+            renamed[name] = name
+        elif name.startswith(prefix + ".") and name[len(prefix) + 1:] in names:
+            renamed[name] = name[len(prefix) + 1:]
+        elif f"{prefix}.{name}" in names:
+            renamed[name] = f"{prefix}.{name}"
+        else:
+            renamed[name] = None if is_base and not name.startswith(prefix + ".") else name
+    modules = {}
+    for name, data in config.modules.items():
+        if renamed[name] is None:
+            continue
+        data = dict(data)
+        if data.get("tied_to") is not None:
+            data["tied_to"] = renamed.get(data["tied_to"], data["tied_to"])
+            if data["tied_to"] is None:  # the owner was a dropped head: this module owns the tensors now
+                raise CheckpointError(f"quantization_config.modules[{name!r}] is tied to a head module that "
+                                      f"{type(model).__name__} does not have; load it with the checkpoint's own class.")
+        modules[renamed[name]] = data
+    dropped = sorted(n for n, new in renamed.items() if new is None)
+    if dropped:
+        logger.warning("hf_vq: %s has no module %s of the checkpoint (a head); its tensors are not loaded.",
+                       type(model).__name__, dropped)
+    return VQConfig.from_dict({**config.to_dict(), "modules": modules})
+
+
+def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
+    """Map a checkpoint key to the model's name for it, as transformers' loader does (renamings, prefix)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model, None, quantizer)
+    except (ImportError, AttributeError, TypeError):  # internals moved: compare names as they are
+        return lambda key: key
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta_state_dict = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state_dict)
+        if renamed not in meta_state_dict and key in meta_state_dict:
+            renamed, _ = rename_source_key(key, [], [], prefix, meta_state_dict)
+        return renamed
+
+    return rename
+
+
+def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -> None:
+    """Check, from the safetensors headers only, that every compressed module has its codes and codebooks.
+
+    Args:
+        files (`list[str]`): the checkpoint's safetensors files (all shards).
+        config ([`VQConfig`]): the quantization config with the per-module layout.
+        rename (`Callable[[str], str]`, *optional*): maps a key as stored to the model's name for it
+            (transformers renames legacy keys, e.g. ViT's, and adds or strips `base_model_prefix`).
+
+    Raises:
+        [`CheckpointError`]: naming the missing or misshapen tensor, its module and the fix.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    header: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            raise CheckpointError(
+                f"{file}: hf_vq checkpoints are safetensors only (nothing pickled is loaded); re-save the model "
+                "with save_pretrained."
+            )
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    stored = key if key.endswith((f".{CODES}", f".{CODEBOOKS}")) else None
+                    if stored is not None and rename is not None:
+                        key = rename(key)
+                    header[key] = (sl.get_dtype(), tuple(sl.get_shape()), os.path.basename(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is truncated or corrupted ({err}); re-download it or save the model again.") from None
+    where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
+    for name, layout in config.layouts.items():
+        if layout.tied_to is not None:
+            continue
+        rows, cols = layout.matrix_shape
+        n_codes = (cols // layout.d) * layout.num_codebooks
+        expected = {f"{name}.{CODES}": ({"U8"}, (rows, packed_row_bytes(n_codes, bits_for(layout.k)))),
+                    f"{name}.{CODEBOOKS}": (_FLOAT_DTYPES, (layout.num_codebooks, layout.k, layout.d))}
+        for key, (dtypes, shape) in expected.items():
+            if key not in header:
+                raise CheckpointError(
+                    f"{where} lacks the tensor {key!r} of compressed module {name!r} (config.json lists it in "
+                    "quantization_config.modules). The file is incomplete or belongs to another config; re-download "
+                    "or re-save the model."
+                )
+            dtype, got, file = header[key]
+            if got != shape or dtype not in dtypes:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} is {dtype} {list(got)}, expected {'/'.join(sorted(dtypes))} {list(shape)} "
+                    f"for module {name!r} (k={layout.k}, d={layout.d}, weight {list(layout.shape)}). The checkpoint "
+                    "does not match its config.json; re-save the model."
+                )
+
+
+def _check_loaded(model: nn.Module, config: VQConfig) -> None:
+    """After loading: every VQ module is filled (not meta) and its codes are < k."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, layout in config.layouts.items():
+        module = modules[name]
+        for key, tensor in ((CODES, module.codes), (CODEBOOKS, module.codebooks)):
+            if layout.tied_to is None and not getattr(tensor, "_is_hf_initialized", False):
+                raise CheckpointError(
+                    f"The checkpoint did not provide '{name}.{key}' of compressed module {name!r} (the loader left "
+                    "it uninitialised). The file is incomplete or belongs to another config; re-save the model."
+                )
+        if layout.tied_to is None and layout.k != 2 ** bits_for(layout.k):  # with k = 2**bits every code is valid
+            try:
+                module.unpacked_codes()
+            except CodesError as err:
+                raise CheckpointError(
+                    f"Tensor '{name}.{CODES}' of compressed module {name!r} is corrupted: {err} Re-download the "
+                    "checkpoint or compress the model again."
+                ) from None
+
+
+def _hub_id(ref: Any) -> str | None:
+    """`ref` if it names a Hub repo (`org/name`), not a local folder."""
+    if not isinstance(ref, str) or os.path.isdir(ref) or ref.startswith((".", "/", "~")):
+        return None
+    return ref if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) else None
+
+
+# ---------------------------------------------------------------------------------------------- saving with a card
+def _model_card(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | None = None,
+                tags: list[str] | None = None):
+    from ..checkpoint import checkpoint_size_report
+    from .hub import render_model_card
+
+    quantizer: HfVQQuantizer = model.hf_quantizer
+    return render_model_card(
+        base_model=quantizer.base_model, library_name="transformers", config_spec=quantizer.quantization_config.spec,
+        size=checkpoint_size_report(folder), repo_id=repo_id, fidelity=quantizer.fidelity, extra_tags=tags,
+    )
+
+
+def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False,
+                     **kwargs: Any) -> None:
+    """`PreTrainedModel.save_pretrained`, then hf_vq's model card (README.md) next to the weights.
+
+    With `push_to_hub=True` the card is written before the upload, so the Hub repo gets it too.
+    """
+    from transformers.utils.hub import hf_api
+
+    card_tags = kwargs.pop("tags", None)
+    if push_to_hub:
+        repo_id = kwargs.pop("repo_id", None) or Path(os.fspath(save_directory)).name
+        commit_message = kwargs.pop("commit_message", None)
+        create_pr = kwargs.pop("create_pr", False)
+        token = kwargs.get("token")
+        repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=token,
+                                       private=kwargs.pop("private", None)).repo_id
+        timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        card = _model_card(self, save_directory, repo_id=repo_id if push_to_hub else None, tags=card_tags)
+        card.save(os.path.join(save_directory, "README.md"))
+    if push_to_hub:
+        self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=commit_message, token=token,
+                                    create_pr=create_pr)
+
+
+def _push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                 create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                 tags: list[str] | None = None) -> Any:
+    """`PushToHubMixin.push_to_hub` that uploads hf_vq's model card instead of transformers' generic one."""
+    from transformers.utils.hub import hf_api
+
+    repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        type(self).save_pretrained(self, tmp, max_shard_size=max_shard_size)
+        _model_card(self, tmp, repo_id=repo_id, tags=tags).save(os.path.join(tmp, "README.md"))
+        return self._upload_modified_files(tmp, repo_id, files_timestamps={}, commit_message=commit_message,
+                                           token=token, create_pr=create_pr, revision=revision,
+                                           commit_description=commit_description)
