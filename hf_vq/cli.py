@@ -36,12 +36,16 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
             raise ValueError(f"--block-size {item!r}: use KIND=D with KIND in {sorted(DEFAULT_BLOCK_SIZE)}, e.g. linear=8.")
         block_size[kind] = int(value)
     kwargs = dict(n_iter=args.n_iter, anneal=not args.no_anneal, seed=args.seed,
-                  modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings)
+                  modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings,
+                  permute=not args.no_permute)
+    if args.permute_iters is not None:
+        kwargs["permute_iters"] = args.permute_iters
     if args.spec:
         return VQConfig.from_spec(args.spec, block_size=block_size, **kwargs)
     return VQConfig(k=args.k, block_size=block_size, **kwargs)
 
 
+@torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
 def _compress(args: argparse.Namespace) -> int:
     from .integrations.hub import detect_library, resolve_model_dir
     from .quantize import quantize_
@@ -50,7 +54,6 @@ def _compress(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace it (atomically).")
     config = _config_from_args(args)
-    torch.set_grad_enabled(False)
 
     if args.model is None:
         model_dir, library, base_model = _default_model_dir(), "transformers", DEFAULT_MODEL
@@ -81,6 +84,9 @@ def _compress(args: argparse.Namespace) -> int:
     model = copy.deepcopy(dense)
     quantize_(model, config, device=args.device, progress=not args.quiet)
     seconds = time.perf_counter() - start
+    permutation = getattr(model, "vq_permutation_report", None)
+    if permutation is not None:
+        print(permutation, flush=True)
 
     fidelity = {} if args.no_eval else _fidelity(library, dense, model, model_dir)
     if library == "transformers":
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-iter", type=int, default=100, help="k-means iterations (default 100)")
     p.add_argument("--no-anneal", action="store_true", help="plain Lloyd k-means instead of annealed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-permute", action="store_true", help="skip PQF's channel permutation before quantizing")
+    p.add_argument("--permute-iters", type=int, help="search steps per channel group (default 1000)")
     p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
     p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
     p.add_argument("--device", help="device for k-means (default: cuda if available)")

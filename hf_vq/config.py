@@ -154,7 +154,11 @@ class VQConfig(QuantizationConfigMixin):
             PQF's first step: before quantizing, permute the channels of coupled layers (which leaves the
             function unchanged) so that subvectors are easier to quantize.
         permute_iters (`int`, defaults to 1000):
-            Swap proposals of the stochastic local search per channel group (0 keeps the greedy start).
+            Steps of the stochastic local search per channel group; each step scores a batch of 256 random
+            swaps and keeps the best one if it lowers the objective, and the search stops early once no
+            improving swap turns up (0 keeps the better of the identity and the greedy start). 1000 steps
+            score 256,000 proposals, more than the paper's 10,000 single-swap iterations, and reach a lower
+            objective (benchmarks/results/permute.md).
         modules_to_not_convert (`list[str]`, *optional*):
             Glob patterns (`fnmatch`) of module names left dense, e.g. `["classifier", "*.attention.*"]`.
             Norms and biases are never converted.

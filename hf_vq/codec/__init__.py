@@ -2,9 +2,10 @@
 
 from .kmeans import assign, kmeans
 from .packing import bits_for, code_dtype, pack_codes, packed_row_bytes, unpack_codes
+from .permutation import ObjectiveTerm, permutation_objective, search_permutation
 from .pq import clamp_k, decode, quantize_matrix, relative_error, split_blocks
 
 __all__ = [
     "assign", "kmeans", "bits_for", "code_dtype", "pack_codes", "packed_row_bytes", "unpack_codes",
-    "clamp_k", "decode", "quantize_matrix", "relative_error", "split_blocks",
+    "ObjectiveTerm", "permutation_objective", "search_permutation", "clamp_k", "decode", "quantize_matrix", "relative_error", "split_blocks",
 ]
