@@ -9,12 +9,16 @@ from .checkpoint import CheckpointError, SizeReport, checkpoint_size_report, loa
 from .config import FORMAT_VERSION, LayerLayout, VQConfig
 from .nn import CodesError, VQConv1D, VQConv2d, VQEmbedding, VQLinear, VQModuleMixin
 from .quantize import build_skeleton_, dequantize_, plan, quantize_, vq_modules
+from .permute import PermutationReport, find_channel_spaces, permute_
 from .integrations import timm as _timm_integration  # noqa: F401  registers timm's "hf_vq" entrypoint: create_model loads compressed models
+from .integrations import transformers_quantizer as _transformers_quantizer
+
+_transformers_quantizer.register()  # transformers' from_pretrained understands quant_method "hf_vq"
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "CodesError", "LayerLayout", "SizeReport", "VQConfig", "VQConv1D",
     "VQConv2d", "VQEmbedding", "VQLinear", "VQModuleMixin", "build_skeleton_", "checkpoint_size_report",
-    "dequantize_", "load_compressed_", "plan", "quantize_", "size_report", "vq_modules", "__version__",
+    "dequantize_", "find_channel_spaces", "load_compressed_", "PermutationReport", "permute_", "plan", "quantize_", "size_report", "vq_modules", "__version__",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,7 +66,7 @@ def plan(model: nn.Module, config: VQConfig) -> dict[str, LayerLayout]:
     owners: dict[int, str] = {}  # id(weight) -> first module name holding it (tied weights)
     for name, module in model.named_modules():
         kind = layer_kind(module)
-        if kind is None or not name:
+        if kind is None or not name or not _keeps_forward(module):
             continue
         if module is stem or module is head or (kind == "embedding" and not config.quantize_embeddings):
             continue
@@ -104,7 +105,43 @@ def plan(model: nn.Module, config: VQConfig) -> dict[str, LayerLayout]:
             continue
         owners[id(weight)] = name
         layouts[name] = LayerLayout(kind=kind, shape=tuple(weight.shape), k=clamp_k(k, rows * cols // d), d=d)
-    return layouts
+    return _whole_tied_groups(model, layouts)
+
+
+def _keeps_forward(module: nn.Module) -> bool:
+    """Whether swapping `module` for its VQ class keeps its own `forward`.
+
+    A VQ class may override `forward` (VQEmbedding decodes only the looked-up rows); that is only
+    right for modules whose forward is the registered float class's own. A subclass with its own
+    forward (BART's scaled word / learned positional embeddings) would silently lose it: left dense.
+    """
+    cls = type(module)
+    vq_cls = vq_class_for(cls)
+    if vq_cls.forward is cls.forward:
+        return True
+    definer = next(c for c in vq_cls.__mro__ if "forward" in c.__dict__)
+    return cls.forward is getattr(getattr(definer, "float_class", None), "forward", None)
+
+
+def _whole_tied_groups(model: nn.Module, layouts: dict[str, LayerLayout]) -> dict[str, LayerLayout]:
+    """Drop tied modules (one weight shared by several modules) unless all of them are compressed.
+
+    Compressing only part of a tied group (e.g. the input embedding with `quantize_head=False`) would
+    untie it and store the weight twice; the whole group stays dense instead.
+    """
+    groups: dict[int, dict[int, set[str]]] = {}  # id(weight) -> id(module) -> its names (a module may have several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if name else None
+        if isinstance(weight, torch.Tensor):
+            groups.setdefault(id(weight), {}).setdefault(id(module), set()).add(name)
+    dropped: set[str] = set()
+    for by_module in groups.values():
+        compressed = [any(n in layouts for n in names) for names in by_module.values()]
+        if len(by_module) > 1 and any(compressed) and not all(compressed):
+            names = set().union(*by_module.values())
+            logger.info("hf_vq: %s share one weight and not all of them can be compressed; left dense.", sorted(names))
+            dropped |= names
+    return {name: layout for name, layout in layouts.items() if name not in dropped}
 
 
 def _default_device(model: nn.Module) -> torch.device:
@@ -120,6 +157,7 @@ def quantize_(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    example_inputs: Any = None,
 ) -> VQConfig:
     """Compress `model` in place with vector quantization: the one verb everything else calls.
 
@@ -133,6 +171,10 @@ def quantize_(
         device (`torch.device` or `str`, *optional*): where k-means runs; CUDA when available by default.
             Compressed modules stay on the device of the weights they replace.
         progress (`bool`, defaults to `True`): show a progress bar per layer.
+        example_inputs (*optional*): inputs to trace the model with for PQF's permutation step
+            (`config.permute`): a tensor, a tuple, a dict of keyword inputs or `(args, kwargs)`. By default
+            timm's `pretrained_cfg` input size or transformers' main input is used; when the model cannot
+            be traced the permutation is skipped (see `model.vq_permutation_report`, [`hf_vq.permute_`]).
 
     Returns:
         [`VQConfig`]: a copy of `config` whose `modules` holds the layout (k, d, shape, relative error)
@@ -157,6 +199,11 @@ def quantize_(
     if not layouts:
         logger.warning("hf_vq: no module of this model matched the config; nothing was compressed.")
     run_device = torch.device(device) if device is not None else _default_device(model)
+    if config.permute and layouts:  # PQF's first step: permute coupled channels (same function, easier subvectors)
+        from .permute import permute_
+
+        model.vq_permutation_report = permute_(model, config, example_inputs=example_inputs, layouts=layouts,
+                                               device=run_device)
     modules = dict(model.named_modules())
     done: dict[str, nn.Module] = {}
     bar = tqdm(layouts.items(), desc="hf_vq quantize", unit="layer", disable=not progress)
@@ -185,7 +232,17 @@ def quantize_(
         model.set_submodule(name, vq)
     filled = VQConfig(**{**config.to_dict(), "modules": {n: lay.to_dict() for n, lay in layouts.items()}})
     model.vq_config = filled
+    _transformers_hook(model, "attach_", filled)  # save_pretrained / from_pretrained round trip
     return filled
+
+
+def _transformers_hook(model: nn.Module, verb: str, *args) -> None:
+    """Keep a transformers `PreTrainedModel` in sync with its VQ state (no-op for other models)."""
+    if not callable(getattr(model, "save_pretrained", None)) or not hasattr(model, "config"):
+        return
+    from .integrations import transformers_quantizer
+
+    getattr(transformers_quantizer, verb)(model, *args)
 
 
 def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | None = None,
@@ -202,7 +259,8 @@ def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | 
         raise ValueError("quantization_config.modules is empty: this config describes no compressed module.")
     modules = dict(model.named_modules(remove_duplicate=False))
     built: dict[str, nn.Module] = {}
-    for name, layout in layouts.items():
+    # owners before the modules tied to them (config.json may list modules in any order, e.g. sorted)
+    for name, layout in sorted(layouts.items(), key=lambda item: item[1].tied_to is not None):
         module = modules.get(name)
         if module is None:
             raise ValueError(
@@ -250,4 +308,5 @@ def dequantize_(model: nn.Module) -> nn.Module:
         model.set_submodule(name, new)
     if hasattr(model, "vq_config"):
         del model.vq_config
+    _transformers_hook(model, "detach_")
     return model

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,13 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..checkpoint import SizeReport
 
-__all__ = ["resolve_model_dir", "detect_library", "render_model_card"]
+logger = logging.getLogger(__name__)
+
+
+class HubUploadError(RuntimeError):
+    """An upload to the Hub that failed after its retries; the local folder is left intact."""
+
+__all__ = ["resolve_model_dir", "detect_library", "render_model_card", "upload_folder", "HubUploadError"]
 
 TEMPLATE = "hf_vq_model_card.md.j2"
 
@@ -88,3 +96,63 @@ def render_model_card(
         metrics=metrics or {},
         fidelity=fidelity or {},
     )
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures of huggingface_hub's HTTP client (httpx2 in hub 2.x, httpx before)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool | None = None,
+                  private: bool | None = None, revision: str | None = None,
+                  commit_message: str = "Add hf_vq-compressed model", create_pr: bool = False,
+                  endpoint: str | None = None, retries: int = 3, backoff_s: float = 1.0):
+    """Create `repo_id` if needed and upload `folder` to it in one commit, retrying on network failures.
+
+    A commit is all or nothing on the Hub, so retrying a dropped upload is safe. `folder` is only read.
+
+    Args:
+        folder: the local model folder to upload (e.g. one written by `save_compressed`).
+        repo_id: `org/name` on the Hub (or the server at `endpoint`).
+        token: a Hub token; `None` uses the logged-in one.
+        private: create the repo private (ignored if it exists).
+        retries: attempts before giving up on connection errors (refused, dropped mid-upload, timeout).
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the upload.
+
+    Raises:
+        [`HubUploadError`]: the server could not be reached or dropped every attempt; names the
+            endpoint, the repo and the local folder (intact), and how to retry.
+        `huggingface_hub.errors.HfHubHTTPError`: the server refused the request (e.g. a wrong token).
+    """
+    from huggingface_hub import HfApi
+
+    from .. import __version__
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="hf_vq", library_version=__version__)
+    last: Exception | None = None
+    for attempt in range(1, max(1, retries) + 1):
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                     commit_message=commit_message, create_pr=create_pr)
+        except _transport_errors() as err:  # refused, reset, dropped mid-upload, timeout
+            last = err
+            logger.warning("hf_vq: upload of %s to %s failed (attempt %d/%d): %s", folder, repo_id, attempt,
+                           retries, err)
+            if attempt < retries:
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise HubUploadError(
+        f"Could not upload {folder} to {api.endpoint}/{repo_id} after {retries} attempts ({type(last).__name__}: "
+        f"{last}). Nothing was committed and the local folder is intact; check the network or HF_ENDPOINT and run "
+        f"the upload again (e.g. `hf upload {repo_id} {folder}`)."
+    ) from last
