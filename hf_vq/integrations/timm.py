@@ -196,7 +196,8 @@ def timm_config(model: nn.Module, *, model_args: dict[str, Any] | None = None,
 
 def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base_model: str | None = None,
                     fidelity: dict | None = None, model_args: dict | None = None, repo_id: str | None = None,
-                    license: str | None = None, data_config: dict | None = None) -> Path:
+                    license: str | None = None, data_config: dict | None = None, metrics: dict | None = None,
+                    eval_dataset: dict | None = None) -> Path:
     """Write a compressed timm model as a timm Hub folder: config.json, model.safetensors, README.md.
 
     `timm.create_model("local-dir:<save_directory>", pretrained=True)` (after `import hf_vq`) loads it
@@ -211,6 +212,8 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
         repo_id: the Hub repo the folder is meant for (shown in the card's loading snippet).
         license: licence of the weights, for the card metadata.
         data_config: the preprocessing to record, as timm's `save_for_hf` (default: the model's own).
+        metrics: task metrics for the card (e.g. `{"accuracy": 0.91}`); with `eval_dataset`
+            (`{"name", "type", "split"}`) also the card's `model-index`.
 
     Raises:
         `ValueError`: if the model is not compressed or not a whole timm model.
@@ -222,8 +225,10 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
     with atomic_folder(save_directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_weights(model, tmp)
-        render_model_card(base_model=base_model, library_name="timm", config_spec=vq_config.spec,
-                          size=size_report(model), fidelity=fidelity, repo_id=repo_id, license=license,
+        license = license or config.get("pretrained_cfg", {}).get("license")  # timm records the weights' licence
+        render_model_card(base_model=base_model, library_name="timm", config=vq_config, size=size_report(model),
+                          fidelity=fidelity, repo_id=repo_id, license=license, metrics=metrics,
+                          eval_dataset=eval_dataset, permutation=getattr(model, "vq_permutation_report", None),
                           extra_tags=["timm", "image-classification"]).save(tmp / "README.md")
     return Path(save_directory)
 
@@ -231,7 +236,8 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
 def push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str = "Add hf_vq-compressed timm model",
                 token: str | None = None, revision: str | None = None, private: bool | None = None,
                 create_pr: bool = False, base_model: str | None = None, fidelity: dict | None = None,
-                model_args: dict | None = None, license: str | None = None, endpoint: str | None = None):
+                model_args: dict | None = None, license: str | None = None, endpoint: str | None = None,
+                metrics: dict | None = None, eval_dataset: dict | None = None):
     """Upload a compressed timm model to the Hub: the folder [`save_compressed`] writes, in one commit.
 
     The counterpart of timm's `push_to_hf_hub` for compressed models; it loads back with
@@ -245,7 +251,8 @@ def push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str = "Add hf
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, Path(tmp) / "model", base_model=base_model, fidelity=fidelity,
-                                 model_args=model_args, repo_id=repo_id, license=license)
+                                 model_args=model_args, repo_id=repo_id, license=license, metrics=metrics,
+                                 eval_dataset=eval_dataset)
         return upload_folder(folder, repo_id, token=token, private=private, revision=revision,
                              commit_message=commit_message, create_pr=create_pr, endpoint=endpoint)
 

@@ -103,7 +103,8 @@ def save_compressed(
                 else:
                     shutil.copy2(path, tmp / path.name)
         type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size)
-        card = render_model_card(base_model=base_model, library_name="transformers", config_spec=config.spec,
-                                 size=checkpoint_size_report(tmp), fidelity=fidelity)
+        card = render_model_card(base_model=base_model, library_name="transformers", config=config,
+                                 size=checkpoint_size_report(tmp), fidelity=fidelity, source_dir=source_dir,
+                                 permutation=getattr(model, "vq_permutation_report", None))
         card.save(tmp / "README.md")
     return Path(save_directory)

@@ -448,6 +448,10 @@ def _hub_id(ref: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- saving with a card
+def _local_dir(ref: Any) -> str | None:
+    return ref if isinstance(ref, str) and os.path.isdir(ref) else None
+
+
 def _model_card(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | None = None,
                 tags: list[str] | None = None):
     from ..checkpoint import checkpoint_size_report
@@ -455,8 +459,10 @@ def _model_card(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | N
 
     quantizer: HfVQQuantizer = model.hf_quantizer
     return render_model_card(
-        base_model=quantizer.base_model, library_name="transformers", config_spec=quantizer.quantization_config.spec,
+        base_model=quantizer.base_model, library_name="transformers", config=quantizer.quantization_config,
         size=checkpoint_size_report(folder), repo_id=repo_id, fidelity=quantizer.fidelity, extra_tags=tags,
+        permutation=getattr(model, "vq_permutation_report", None),
+        source_dir=_local_dir(getattr(model.config, "_name_or_path", None)),  # the dense folder: licence lookup
     )
 
 

@@ -118,18 +118,95 @@ def test_connection_refused_is_a_clear_error(timm_model, tmp_path):
 
 def test_model_card_on_the_hub(timm_model, hub):
     repo_id = _repo("card")
-    push_to_hub(timm_model, repo_id, token=ALICE, base_model="timm/test_resnet.r160_in1k", license="apache-2.0",
-                fidelity={"top-1 agreement with the dense model": 0.5})
+    push_to_hub(timm_model, repo_id, token=ALICE, base_model="timm/test_resnet.r160_in1k",
+                fidelity={"top-1 agreement with the dense model": 0.5},
+                metrics={"accuracy": 0.875}, eval_dataset={"name": "Fashion-MNIST", "type": "fashion_mnist", "split": "test"})
     card = ModelCard.load(repo_id)
     data = card.data.to_dict()
     assert data["base_model"] == "timm/test_resnet.r160_in1k"
     assert data["base_model_relation"] == "quantized"
     assert data["library_name"] == "timm"
-    assert data["license"] == "apache-2.0"
+    assert data["license"] == "apache-2.0"  # inherited: timm records the weights' licence in pretrained_cfg
     assert {"hf_vq", "vector-quantization"} <= set(data["tags"])
+    (result,) = card.data.eval_results  # model-index from the metrics and their dataset
+    assert (result.dataset_name, result.dataset_split, result.metric_type, result.metric_value) == \
+        ("Fashion-MNIST", "test", "accuracy", 0.875)
     text = card.text
     assert f'timm.create_model("hf-hub:{repo_id}", pretrained=True)' in text
-    assert "top-1 agreement with the dense model: 0.5" in text
+    assert "top-1 agreement with the dense model: 0.5" in text and "accuracy: 0.875" in text
+    assert "| method | product quantization with k-means codebooks" in text
+    assert "| codebook sharing | per layer |" in text and "| permutation | off |" in text
+    assert "| k (codewords per codebook) | " in text and "| d (subvector length) | " in text
     assert "Permute, Quantize, and Fine-tune" in text and "2111.10320" in text
     size = hf_vq.size_report(timm_model)
     assert f"{size.ratio:.1f}×" in text
+    bits = [line for line in text.splitlines() if line.startswith("| bits per weight")]
+    assert bits and 0 < float(bits[0].split("|")[2]) < 32
+
+
+def test_model_card_licence_from_the_dense_folder(tmp_path):
+    from hf_vq.integrations.hub import render_model_card
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "README.md").write_text("---\nlicense: mit\n---\n# a dense model\n")
+    card = render_model_card(base_model="org/dense", library_name="transformers", size=hf_vq.SizeReport(),
+                             source_dir=dense)
+    assert card.data.license == "mit"
+    explicit = render_model_card(base_model="org/dense", library_name="transformers", size=hf_vq.SizeReport(),
+                                 source_dir=dense, license="apache-2.0")
+    assert explicit.data.license == "apache-2.0"
+
+
+def _push_files(repo_id: str, files: dict[str, bytes]) -> None:
+    from huggingface_hub import CommitOperationAdd
+
+    api = HfApi(token=ALICE)
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_commit(repo_id, [CommitOperationAdd(name, data) for name, data in files.items()], commit_message="raw")
+
+
+def test_corrupted_weights_on_the_hub_are_a_clear_error(timm_model, tmp_path):
+    folder = save_compressed(timm_model, tmp_path / "vq")
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[8:40] = b"\x00" * 32  # smash the safetensors header
+    repo_id = _repo("corrupted")
+    _push_files(repo_id, {"config.json": (folder / "config.json").read_bytes(), "model.safetensors": bytes(weights)})
+    with pytest.raises(hf_vq.CheckpointError, match=r"model\.safetensors is truncated or corrupted.*Re-download"):
+        timm.create_model(f"hf-hub:{repo_id}", pretrained=True)
+
+
+def test_newer_format_version_on_the_hub_is_refused(timm_model, tmp_path):
+    folder = save_compressed(timm_model, tmp_path / "vq")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format_version"] = hf_vq.FORMAT_VERSION + 1
+    repo_id = _repo("future")
+    _push_files(repo_id, {"config.json": json.dumps(config).encode(),
+                          "model.safetensors": (folder / "model.safetensors").read_bytes()})
+    with pytest.raises(ValueError, match=r"format_version.*upgrade hf_vq"):
+        timm.create_model(f"hf-hub:{repo_id}", pretrained=True)
+
+
+class _Boom:
+    """Unpickling this runs `touch <marker>`: the test fails if any loader unpickles the file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_weights_are_never_unpickled(timm_model, tmp_path):
+    import io
+    import pickle
+
+    folder = save_compressed(timm_model, tmp_path / "vq")
+    marker = tmp_path / "unpickled"
+    buffer = io.BytesIO()
+    pickle.dump(_Boom(str(marker)), buffer)
+    repo_id = _repo("pickled")
+    _push_files(repo_id, {"config.json": (folder / "config.json").read_bytes(), "pytorch_model.bin": buffer.getvalue()})
+    with pytest.raises(Exception, match="safetensors"):
+        timm.create_model(f"hf-hub:{repo_id}", pretrained=True)
+    assert not marker.exists()

@@ -434,3 +434,28 @@ def test_minilm_quantize_on_load_roundtrip_and_fidelity(minilm_path, minilm, tmp
         size = hf_vq.checkpoint_size_report(folder)
         assert size.file_over_accounted < 1.02, size.file_over_accounted
     assert (tmp_path / "cli" / "tokenizer.json").is_file()
+
+
+def test_pickled_checkpoint_is_never_unpickled(compressed, hub, tmp_path):
+    """A Hub repo whose config says hf_vq but whose weights are a pickle: refused, nothing executed."""
+    import io
+    import pickle
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    class Boom:  # unpickling it would create the marker file
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "unpickled",))
+
+    cls, _, _, folder = compressed("gpt2")
+    buffer = io.BytesIO()
+    pickle.dump({"transformer.wte.weight": Boom()}, buffer)
+    api = HfApi(token="hf_alice_write_token")
+    api.create_repo("alice/pickled-gpt2-vq", exist_ok=True)
+    api.create_commit("alice/pickled-gpt2-vq", [
+        CommitOperationAdd("config.json", (folder / "config.json").read_bytes()),
+        CommitOperationAdd("pytorch_model.bin", buffer.getvalue()),
+    ], commit_message="pickle")
+    with pytest.raises(hf_vq.CheckpointError, match=r"pytorch_model\.bin: hf_vq checkpoints are safetensors only"):
+        cls.from_pretrained("alice/pickled-gpt2-vq", token="hf_alice_write_token")
+    assert not (tmp_path / "unpickled").exists()
