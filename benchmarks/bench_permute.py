@@ -42,7 +42,7 @@ from hf_vq.codec.permutation import ObjectiveTerm, search_permutation
 
 
 def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
-    norms = {n: float(dense.get_submodule(n).weight.double().pow(2).sum()) for n in config.layouts}
+    norms = {n: float(dense.get_submodule(n).weight.detach().double().pow(2).sum()) for n in config.layouts}
     return sum(lay.rel_error * norms[n] for n, lay in config.layouts.items()) / sum(norms.values())
 
 

@@ -83,7 +83,7 @@ def run(quick: bool, n_images: int, n_iter: int) -> dict:
     schemes = list(SCHEMES.items())[:2] if quick else list(SCHEMES.items())
     for index, (name, (description, kwargs)) in enumerate(schemes):
         model = copy.deepcopy(dense)
-        config = fit_config(model, hf_vq.VQConfig(n_iter=n_iter, **kwargs))
+        config = fit_config(model, hf_vq.VQConfig(n_iter=n_iter, permute=False, **kwargs))  # permutation: bench_permute.py
         start = time.perf_counter()
         hf_vq.quantize_(model, config, progress=False)
         compress_s = time.perf_counter() - start
@@ -158,7 +158,8 @@ def to_markdown(data: dict) -> str:
                      f"(dense {r['dense_mb']:.2f}) | {r['ratio']:.1f}× | {r['file_mb']:.3f} | "
                      f"{r['file_over_accounted']:.3f} | {r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | "
                      f"{r['compress_s']:.0f} | {r['loaded_outputs_identical']} |")
-    lines += ["", f"k-means: annealed, n_iter = {data['results'][0]['n_iter']}; no fine-tuning (PQF's fine-tuning "
+    lines += ["", f"k-means: annealed, n_iter = {data['results'][0]['n_iter']}; no permutation (its effect: "
+              "benchmarks/results/permute.md); no fine-tuning (PQF's fine-tuning "
               "stage would recover much of the gap). Reproduce: `.venv/bin/python benchmarks/bench_timm.py`.", ""]
     return "\n".join(lines)
 

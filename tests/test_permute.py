@@ -228,7 +228,7 @@ def test_real_minilm_permute_then_kmeans_beats_kmeans_alone(minilm):
     for permute in (False, True):
         model = copy.deepcopy(minilm)
         config = hf_vq.quantize_(model, hf_vq.VQConfig(permute=permute, permute_iters=200, **cfg), progress=False)
-        norms = {n: float(minilm.get_submodule(n).weight.double().pow(2).sum()) for n in config.layouts}
+        norms = {n: float(minilm.get_submodule(n).weight.detach().double().pow(2).sum()) for n in config.layouts}
         num = sum(layout.rel_error * norms[n] for n, layout in config.layouts.items())
         results[permute] = num / sum(norms.values())
     assert results[True] < results[False]
