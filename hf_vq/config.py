@@ -5,7 +5,8 @@ The config has two halves:
 * the **scheme** chosen by the user (method, codewords per codebook `k`, block sizes per layer
   kind, k-means settings, which modules stay dense, per-module overrides);
 * the **layout** filled in by [`hf_vq.quantize_`]: for every compressed module its kind, weight
-  shape, `k`, `d` and number of codebooks. The layout is what lets a loader rebuild every VQ
+  shape, `k`, `d`, number of codebooks and, when codebooks are shared across layers, the name of its
+  codebook set. The layout is what lets a loader rebuild every VQ
   module (on the meta device) without recomputing anything.
 
 It subclasses transformers' `QuantizationConfigMixin` so that it can be passed as
@@ -23,10 +24,17 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-__all__ = ["FORMAT_VERSION", "LayerLayout", "VQConfig", "DEFAULT_BLOCK_SIZE", "LAYER_KINDS", "block_size_key"]
+__all__ = ["FORMAT_VERSION", "LayerLayout", "VQConfig", "DEFAULT_BLOCK_SIZE", "LAYER_KINDS", "METHODS", "SHARE_SCOPES",
+           "block_size_key", "shared_codebooks_key"]
 
-#: Version of the on-disk format written by this release. Loaders refuse newer versions.
-FORMAT_VERSION = 1
+#: Newest version of the on-disk format this release reads and writes. Loaders refuse newer versions.
+#: 1: product quantization, one codebook set per module. 2: adds `method="aq"` (additive quantization,
+#: `num_codebooks` > 1) and codebooks shared across modules (`share`, per-module `codebook_set`, stored once
+#: as `vq_shared_codebooks_<set>`). A config records the oldest version that describes it (1 for per-layer
+#: PQ, so such checkpoints stay readable by older hf_vq releases); version-1 configs load unchanged.
+FORMAT_VERSION = 2
+#: The first format version that knows additive quantization and shared codebooks.
+_SHARING_VERSION = 2
 
 #: Layer kinds that hf_vq knows how to compress, with the paper's default block size `d`.
 #: A block size of 0 leaves that kind dense.
@@ -46,12 +54,26 @@ def block_size_key(kind: str) -> str:
     """The `VQConfig.block_size` key that applies to a layer kind."""
     return "linear" if kind == "conv1d" else kind
 
-METHODS = ("pq",)
+#: `"pq"`: product quantization (one k-means codebook, PQF). `"aq"`: additive quantization (sum of M codewords).
+METHODS = ("pq", "aq")
+#: Codebook sharing scopes: one set per module, per pool of modules with the same d, or for the whole network.
+SHARE_SCOPES = ("layer", "pool", "global")
 MIN_K, MAX_K = 2, 65_536
+#: Name prefix of the parameters holding shared codebook sets in a compressed model (registered directly on
+#: the model, not on a child module, so that containers such as `nn.Sequential` never see them), and so of
+#: their keys in `model.safetensors`: `vq_shared_codebooks_<set>`, stored once.
+SHARED_CODEBOOKS = "vq_shared_codebooks_"
+
+
+def shared_codebooks_key(codebook_set: str) -> str:
+    """Parameter name (on [`hf_vq.quantize.shared_codebooks_owner`]) of a shared codebook set `[M, k, d]`."""
+    return f"{SHARED_CODEBOOKS}{codebook_set}"
+
 
 # Keys accepted in a per-module override.
 _OVERRIDE_KEYS = {"k", "d", "skip"}
-_LAYOUT_KEYS = {"kind", "shape", "k", "d", "num_codebooks", "rel_error", "tied_to"}
+_LAYOUT_KEYS = {"kind", "shape", "k", "d", "num_codebooks", "rel_error", "tied_to", "codebook_set"}
+_SET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,9 @@ class LayerLayout:
         rel_error (`float`, *optional*): relative weight error `‖W−Ŵ‖²/‖W‖²` measured at quantization.
         tied_to (`str`, *optional*): name of the module whose codes and codebooks this one shares
             (tied input/output embeddings); stored once on disk.
+        codebook_set (`str`, *optional*): name of the shared codebook set this module decodes with
+            (`"global"`, or `"d4"` for the pool of modules with d = 4); stored once on disk as
+            `vq_shared_codebooks_<codebook_set>`. `None`: the module has its own codebooks.
     """
 
     kind: str
@@ -76,6 +101,7 @@ class LayerLayout:
     num_codebooks: int = 1
     rel_error: float | None = None
     tied_to: str | None = None
+    codebook_set: str | None = None
 
     @property
     def bits(self) -> int:
@@ -96,6 +122,8 @@ class LayerLayout:
             out["rel_error"] = round(float(self.rel_error), 6)
         if self.tied_to is not None:
             out["tied_to"] = self.tied_to
+        if self.codebook_set is not None:
+            out["codebook_set"] = self.codebook_set
         return out
 
     @classmethod
@@ -109,7 +137,8 @@ class LayerLayout:
         try:
             layout = cls(kind=data["kind"], shape=tuple(int(s) for s in data["shape"]), k=int(data["k"]),
                          d=int(data["d"]), num_codebooks=int(data.get("num_codebooks", 1)),
-                         rel_error=data.get("rel_error"), tied_to=data.get("tied_to"))
+                         rel_error=data.get("rel_error"), tied_to=data.get("tied_to"),
+                         codebook_set=data.get("codebook_set"))
         except KeyError as err:
             raise ValueError(
                 f"quantization_config.modules[{name!r}] lacks the key {err.args[0]!r}; every compressed "
@@ -120,6 +149,12 @@ class LayerLayout:
         _check_k(layout.k, f"modules[{name!r}].k")
         if layout.d < 1:
             raise ValueError(f"quantization_config.modules[{name!r}].d={layout.d} must be a positive integer.")
+        if layout.num_codebooks < 1:
+            raise ValueError(f"quantization_config.modules[{name!r}].num_codebooks={layout.num_codebooks} must be >= 1.")
+        if layout.codebook_set is not None and not (isinstance(layout.codebook_set, str)
+                                                    and _SET_NAME.match(layout.codebook_set)):
+            raise ValueError(f"quantization_config.modules[{name!r}].codebook_set={layout.codebook_set!r} must be an "
+                             "identifier such as 'global' or 'd4'.")
         return layout
 
 
@@ -136,16 +171,37 @@ class VQConfig(QuantizationConfigMixin):
 
     Args:
         method (`str`, defaults to `"pq"`):
-            `"pq"`: product quantization, one k-means codebook per layer (PQF, Martinez et al. 2021).
+            `"pq"`: product quantization, each subvector replaced by the nearest codeword of one k-means
+            codebook (PQF, Martinez et al. 2021). `"aq"`: additive quantization, each subvector the sum of
+            `num_codebooks` codewords, one per codebook (Sun et al. 2021); encoded by beam search, codebooks
+            fitted by least squares, starting from residual k-means (see `hf_vq/codec/aq.py`).
+        num_codebooks (`int`, *optional*):
+            M, the codebooks summed per subvector: 1 for `"pq"` (the only value), default 2 for `"aq"`.
+            A subvector costs `M * ceil(log2(k))` bits: AQ with M = 2, k = 256, d = 8 takes the same 2 bits
+            per weight as PQ with k = 256, d = 4.
+        share (`str`, defaults to `"layer"`):
+            Which modules share one codebook set. `"layer"`: every module has its own (the PQF paper).
+            `"pool"`: one set per pool of modules with the same block size d (named `"d4"`, `"d9"`, ...).
+            `"global"`: one set for the whole network (Sun et al.); every compressed module must then use
+            the same d. A shared set is stored once (`vq_shared_codebooks_<set>` in model.safetensors), held
+            as one `nn.Parameter` by all its modules (trained once when fine-tuning), counted once in the
+            size report, and k is clamped on the pool's total number of subvectors.
         k (`int`, defaults to 256):
-            Codewords per codebook, from 2 to 65,536. Codes take `ceil(log2(k))` bits on disk. Per layer,
-            k is clamped to `2**floor(log2(n_subvectors / 4))` so that each codeword has ~4 subvectors.
+            Codewords per codebook, from 2 to 65,536. Codes take `ceil(log2(k))` bits on disk. Per layer (per
+            codebook set when shared), k is clamped to `2**floor(log2(n_subvectors / 4))` so that each
+            codeword has ~4 subvectors.
         block_size (`dict[str, int]`, *optional*):
             Subvector length `d` per layer kind, merged into the defaults
             `{"linear": 4, "conv1x1": 4, "conv3x3": 9, "conv": 0, "depthwise": 0, "embedding": 4}`.
             0 leaves that kind dense. 3x3 convs take a multiple of 9 (9 or 18 in the paper).
         n_iter (`int`, defaults to 100):
-            k-means iterations (the paper used 1000 for ResNet-50; ~100 gives decent results).
+            k-means iterations (the paper used 1000 for ResNet-50; ~100 gives decent results). For `"aq"`,
+            the iterations of each k-means of the residual initialisation.
+        aq_iters (`int`, defaults to 4):
+            `"aq"` only: alternations of beam-search encoding and least-squares codebook update after the
+            initialisation (each never increases the error).
+        beam_size (`int`, defaults to 8):
+            `"aq"` only: partial sums kept per subvector by the beam search.
         anneal (`bool`, defaults to `True`):
             Annealed k-means (noise on the centroid update, shrinking over iterations) instead of Lloyd's.
         seed (`int`, defaults to 0):
@@ -174,8 +230,11 @@ class VQConfig(QuantizationConfigMixin):
         modules (`dict[str, dict]`, *optional*):
             The layout written by [`hf_vq.quantize_`]: per compressed module its kind, shape, k, d and
             num_codebooks. Empty before quantization.
-        version (`int`, defaults to [`FORMAT_VERSION`]):
-            Version of the checkpoint format. Configs from a newer format are refused.
+        version (`int`, *optional*):
+            Version of the checkpoint format; by default the oldest that describes the config: 1 for
+            per-layer product quantization (readable by every hf_vq release), 2 for `method="aq"` or shared
+            codebooks. Configs from a format newer than [`FORMAT_VERSION`] are refused; version-1 configs
+            (written before `method="aq"` and `share` existed) load as per-layer product quantization.
 
     Raises:
         `ValueError`: for an unknown key, an out-of-range value or an unsupported version, naming the field.
@@ -187,6 +246,8 @@ class VQConfig(QuantizationConfigMixin):
         'pq-1x8-l8p4c9e4'
         >>> VQConfig.from_spec("pq-1x8-l8p4c9e4").block_size["linear"]
         8
+        >>> VQConfig(method="aq", num_codebooks=2, block_size={"linear": 8}, share="global").spec
+        'aq-2x8-l8p4c9e4-global'
         ```
     """
 
@@ -196,8 +257,12 @@ class VQConfig(QuantizationConfigMixin):
         self,
         method: str = "pq",
         k: int = 256,
+        num_codebooks: int | None = None,
+        share: str = "layer",
         block_size: dict[str, int] | None = None,
         n_iter: int = 100,
+        aq_iters: int = 4,
+        beam_size: int = 8,
         anneal: bool = True,
         seed: int = 0,
         permute: bool = True,
@@ -208,7 +273,7 @@ class VQConfig(QuantizationConfigMixin):
         quantize_head: bool = True,
         overrides: dict[str, dict[str, Any]] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
-        version: int = FORMAT_VERSION,
+        version: int | None = None,
         quant_method: str = "hf_vq",
         **kwargs: Any,
     ) -> None:
@@ -223,8 +288,12 @@ class VQConfig(QuantizationConfigMixin):
         self.quant_method = "hf_vq"
         self.method = method
         self.k = k
+        self.num_codebooks = (2 if method == "aq" else 1) if num_codebooks is None else num_codebooks
+        self.share = share
         self.block_size = {**DEFAULT_BLOCK_SIZE, **(block_size or {})}
         self.n_iter = n_iter
+        self.aq_iters = aq_iters
+        self.beam_size = beam_size
         self.anneal = anneal
         self.seed = seed
         self.permute = permute
@@ -235,13 +304,15 @@ class VQConfig(QuantizationConfigMixin):
         self.quantize_head = quantize_head
         self.overrides = copy.deepcopy(dict(overrides or {}))
         self.modules = copy.deepcopy(dict(modules or {}))
-        self.version = version
+        # the oldest format that can describe this config (older readers keep loading plain PQ checkpoints)
+        new_features = method != "pq" or share != "layer"
+        self.version = (_SHARING_VERSION if new_features else 1) if version is None else version
         self.post_init()
 
     # ------------------------------------------------------------------ validation
     @classmethod
     def _valid_keys(cls) -> set[str]:
-        return {"method", "k", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
+        return {"method", "k", "num_codebooks", "share", "aq_iters", "beam_size", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
                 "quantize_embeddings", "quantize_head", "overrides", "modules", "version", "quant_method"}
 
     def post_init(self) -> None:
@@ -254,8 +325,32 @@ class VQConfig(QuantizationConfigMixin):
                 "Upgrade hf_vq (`pip install -U hf_vq`) to load this checkpoint."
             )
         if self.method not in METHODS:
-            raise ValueError(f"VQConfig.method={self.method!r} is not supported; use one of {METHODS}.")
+            raise ValueError(
+                f"VQConfig.method={self.method!r} is not supported; use 'pq' (product quantization, one codebook) "
+                "or 'aq' (additive quantization, a sum of num_codebooks codewords)."
+            )
         _check_k(self.k, "k")
+        m = self.num_codebooks
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(
+                f"VQConfig.num_codebooks={m!r} must be an integer >= 1 (codebooks summed per subvector; "
+                "2 is the usual choice for method='aq')."
+            )
+        if self.method == "pq" and m != 1:
+            raise ValueError(
+                f"VQConfig.num_codebooks={m} needs method='aq': product quantization uses one codebook per "
+                "subvector. Pass method='aq' for a sum of codewords, or num_codebooks=1."
+            )
+        if self.share not in SHARE_SCOPES:
+            raise ValueError(
+                f"VQConfig.share={self.share!r} is not a sharing scope; use 'layer' (one codebook set per module), "
+                "'pool' (one per block size d) or 'global' (one for the whole network)."
+            )
+        if (self.method != "pq" or self.share != "layer") and self.version < _SHARING_VERSION:
+            raise ValueError(
+                f"VQConfig.version={self.version} predates method='aq' and shared codebooks (format "
+                f"{_SHARING_VERSION}); omit version or pass version={FORMAT_VERSION}."
+            )
         for kind, d in self.block_size.items():
             if kind not in DEFAULT_BLOCK_SIZE:
                 raise ValueError(
@@ -270,7 +365,7 @@ class VQConfig(QuantizationConfigMixin):
                 f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must be a multiple of 9 (one 3x3 kernel "
                 "per block = 9, two adjacent input channels = 18) so that blocks never split a kernel."
             )
-        for field, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0)):
+        for field, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"VQConfig.{field}={value!r} must be an integer >= {low}.")
@@ -291,8 +386,21 @@ class VQConfig(QuantizationConfigMixin):
                 _check_k(override["k"], f"overrides[{pattern!r}].k")
             if "d" in override and (isinstance(override["d"], bool) or not isinstance(override["d"], int) or override["d"] < 1):
                 raise ValueError(f"VQConfig.overrides[{pattern!r}].d={override['d']!r} must be a positive integer.")
+        sets: dict[str, tuple[int, int, int]] = {}
         for name, data in self.modules.items():
-            LayerLayout.from_dict(name, data)
+            layout = LayerLayout.from_dict(name, data)
+            if layout.codebook_set is None:
+                continue
+            if self.version < _SHARING_VERSION:
+                raise ValueError(f"quantization_config.modules[{name!r}] names a codebook_set, which format version "
+                                 f"{self.version} does not have; the config.json is inconsistent.")
+            shape = (layout.num_codebooks, layout.k, layout.d)
+            if sets.setdefault(layout.codebook_set, shape) != shape:
+                raise ValueError(
+                    f"quantization_config.modules[{name!r}] uses codebook set {layout.codebook_set!r} with "
+                    f"[num_codebooks, k, d] = {list(shape)}, but other modules of that set use "
+                    f"{list(sets[layout.codebook_set])}; a shared set has one shape. The config.json is corrupted."
+                )
 
     # ------------------------------------------------------------------ layout
     @property
@@ -304,25 +412,38 @@ class VQConfig(QuantizationConfigMixin):
     def is_quantized(self) -> bool:
         return bool(self.modules)
 
+    @property
+    def codebook_sets(self) -> dict[str, list[str]]:
+        """Shared codebook sets and the modules decoding with each (empty with `share="layer"`)."""
+        sets: dict[str, list[str]] = {}
+        for name, layout in self.layouts.items():
+            if layout.codebook_set is not None:
+                sets.setdefault(layout.codebook_set, []).append(name)
+        return sets
+
     # ------------------------------------------------------------------ spec strings
     @property
     def spec(self) -> str:
-        """Short name of the scheme, `{method}-{M}x{bits}-l{linear}p{conv1x1}c{conv3x3}e{embedding}`.
+        """Short name of the scheme, `{method}-{M}x{bits}-l{linear}p{conv1x1}c{conv3x3}e{embedding}[-{share}]`.
 
         `M` is the number of codebooks summed per subvector and `bits = ceil(log2(k))`, as in AQLM's
         "1x16", followed by the block sizes of linear, pointwise, 3x3 conv and embedding layers
-        (0 = dense). Example: `pq-1x8-l4p4c9e4` (the default).
+        (0 = dense), then the sharing scope unless it is per layer. Examples: `pq-1x8-l4p4c9e4` (the
+        default), `aq-2x8-l8p8c18e8-global`.
         """
         bits = max(1, (self.k - 1).bit_length())
         b = self.block_size
-        head = f"{self.method}-1x{bits}" if self.k == 2**bits else f"{self.method}-1xk{self.k}"
-        return f"{head}-l{b['linear']}p{b['conv1x1']}c{b['conv3x3']}e{b['embedding']}"
+        m = self.num_codebooks
+        head = f"{self.method}-{m}x{bits}" if self.k == 2**bits else f"{self.method}-{m}xk{self.k}"
+        tail = "" if self.share == "layer" else f"-{self.share}"
+        return f"{head}-l{b['linear']}p{b['conv1x1']}c{b['conv3x3']}e{b['embedding']}{tail}"
 
-    _SPEC_RE = re.compile(r"^(?P<method>[a-z]+)-(?P<m>\d+)x(?:(?P<bits>\d+)|k(?P<k>\d+))(?P<blocks>(?:-[lpce]\d+|[lpce]\d+)*)$")
+    _SPEC_RE = re.compile(r"^(?P<method>[a-z]+)-(?P<m>\d+)x(?:(?P<bits>\d+)|k(?P<k>\d+))(?P<blocks>(?:-[lpce]\d+|[lpce]\d+)*)"
+                          r"(?:-(?P<share>layer|pool|global))?$")
 
     @classmethod
     def from_spec(cls, spec: str, **kwargs: Any) -> "VQConfig":
-        """Build a config from a spec string such as `"pq-1x8-l8p8c18"` (see [`VQConfig.spec`]).
+        """Build a config from a spec string such as `"pq-1x8-l8p8c18"` or `"aq-2x8-l8p8c18-global"` (see [`VQConfig.spec`]).
 
         Block sizes that the spec leaves out keep their defaults; `kwargs` set the other fields.
         """
@@ -330,25 +451,32 @@ class VQConfig(QuantizationConfigMixin):
         if match is None:
             raise ValueError(
                 f"Spec string {spec!r} is not of the form 'pq-1x8-l4p4c9e4' (method-Mxbits then optional "
-                "l<linear>p<conv1x1>c<conv3x3>e<embedding> block sizes)."
+                "l<linear>p<conv1x1>c<conv3x3>e<embedding> block sizes, then optional -pool or -global)."
             )
-        if int(match["m"]) != 1:
-            raise ValueError(f"Spec string {spec!r}: product quantization uses one codebook per subvector ('1x...').")
+        if int(match["m"]) != 1 and match["method"] != "aq":
+            raise ValueError(f"Spec string {spec!r}: product quantization uses one codebook per subvector ('1x...'); "
+                             "use 'aq-Mx...' for additive quantization with M codebooks.")
+        if match["share"]:
+            kwargs["share"] = match["share"]
         k = 2 ** int(match["bits"]) if match["bits"] else int(match["k"])
         keys = {"l": "linear", "p": "conv1x1", "c": "conv3x3", "e": "embedding"}
         blocks = {keys[key]: int(value) for key, value in re.findall(r"([lpce])(\d+)", match["blocks"] or "")}
         block_size = {**kwargs.pop("block_size", {}), **blocks}
-        return cls(method=match["method"], k=k, block_size=block_size, **kwargs)
+        return cls(method=match["method"], k=k, num_codebooks=int(match["m"]), block_size=block_size, **kwargs)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": self.quant_method,
             "version": self.version,
             "method": self.method,
             "k": self.k,
+            "num_codebooks": self.num_codebooks,
+            "share": self.share,
             "block_size": dict(self.block_size),
             "n_iter": self.n_iter,
+            "aq_iters": self.aq_iters,
+            "beam_size": self.beam_size,
             "anneal": self.anneal,
             "seed": self.seed,
             "permute": self.permute,
@@ -360,6 +488,10 @@ class VQConfig(QuantizationConfigMixin):
             "overrides": copy.deepcopy(self.overrides),
             "modules": copy.deepcopy(self.modules),
         }
+        if self.version < _SHARING_VERSION:  # a format-1 config: exactly the keys older hf_vq releases accept
+            for key in ("num_codebooks", "share", "aq_iters", "beam_size"):
+                out.pop(key)
+        return out
 
     def to_json_string(self, use_diff: bool = True) -> str:  # noqa: ARG002 - same signature as the mixin
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"

@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import math
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .codec.pq import clamp_k, decode, quantize_matrix, relative_error
-from .config import LayerLayout, VQConfig, block_size_key
+from .codec.aq import aq_quantize
+from .codec.kmeans import kmeans
+from .codec.pq import clamp_k, decode, quantize_matrix, relative_error, split_blocks
+from .config import SHARED_CODEBOOKS, LayerLayout, VQConfig, block_size_key, shared_codebooks_key
 from .nn import VQModuleMixin, layer_kind, vq_class_for
 
-__all__ = ["plan", "quantize_", "build_skeleton_", "dequantize_", "vq_modules"]
+__all__ = ["plan", "quantize_", "build_skeleton_", "dequantize_", "vq_modules", "shared_codebooks_owner"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,17 @@ logger = logging.getLogger(__name__)
 def vq_modules(model: nn.Module) -> dict[str, VQModuleMixin]:
     """All compressed modules of `model` by name (tied duplicates included under each name)."""
     return {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, VQModuleMixin)}
+
+
+def shared_codebooks_owner(model: nn.Module) -> nn.Module:
+    """The module on which shared codebook sets are registered (parameters `vq_shared_codebooks_<set>`).
+
+    The model itself, except for a transformers model, where it is the base model (`model.bert`, ...)
+    so that the key follows transformers' `base_model_prefix` rule like every other weight: a
+    checkpoint saved from `BertModel` loads into `BertForMaskedLM` and the other way round.
+    """
+    base = getattr(model, "base_model", None) if getattr(model, "base_model_prefix", None) else None
+    return base if isinstance(base, nn.Module) else model
 
 
 def _head_module(model: nn.Module) -> nn.Module | None:
@@ -55,14 +69,18 @@ def plan(model: nn.Module, config: VQConfig) -> dict[str, LayerLayout]:
     """Decide which modules are compressed and how, without touching the model.
 
     Returns:
-        `dict[str, LayerLayout]`: the layout of every module to compress (no `rel_error` yet).
+        `dict[str, LayerLayout]`: the layout of every module to compress (no `rel_error` yet). With
+        `config.share` `"pool"` or `"global"`, each layout names its `codebook_set` and k is clamped on the
+        set's total number of subvectors.
 
     Raises:
-        `ValueError`: if a block size does not divide a layer's rows, naming the module and the fix.
+        `ValueError`: if a block size does not divide a layer's rows, or a shared set would mix block sizes
+            (`share="global"`) or k (overrides), naming the modules and the fix.
     """
     stem = _stem_module(model) if config.keep_stem_dense else None
     head = None if config.quantize_head else _head_module(model)
     layouts: dict[str, LayerLayout] = {}
+    requested_k: dict[str, int] = {}  # module -> k before clamping (shared sets clamp on their total)
     owners: dict[int, str] = {}  # id(weight) -> first module name holding it (tied weights)
     for name, module in model.named_modules():
         kind = layer_kind(module)
@@ -104,8 +122,50 @@ def plan(model: nn.Module, config: VQConfig) -> dict[str, LayerLayout]:
             layouts[name] = dataclasses.replace(owner, kind=kind, tied_to=tied_to, rel_error=None)
             continue
         owners[id(weight)] = name
-        layouts[name] = LayerLayout(kind=kind, shape=tuple(weight.shape), k=clamp_k(k, rows * cols // d), d=d)
-    return _whole_tied_groups(model, layouts)
+        requested_k[name] = k
+        layouts[name] = LayerLayout(kind=kind, shape=tuple(weight.shape), k=clamp_k(k, rows * cols // d), d=d,
+                                    num_codebooks=config.num_codebooks)
+    layouts = _whole_tied_groups(model, layouts)
+    return _assign_codebook_sets(layouts, requested_k, config.share) if config.share != "layer" else layouts
+
+
+def _assign_codebook_sets(layouts: dict[str, LayerLayout], requested_k: dict[str, int],
+                          share: str) -> dict[str, LayerLayout]:
+    """Group modules into shared codebook sets (`"global"`, or `"d<d>"` per block size) and clamp k per set."""
+    members: dict[str, list[str]] = {}
+    for name, layout in layouts.items():
+        if layout.tied_to is None:
+            members.setdefault("global" if share == "global" else f"d{layout.d}", []).append(name)
+    if share == "global":
+        by_d: dict[int, list[str]] = {}
+        for name in members.get("global", []):
+            by_d.setdefault(layouts[name].d, []).append(name)
+        if len(by_d) > 1:
+            found = "; ".join(f"d={d}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                              for d, names in sorted(by_d.items()))
+            raise ValueError(
+                f"VQConfig.share='global' needs one block size for every compressed module, but this model would "
+                f"use several ({found}). Use share='pool' (one codebook set per block size), give every layer kind "
+                "the same block_size (or leave the odd ones dense with 0 / modules_to_not_convert), or use "
+                "share='layer'."
+            )
+    out = dict(layouts)
+    for set_name, names in members.items():
+        ks = {requested_k[name] for name in names}
+        if len(ks) > 1:
+            raise ValueError(
+                f"VQConfig.share={share!r}: the modules of codebook set {set_name!r} ask for different k {sorted(ks)} "
+                "(per-module overrides); a shared set has one k. Drop the k overrides, or use share='layer'."
+            )
+        total = sum(math.prod(layouts[n].matrix_shape) // layouts[n].d for n in names)  # subvectors in the set
+        k = clamp_k(ks.pop(), total)
+        for name in names:
+            out[name] = dataclasses.replace(layouts[name], k=k, codebook_set=set_name)
+    for name, layout in layouts.items():
+        if layout.tied_to is not None:
+            owner = out[layout.tied_to]
+            out[name] = dataclasses.replace(layout, k=owner.k, codebook_set=owner.codebook_set)
+    return out
 
 
 def _keeps_forward(module: nn.Module) -> bool:
@@ -162,8 +222,11 @@ def quantize_(
     """Compress `model` in place with vector quantization: the one verb everything else calls.
 
     Every selected `nn.Linear`, `nn.Conv2d`, `nn.Embedding` and transformers `Conv1D` is replaced by
-    its VQ counterpart (same class underneath, so `forward` is unchanged) holding packed codes and a
-    codebook learnt by (annealed) k-means on the weight's subvectors.
+    its VQ counterpart (same class underneath, so `forward` is unchanged) holding packed codes and
+    codebooks learnt on the weight's subvectors: by (annealed) k-means (`method="pq"`) or additive
+    quantization (`method="aq"`). With `config.share` `"pool"`/`"global"` the subvectors of every module of
+    a codebook set are quantized together and the modules hold one shared `nn.Parameter`, registered as
+    `vq_shared_codebooks_<set>` (on the base model of a transformers model).
 
     Args:
         model (`nn.Module`): any PyTorch model; its weights must be materialised (not on meta).
@@ -206,34 +269,99 @@ def quantize_(
                                                device=run_device)
     modules = dict(model.named_modules())
     done: dict[str, nn.Module] = {}
-    bar = tqdm(layouts.items(), desc="hf_vq quantize", unit="layer", disable=not progress)
-    for i, (name, layout) in enumerate(bar):
-        module = modules[name]
-        if layout.tied_to is not None:
-            owner = done[layout.tied_to]
-            vq = vq_class_for(type(module)).from_float(module, kind=layout.kind, k=layout.k, d=layout.d)
-            vq._buffers["codes"] = owner._buffers["codes"]
-            vq.codebooks = owner.codebooks
-            layouts[name] = dataclasses.replace(layout, rel_error=layouts[layout.tied_to].rel_error)
-        else:
-            weight = module._parameters["weight"]
-            cls = vq_class_for(type(module))
-            matrix = cls._weight_to_matrix(weight.detach()).to(run_device, torch.float32)  # [rows, cols]
-            codebooks, codes = quantize_matrix(matrix, d=layout.d, k=layout.k, n_iter=config.n_iter,
-                                               anneal=config.anneal, seed=config.seed + i)
-            codebooks = codebooks.half().float()  # fp16 on disk: the saved model is exactly this one
-            rel = relative_error(matrix, decode(codes, codebooks))
-            vq = cls.from_float(module, kind=layout.kind, k=layout.k, d=layout.d)
-            vq.set_codes_(codes, codebooks)
+    shared: dict[str, nn.Parameter] = {}  # codebook set -> the one Parameter [M, k, d] its modules hold
+    units = _encoding_units(layouts)
+    bar = tqdm(units, desc="hf_vq quantize", unit="layer" if config.share == "layer" else "set", disable=not progress)
+    for first, set_name, names in bar:
+        classes = [vq_class_for(type(modules[name])) for name in names]
+        matrices = [cls._weight_to_matrix(modules[name]._parameters["weight"].detach()).to(run_device, torch.float32)
+                    for cls, name in zip(classes, names)]  # [rows_j, cols_j] each
+        codebooks, codes = _encode(matrices, layouts[names[0]], config, seed=config.seed + first)
+        codebooks = codebooks.half().float()  # [M, k, d]; fp16 on disk: the saved model is exactly this one
+        if set_name is not None:
+            device = modules[names[0]]._parameters["weight"].device
+            shared[set_name] = nn.Parameter(codebooks.to(device))
+        for cls, name, matrix, code in zip(classes, names, matrices, codes):
+            layout = layouts[name]
+            rel = relative_error(matrix, decode(code, codebooks))
+            vq = cls.from_float(modules[name], kind=layout.kind, k=layout.k, d=layout.d,
+                                num_codebooks=layout.num_codebooks)
+            vq.set_codes_(code, codebooks)
+            if set_name is not None:
+                vq.share_codebooks_(shared[set_name], set_name)
             layouts[name] = dataclasses.replace(layout, rel_error=rel)
-            bar.set_postfix_str(f"{name} err={rel:.4f}")
+            done[name] = vq
+        bar.set_postfix_str(f"{set_name or names[0]} err={layouts[names[0]].rel_error:.4f}")
+    for name, layout in layouts.items():  # tied modules: the owner's codes buffer and codebooks parameter
+        if layout.tied_to is None:
+            continue
+        owner = done[layout.tied_to]
+        vq = vq_class_for(type(modules[name])).from_float(modules[name], kind=layout.kind, k=layout.k, d=layout.d,
+                                                          num_codebooks=layout.num_codebooks)
+        vq._buffers["codes"] = owner._buffers["codes"]
+        vq.share_codebooks_(owner.codebooks, owner.codebook_set)
+        layouts[name] = dataclasses.replace(layout, rel_error=layouts[layout.tied_to].rel_error)
         done[name] = vq
     for name, vq in done.items():
         model.set_submodule(name, vq)
+    _register_shared(model, shared)
     filled = VQConfig(**{**config.to_dict(), "modules": {n: lay.to_dict() for n, lay in layouts.items()}})
     model.vq_config = filled
     _transformers_hook(model, "attach_", filled)  # save_pretrained / from_pretrained round trip
     return filled
+
+
+def _register_shared(model: nn.Module, shared: dict[str, nn.Parameter]) -> None:
+    """Register each shared set as parameter `vq_shared_codebooks_<set>` of [`shared_codebooks_owner`]."""
+    owner = shared_codebooks_owner(model)
+    for set_name, param in shared.items():
+        owner.register_parameter(shared_codebooks_key(set_name), param)
+
+
+def _encoding_units(layouts: dict[str, LayerLayout]) -> list[tuple[int, str | None, list[str]]]:
+    """What is encoded together: `(index of the first module in the plan, codebook set or None, module names)`.
+
+    One unit per module without a shared set, one per shared set (all its modules' subvectors together);
+    tied modules are left out (they reuse their owner's codes)."""
+    units: list[tuple[int, str | None, list[str]]] = []
+    by_set: dict[str, list[str]] = {}
+    for i, (name, layout) in enumerate(layouts.items()):
+        if layout.tied_to is not None:
+            continue
+        if layout.codebook_set is None:
+            units.append((i, None, [name]))
+        elif layout.codebook_set in by_set:
+            by_set[layout.codebook_set].append(name)
+        else:
+            by_set[layout.codebook_set] = [name]
+            units.append((i, layout.codebook_set, by_set[layout.codebook_set]))
+    return units
+
+
+def _encode(matrices: list[torch.Tensor], layout: LayerLayout, config: VQConfig, *,
+            seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Learn one codebook set for the subvectors of `matrices` (`[rows_j, cols_j]` each) and encode them.
+
+    Returns codebooks `[M, k, d]` (float32) and per matrix its codes `[rows_j, cols_j / d, M]` (int64).
+    """
+    d, k = layout.d, layout.k
+    if config.method == "pq" and len(matrices) == 1:
+        codebooks, codes = quantize_matrix(matrices[0], d=d, k=k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)
+        return codebooks, [codes]
+    x = torch.cat([split_blocks(m, d) for m in matrices])  # [n, d], every module's subvectors
+    if config.method == "pq":
+        codebook, flat = kmeans(x, k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)  # [k, d], [n]
+        codebooks, flat = codebook[None], flat[:, None]  # [1, k, d], [n, 1]
+    else:
+        codebooks, flat = aq_quantize(x, layout.num_codebooks, k, n_iter=config.n_iter, aq_iters=config.aq_iters,
+                                      beam_size=config.beam_size, anneal=config.anneal, seed=seed)  # [M,k,d], [n,M]
+    out, start = [], 0
+    for m in matrices:
+        rows, cols = m.shape
+        n = rows * (cols // d)
+        out.append(flat[start:start + n].reshape(rows, cols // d, -1))
+        start += n
+    return codebooks, out
 
 
 def _transformers_hook(model: nn.Module, verb: str, *args) -> None:
@@ -249,7 +377,9 @@ def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | 
                     device: torch.device | str | None = None) -> nn.Module:
     """Replace the modules listed in `config.modules` by empty VQ modules, ready to load a checkpoint.
 
-    Works on the meta device (nothing is allocated) and never runs k-means.
+    Works on the meta device (nothing is allocated) and never runs k-means. Shared codebook sets become
+    one `nn.Parameter` each, registered under `vq_shared_codebooks_<set>` (see [`shared_codebooks_owner`])
+    and held by every module of the set.
 
     Raises:
         `ValueError`: if the config names a module the model lacks, or whose class or shape differs.
@@ -259,6 +389,7 @@ def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | 
         raise ValueError("quantization_config.modules is empty: this config describes no compressed module.")
     modules = dict(model.named_modules(remove_duplicate=False))
     built: dict[str, nn.Module] = {}
+    shared: dict[str, nn.Parameter] = {}  # codebook set -> the one Parameter [M, k, d] its modules hold
     # owners before the modules tied to them (config.json may list modules in any order, e.g. sorted)
     for name, layout in sorted(layouts.items(), key=lambda item: item[1].tied_to is not None):
         module = modules.get(name)
@@ -288,10 +419,15 @@ def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | 
         if layout.tied_to is not None:
             owner = built[layout.tied_to]
             vq._buffers["codes"] = owner._buffers["codes"]
-            vq.codebooks = owner.codebooks
+            vq.share_codebooks_(owner.codebooks, owner.codebook_set)
+        elif layout.codebook_set is not None:  # one Parameter per shared set, made by its first module
+            if layout.codebook_set not in shared:
+                shared[layout.codebook_set] = vq.codebooks
+            vq.share_codebooks_(shared[layout.codebook_set], layout.codebook_set)
         built[name] = vq
     for name, vq in built.items():
         model.set_submodule(name, vq)
+    _register_shared(model, shared)
     model.vq_config = config
     return model
 
@@ -301,11 +437,14 @@ def dequantize_(model: nn.Module) -> nn.Module:
     dense: dict[int, nn.Module] = {}
     for name, module in vq_modules(model).items():
         new = module.dequantize()
-        tied = dense.get(id(module.codebooks))
+        tied = dense.get(id(module.codes))  # tied modules share their codes buffer (not only a codebook set)
         if tied is not None and tied.weight.shape == new.weight.shape:
             new.weight = tied.weight  # keep tied modules tied
-        dense.setdefault(id(module.codebooks), new)
+        dense.setdefault(id(module.codes), new)
         model.set_submodule(name, new)
+    for holder in (model, shared_codebooks_owner(model)):
+        for key in [k for k in holder._parameters if k.startswith(SHARED_CODEBOOKS)]:
+            del holder._parameters[key]
     if hasattr(model, "vq_config"):
         del model.vq_config
     _transformers_hook(model, "detach_")

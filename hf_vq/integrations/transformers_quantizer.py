@@ -16,6 +16,10 @@ Two transformers behaviours are handled here rather than left to the user:
   `all_tied_weights_keys` (`lm_head.weight`), which a VQ module no longer has. The tie is moved to the
   `codebooks` parameter, and the tied copy of the uint8 `codes` buffer is aliased and kept out of the
   state dict, so the pair is stored once and stays one pair of tensors after loading and training.
+* **Shared codebook sets** (`VQConfig(share="pool" | "global")`): the set is a parameter of the base model,
+  `vq_shared_codebooks_<set>`, stored once; each member's `codebooks` is tied to it the same way (the tie
+  mapping names `<member>.codebooks -> vq_shared_codebooks_<set>`), so loading re-ties every member to the
+  one loaded parameter and the member keys are never reported missing.
 * **Loading without hf_vq**: transformers skips an unknown `quant_method` with a warning and would
   return randomly initialised layers. Every checkpoint written here carries two guard tensors: a
   one-element `<module>.weight` whose shape mismatches the dense layer (transformers then raises), and
@@ -44,9 +48,9 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from ..checkpoint import CODEBOOKS, CODES, CheckpointError
+from ..checkpoint import CODEBOOKS, CODES, CheckpointError, find_shared_key, is_shared_codebooks_key
 from ..codec.packing import bits_for, packed_row_bytes
-from ..config import VQConfig
+from ..config import VQConfig, shared_codebooks_key
 from ..nn import CodesError, VQModuleMixin
 
 __all__ = ["QUANT_METHOD", "GUARD_NOTE_KEY", "HfVQQuantizer", "register", "attach_", "detach_",
@@ -143,6 +147,7 @@ class HfVQQuantizer(HfQuantizer):
         """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
         if self.pre_quantized:
             config = self.quantization_config
+            _tie_(model, config)  # every member of a shared set holds the one loaded parameter
             _check_loaded(model, config)
         else:
             from ..quantize import quantize_
@@ -164,12 +169,13 @@ class HfVQQuantizer(HfQuantizer):
         vq = {name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, VQModuleMixin)}
         tied = {name for name, layout in config.layouts.items() if layout.tied_to is not None}
         skip = {f"{name}.{suffix}" for name in tied for suffix in (CODES, CODEBOOKS)}
+        skip |= {f"{name}.{CODEBOOKS}" for name, layout in config.layouts.items() if layout.codebook_set is not None}
         codebooks = {f"{name}.{CODEBOOKS}" for name in vq}
         state_dict: dict[str, torch.Tensor] = {}
         for key, tensor in model.state_dict().items():
             if key in skip:
-                continue
-            if key in codebooks and tensor.is_floating_point():
+                continue  # tied modules and members of a shared set: their tensors are stored once, elsewhere
+            if (key in codebooks or is_shared_codebooks_key(key)) and tensor.is_floating_point():
                 tensor = tensor.to(torch.float16)  # [M, k, d]; quantize_ already rounded them to fp16
             state_dict[key] = tensor
         owner = next((name for name in config.modules if name not in tied), None)
@@ -264,6 +270,8 @@ def _tie_(model: nn.Module, config: VQConfig) -> None:
     The tied module's `codes` buffer aliases its owner's and is non-persistent (stored once); its
     `codebooks` is the owner's parameter, and transformers re-ties it after loading (`tie_weights`).
     """
+    from ..quantize import shared_codebooks_owner
+
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, layout in config.layouts.items():
         if layout.tied_to is None or name not in modules or layout.tied_to not in modules:
@@ -272,6 +280,18 @@ def _tie_(model: nn.Module, config: VQConfig) -> None:
         module._buffers[CODES] = owner._buffers[CODES]  # uint8 [rows, packed_bytes]
         module._non_persistent_buffers_set.add(CODES)
         module._parameters[CODEBOOKS] = owner._parameters[CODEBOOKS]  # [M, k, d]
+    holder = shared_codebooks_owner(model)
+    holder_name = next((n for n, m in modules.items() if m is holder), "")
+    shared_ties: dict[str, str] = {}  # "<member>.codebooks" -> "<holder>.vq_shared_codebooks_<set>", from the model
+    for set_name, names in config.codebook_sets.items():
+        key = shared_codebooks_key(set_name)
+        param = holder._parameters.get(key)
+        if param is None:
+            continue
+        for name in names:
+            if isinstance(modules.get(name), VQModuleMixin):
+                modules[name].share_codebooks_(param, set_name)  # [M, k, d], the one Parameter of the set
+                shared_ties[f"{name}.{CODEBOOKS}"] = f"{holder_name}.{key}" if holder_name else key
     for sub in _pretrained_models(model):
         original = sub.__dict__.get("_hf_vq_tied_keys")
         if original is None:
@@ -284,6 +304,12 @@ def _tie_(model: nn.Module, config: VQConfig) -> None:
                 translated[f"{target_vq}.{CODEBOOKS}"] = f"{source_vq}.{CODEBOOKS}"
             elif not (target_vq or source_vq):
                 translated[target] = source
+        prefix = next((n for n, m in modules.items() if m is sub), "")
+        for target, source in shared_ties.items():
+            if not prefix:
+                translated[target] = source
+            elif target.startswith(prefix + ".") and source.startswith(prefix + "."):
+                translated[target[len(prefix) + 1:]] = source[len(prefix) + 1:]
         sub.all_tied_weights_keys = translated
         sub._tied_weights_keys = dict(translated)  # what tie_weights(recompute_mapping=True) expands
 
@@ -389,7 +415,7 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    stored = key if key.endswith((f".{CODES}", f".{CODEBOOKS}")) else None
+                    stored = key if key.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(key) else None
                     if stored is not None and rename is not None:
                         key = rename(key)
                     header[key] = (sl.get_dtype(), tuple(sl.get_shape()), os.path.basename(str(file)))
@@ -401,8 +427,11 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
             continue
         rows, cols = layout.matrix_shape
         n_codes = (cols // layout.d) * layout.num_codebooks
+        codebooks_key = f"{name}.{CODEBOOKS}"
+        if layout.codebook_set is not None:  # stored once for the set, under the base model
+            codebooks_key = find_shared_key(header, layout.codebook_set) or shared_codebooks_key(layout.codebook_set)
         expected = {f"{name}.{CODES}": ({"U8"}, (rows, packed_row_bytes(n_codes, bits_for(layout.k)))),
-                    f"{name}.{CODEBOOKS}": (_FLOAT_DTYPES, (layout.num_codebooks, layout.k, layout.d))}
+                    codebooks_key: (_FLOAT_DTYPES, (layout.num_codebooks, layout.k, layout.d))}
         for key, (dtypes, shape) in expected.items():
             if key not in header:
                 raise CheckpointError(
