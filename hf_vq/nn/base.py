@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..codec.packing import bits_for, pack_codes, packed_row_bytes, unpack_codes
-from ..codec.pq import decode
+from ..kernels import decode_matrix, vq_matmul
 
 __all__ = ["VQModuleMixin", "CodesError"]
 
@@ -48,6 +48,7 @@ class VQModuleMixin:
     num_codebooks: int
     codes: torch.Tensor  # uint8 [rows, packed_bytes]
     codebooks: nn.Parameter  # [num_codebooks, k, d]
+    codebook_set: str | None = None  # name of the shared codebook set `codebooks` is, None: the module's own
 
     # ------------------------------------------------------------------ layout of the weight
     @staticmethod
@@ -118,6 +119,19 @@ class VQModuleMixin:
             self.codes = packed.to(self.codes.device)
             self.codebooks.data = codebooks.to(self.codebooks.device, self.codebooks.dtype).contiguous()
 
+    def share_codebooks_(self, codebooks: nn.Parameter, codebook_set: str | None) -> None:
+        """Decode with `codebooks` `[num_codebooks, k, d]`, a parameter other modules hold too (shared set).
+
+        The module keeps a reference to the very same `nn.Parameter` object, so the set appears once in
+        `model.parameters()` and trains as one tensor; `codebook_set` names it (`None`: the module's own).
+        """
+        if tuple(codebooks.shape) != (self.num_codebooks, self.k, self.d):
+            raise CodesError(f"shared codebooks of shape {tuple(codebooks.shape)}, expected "
+                             f"{(self.num_codebooks, self.k, self.d)}.")
+        self._parameters["codebooks"] = codebooks  # [num_codebooks, k, d], the shared Parameter itself
+        self.codebook_set = codebook_set
+        self._weight_cache = None
+
     # ------------------------------------------------------------------ decoding
     @property
     def bits(self) -> int:
@@ -151,14 +165,15 @@ class VQModuleMixin:
         """The dense weight, in the float module's layout, decoded from codes and codebooks.
 
         With `cache_decoded = True` and no gradient needed, the decoded weight is kept until the
-        codebooks or codes change (trades memory for speed at inference).
+        codebooks or codes change (trades memory for speed at inference). Without autograd the decode
+        runs in hf_vq's numba kernel (same values as [`hf_vq.codec.decode`], see `hf_vq.kernels`).
         """
         use_cache = self.cache_decoded and not (torch.is_grad_enabled() and self.codebooks.requires_grad)
         if use_cache:
             key = (self.codebooks.data_ptr(), self.codebooks._version, self.codes._version, self.codebooks.dtype)
             if self._weight_cache is not None and self._weight_cache[0] == key:
                 return self._weight_cache[1]
-        weight = self._matrix_to_weight(decode(self.unpacked_codes(), self.codebooks))
+        weight = self._matrix_to_weight(decode_matrix(self.unpacked_codes(), self.codebooks))
         if use_cache:
             self._weight_cache = (key, weight)
         else:
@@ -168,6 +183,22 @@ class VQModuleMixin:
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         return self.decode_weight()
+
+    def fast_matmul(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`input @ matrix.T + bias` computed from the codes by a fast kernel, or `None` to decode instead.
+
+        For modules whose forward is a matmul with the `[rows, cols]` matrix (linear, GPT-2 `Conv1D`).
+        Inference only; the rule and the kernels are in `hf_vq.kernels` ([`hf_vq.kernels.vq_matmul`]).
+
+        Args:
+            input (`torch.Tensor`): `[..., cols]`.
+            bias (`torch.Tensor`, *optional*): `[rows]`.
+
+        Returns:
+            `torch.Tensor` or `None`: `[..., rows]`, or `None` when decode + the float forward is the better path.
+        """
+        cached = self.cache_decoded and self._weight_cache is not None
+        return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached)
 
     # ------------------------------------------------------------------ conversion back
     def dequantize(self) -> nn.Module:
@@ -179,14 +210,18 @@ class VQModuleMixin:
         dense._parameters = {"weight": weight, **{n: p for n, p in self._parameters.items() if n != "codebooks"}}
         dense._buffers = {n: b for n, b in self._buffers.items() if n != "codes"}
         dense._modules = dict(self._modules)
-        for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_weight_cache"):
+        for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_weight_cache",
+                     "codebook_set"):
             dense.__dict__.pop(attr, None)
         return dense
 
     def compressed_bits(self) -> int:
-        """Accounted size in bits: `ceil(log2 k)` per code plus fp16 codebooks (bias counted elsewhere)."""
+        """Accounted size in bits: `ceil(log2 k)` per code plus fp16 codebooks (bias counted elsewhere).
+
+        A shared codebook set (`codebook_set` not None) is not counted here: it belongs to the model once."""
         rows, cols = self.matrix_shape(self.weight_shape)
-        return rows * (cols // self.d) * self.num_codebooks * self.bits + self.codebooks.numel() * 16
+        own = 0 if self.codebook_set is not None else self.codebooks.numel() * 16
+        return rows * (cols // self.d) * self.num_codebooks * self.bits + own
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, vq={self.vq_kind} k={self.k} d={self.d} M={self.num_codebooks}"

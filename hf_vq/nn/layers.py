@@ -17,9 +17,17 @@ __all__ = ["VQLinear", "VQConv2d", "VQConv1D", "VQEmbedding", "vq_class_for", "l
 
 
 class VQLinear(VQModuleMixin, nn.Linear):
-    """`nn.Linear` with a vector-quantized weight `[out_features, in_features]` (rows = output features)."""
+    """`nn.Linear` with a vector-quantized weight `[out_features, in_features]` (rows = output features).
+
+    `forward` runs a fast kernel straight from the codes when it pays (small batches at inference, see
+    `hf_vq.kernels`), else decodes the weight and calls `nn.Linear.forward`.
+    """
 
     float_class = nn.Linear
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self.fast_matmul(input, self.bias)  # [..., out_features] or None
+        return super().forward(input) if out is None else out
 
 
 class VQConv2d(VQModuleMixin, nn.Conv2d):
@@ -70,11 +78,17 @@ try:  # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b
         def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
             return matrix.t()  # [in, out]
 
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fast_matmul(x, self.bias)  # [..., out] (x @ W + b with W = matrix.T) or None
+            return super().forward(x) if out is None else out
+
     _REGISTRY[Conv1D] = VQConv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     VQConv1D = None  # type: ignore[assignment,misc]
 
 _SUBCLASSES: dict[type[nn.Module], type[VQModuleMixin]] = {}
+#: VQ classes whose `forward` is the fast matmul (`VQModuleMixin.fast_matmul`) rather than a float forward.
+_FAST_MATMUL = {cls for cls in (VQLinear, VQConv1D) if cls is not None}
 
 
 def vq_class_for(float_cls: type[nn.Module]) -> type[VQModuleMixin] | None:
@@ -91,8 +105,10 @@ def vq_class_for(float_cls: type[nn.Module]) -> type[VQModuleMixin] | None:
         base = next((vq for cls in float_cls.__mro__ if (vq := _REGISTRY.get(cls)) is not None), None)
         if base is None:
             return None
-        _SUBCLASSES[float_cls] = type(f"VQ{float_cls.__name__}", (base, float_cls), {"float_class": float_cls,
-                                                                                     "__module__": __name__})
+        namespace = {"float_class": float_cls, "__module__": __name__}
+        if base in _FAST_MATMUL and float_cls.forward is not base.float_class.forward:
+            namespace["forward"] = float_cls.forward  # a subclass's own forward wins over the fast-matmul forward
+        _SUBCLASSES[float_cls] = type(f"VQ{float_cls.__name__}", (base, float_cls), namespace)
     return _SUBCLASSES[float_cls]
 
 

