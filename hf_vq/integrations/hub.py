@@ -78,16 +78,21 @@ def base_model_license(base_model: str | None, source_dir: str | os.PathLike | N
     if base_model and os.path.isdir(base_model):
         candidates.append(Path(base_model) / "README.md")
     elif base_model:
-        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
 
         cached = try_to_load_from_cache(base_model, "README.md")
         if isinstance(cached, str):
             candidates.append(Path(cached))
         elif not constants.HF_HUB_OFFLINE:
-            try:
-                candidates.append(Path(hf_hub_download(base_model, "README.md", etag_timeout=5)))
+            from huggingface_hub import HfApi
+
+            try:  # one metadata request, no retries: offline or unknown repos fail fast
+                license = getattr(HfApi().model_info(base_model, timeout=5).card_data, "license", None)
             except Exception as err:  # unknown repo, no network, gated...: no licence to inherit
                 logger.debug("hf_vq: no model card for %s (%s)", base_model, err)
+                license = None
+            if license:
+                return str(license)
     for path in candidates:
         if path.is_file():
             try:
