@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,7 +40,7 @@ from .nn import VQModuleMixin
 __all__ = [
     "WEIGHTS_NAME", "CheckpointError", "SizeReport", "LayerSize", "disk_state_dict", "atomic_folder",
     "save_weights", "load_weights", "check_state_dict", "size_report", "checkpoint_size_report", "load_compressed_",
-    "read_quantization_config", "is_shared_codebooks_key", "find_shared_key",
+    "read_quantization_config", "is_shared_codebooks_key", "find_shared_key", "expected_shapes",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -136,6 +136,21 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def expected_shapes(name: str, layout: LayerLayout, keys: Container[str]) -> dict[str, tuple[int, ...]]:
+    """The stored tensors of compressed module `name` and their shapes: `{codes key: shape, codebooks key: shape}`.
+
+    Codes are bit-packed uint8 `[rows, packed_bytes]`; codebooks `[M, k, d]`, under the module's own key or,
+    for a shared set, the set's key as found in `keys` (the checkpoint's tensor names).
+    """
+    rows, cols = layout.matrix_shape
+    n_codes = (cols // layout.d) * layout.num_codebooks
+    codebooks_key = f"{name}.{CODEBOOKS}"
+    if layout.codebook_set is not None:  # stored once for the set
+        codebooks_key = find_shared_key(keys, layout.codebook_set) or shared_codebooks_key(layout.codebook_set)
+    return {f"{name}.{CODES}": (rows, packed_row_bytes(n_codes, bits_for(layout.k))),
+            codebooks_key: (layout.num_codebooks, layout.k, layout.d)}
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: VQConfig, *, source: str = WEIGHTS_NAME) -> None:
     """Check that every compressed module has its codes and codebooks, with the right shapes and codes < k.
 
@@ -145,16 +160,8 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: VQConfig, *, s
     for name, layout in config.layouts.items():
         if layout.tied_to is not None:
             continue
-        rows, cols = layout.matrix_shape
-        n_codes = (cols // layout.d) * layout.num_codebooks
-        codebooks_key = f"{name}.{CODEBOOKS}"
-        if layout.codebook_set is not None:
-            codebooks_key = (find_shared_key(state_dict, layout.codebook_set)
-                             or shared_codebooks_key(layout.codebook_set))
-        expected = {
-            f"{name}.{CODES}": (torch.uint8, (rows, packed_row_bytes(n_codes, bits_for(layout.k)))),
-            codebooks_key: (None, (layout.num_codebooks, layout.k, layout.d)),
-        }
+        (codes_key, codes_shape), (codebooks_key, codebooks_shape) = expected_shapes(name, layout, state_dict).items()
+        expected = {codes_key: (torch.uint8, codes_shape), codebooks_key: (None, codebooks_shape)}
         for key, (dtype, shape) in expected.items():
             tensor = state_dict.get(key)
             if tensor is None:
@@ -168,7 +175,8 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: VQConfig, *, s
                     f"{dtype or 'float'} {list(shape)} for module {name!r} (k={layout.k}, d={layout.d}, weight "
                     f"{list(layout.shape)}). The checkpoint does not match its config.json."
                 )
-        codes = unpack_codes(state_dict[f"{name}.{CODES}"], bits_for(layout.k), n_codes)
+        n_codes = (layout.matrix_shape[1] // layout.d) * layout.num_codebooks
+        codes = unpack_codes(state_dict[codes_key], bits_for(layout.k), n_codes)
         if codes.numel() and int(codes.max()) >= layout.k:
             raise CheckpointError(
                 f"{source}: tensor '{name}.{CODES}' holds code {int(codes.max())} >= k={layout.k}; the file is corrupted. "

@@ -113,15 +113,22 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(timm_folders, tmp_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def _teacher_student(config: hf_vq.VQConfig, *, sharpen: bool = False):
+    """A dense timm test model and a compressed copy of it (`sharpen`: confident teacher logits)."""
+    teacher = timm.create_model("test_resnet", num_classes=3).eval()
+    if sharpen:
+        with torch.no_grad():
+            teacher.fc.weight.mul_(40)
+    student = timm.create_model("test_resnet", num_classes=3)
+    student.load_state_dict(teacher.state_dict())
+    hf_vq.quantize_(student, config, progress=False)
+    return teacher, student
+
+
 def test_in_memory_models_and_torch_dataset():
     """The library API without folders: models and a torch dataset of dicts, as the benchmark uses it."""
     torch.manual_seed(0)
-    teacher = timm.create_model("test_resnet", num_classes=3).eval()
-    with torch.no_grad():
-        teacher.fc.weight.mul_(40)
-    student = timm.create_model("test_resnet", num_classes=3)
-    student.load_state_dict(teacher.state_dict())
-    hf_vq.quantize_(student, hf_vq.VQConfig(k=4, n_iter=5, permute=False), progress=False)
+    teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=5, permute=False), sharpen=True)
     x = torch.randn(32, 3, 32, 32)
     data = [{"pixel_values": x[i], "labels": torch.tensor(i % 3)} for i in range(32)]
     result = finetune(FinetuneArguments(max_train_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
@@ -133,10 +140,7 @@ def test_in_memory_models_and_torch_dataset():
 
 def test_bf16_mixed_precision_on_cpu():
     torch.manual_seed(0)
-    teacher = timm.create_model("test_resnet", num_classes=3).eval()
-    student = timm.create_model("test_resnet", num_classes=3)
-    student.load_state_dict(teacher.state_dict())
-    hf_vq.quantize_(student, hf_vq.VQConfig(k=4, n_iter=2, permute=False), progress=False)
+    teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=2, permute=False))
     data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
     result = finetune(FinetuneArguments(max_train_steps=2, per_device_train_batch_size=4, mixed_precision="bf16",
                                         progress=False), student=student, teacher=teacher, train_dataset=data,
@@ -159,16 +163,9 @@ def test_mark_trainable_groups():
 
 def test_shared_codebooks_are_trained_once():
     """Additive quantization with codebooks shared across layers: the shared set is one trainable parameter."""
-    if "aq" not in getattr(hf_vq.config, "METHODS", ()):
-        pytest.skip("this hf_vq has no additive quantization")
     torch.manual_seed(0)
-    teacher = timm.create_model("test_resnet", num_classes=3).eval()
-    with torch.no_grad():
-        teacher.fc.weight.mul_(40)
-    student = timm.create_model("test_resnet", num_classes=3)
-    student.load_state_dict(teacher.state_dict())
-    hf_vq.quantize_(student, hf_vq.VQConfig(method="aq", num_codebooks=2, k=4, share="pool", n_iter=3, aq_iters=1,
-                                            permute=False), progress=False)
+    teacher, student = _teacher_student(hf_vq.VQConfig(method="aq", num_codebooks=2, k=4, share="pool", n_iter=3,
+                                                       aq_iters=1, permute=False), sharpen=True)
     shared = {id(m.codebooks): m.codebooks for m in hf_vq.vq_modules(student).values()}
     assert len(shared) < len(hf_vq.vq_modules(student)), "codebooks are not shared"
     counts = mark_trainable_(student, norms=False, biases=False)

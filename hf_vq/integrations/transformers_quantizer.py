@@ -48,8 +48,8 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from ..checkpoint import CODEBOOKS, CODES, CheckpointError, find_shared_key, is_shared_codebooks_key
-from ..codec.packing import bits_for, packed_row_bytes
+from ..checkpoint import CODEBOOKS, CODES, CheckpointError, expected_shapes, is_shared_codebooks_key
+from ..codec.packing import bits_for
 from ..config import VQConfig, shared_codebooks_key
 from ..nn import CodesError, VQModuleMixin
 
@@ -425,13 +425,8 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
     for name, layout in config.layouts.items():
         if layout.tied_to is not None:
             continue
-        rows, cols = layout.matrix_shape
-        n_codes = (cols // layout.d) * layout.num_codebooks
-        codebooks_key = f"{name}.{CODEBOOKS}"
-        if layout.codebook_set is not None:  # stored once for the set, under the base model
-            codebooks_key = find_shared_key(header, layout.codebook_set) or shared_codebooks_key(layout.codebook_set)
-        expected = {f"{name}.{CODES}": ({"U8"}, (rows, packed_row_bytes(n_codes, bits_for(layout.k)))),
-                    codebooks_key: (_FLOAT_DTYPES, (layout.num_codebooks, layout.k, layout.d))}
+        (codes_key, codes_shape), (codebooks_key, codebooks_shape) = expected_shapes(name, layout, header).items()
+        expected = {codes_key: ({"U8"}, codes_shape), codebooks_key: (_FLOAT_DTYPES, codebooks_shape)}
         for key, (dtypes, shape) in expected.items():
             if key not in header:
                 raise CheckpointError(
