@@ -313,19 +313,20 @@ class _Analysis:
     def add_ref(self, s: int, ref: _Ref) -> None:
         self.refs[self.find(s)].append(ref)
 
-    def _tags_in(self, value: Any):
-        if isinstance(value, _Tag):
+    @staticmethod
+    def _found(value: Any, kind: type):
+        """Every `kind` (`_Tag` or `_ParamView`) in `value`, looking inside nested tuples and lists."""
+        if isinstance(value, kind):
             yield value
         elif isinstance(value, (tuple, list)):
             for v in value:
-                yield from self._tags_in(v)
+                yield from _Analysis._found(v, kind)
+
+    def _tags_in(self, value: Any):
+        return self._found(value, _Tag)
 
     def _params_in(self, value: Any):
-        if isinstance(value, _ParamView):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                yield from self._params_in(v)
+        return self._found(value, _ParamView)
 
     # ---------------------------------------------------------------- helpers
     def val(self, arg: Any) -> Any:
