@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """PQF's permutation step on real weights: does permute + k-means beat k-means alone, and how fast is the search?
 
-Two real models (FIXTURES.md), compressed at the same bits with and without the permutation
-(`VQConfig(permute=...)`, everything else equal):
+Two real models (FIXTURES.md), compressed at the same bits three ways, everything else equal: k-means
+alone, the paper's permutation (weight-only log-det objective) + k-means, and the activation-aware
+permutation (`permute_(..., calibration=...)`, held-out calibration data) + k-means. Each method permutes
+once, then k-means runs with several seeds: a sensitive model's fidelity scatters with the k-means seed
+more than with the permutation, so every figure is a mean ± std over seeds.
 
 * all-MiniLM-L6-v2: every encoder linear at k=256, d=4 (embeddings and pooler dense). The residual
   stream is refused (it is `last_hidden_state`, returned to the user); the MLP hidden dims and the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 
@@ -41,63 +45,92 @@ import hf_vq
 from hf_vq.codec.permutation import ObjectiveTerm, search_permutation
 
 
+METHODS = ("kmeans", "permute+kmeans", "permute(act)+kmeans")
+
+
 def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
     norms = {n: float(dense.get_submodule(n).weight.detach().double().pow(2).sum()) for n in config.layouts}
     return sum(lay.rel_error * norms[n] for n, lay in config.layouts.items()) / sum(norms.values())
 
 
-def compress(dense, config, fidelity):
-    model = copy.deepcopy(dense)
-    start = time.perf_counter()
-    filled = hf_vq.quantize_(model, config, progress=False)
-    seconds = time.perf_counter() - start
-    report = getattr(model, "vq_permutation_report", None)
-    out = {"seconds": round(seconds, 1), "total_rel_error": round(total_error(dense, filled), 6), **fidelity(model)}
-    if report is not None:
-        out["permutation_seconds"] = round(report.seconds, 1)
-        out["spaces"] = [{"name": s.name, "P": s.size, "repeats": s.repeats, "children": s.children,
-                          "status": s.status, "logdet_identity": s.objective_identity,
-                          "logdet_greedy": s.objective_greedy, "logdet_after": s.objective, "swaps": s.accepted,
-                          "reasons": s.reasons} for s in report.spaces]
-        out["report"] = str(report)
+def _stats(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 6), "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
+            "values": [round(v, 6) for v in values]}
+
+
+def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
+    """Each method permutes (or not) once, then k-means runs with every seed on that model.
+
+    k-means from different seeds scatters the output fidelity of a sensitive model far more than the
+    permutation moves it, so every figure is a mean (and standard deviation) over the seeds.
+    """
+    out = {}
+    for method in METHODS:
+        base = copy.deepcopy(dense)
+        entry: dict = {}
+        if method != "kmeans":
+            report = hf_vq.permute_(base, config, calibration=calibration if "(act)" in method else None)
+            entry["permutation_seconds"] = round(report.seconds, 1)
+            entry["objective"] = report.objective
+            entry["spaces"] = [{"name": s.name, "P": s.size, "repeats": s.repeats, "children": s.children,
+                                "status": s.status, "logdet_identity": s.objective_identity,
+                                "logdet_greedy": s.objective_greedy, "logdet_after": s.objective, "swaps": s.accepted,
+                                "reasons": s.reasons} for s in report.spaces]
+            entry["report"] = str(report)
+        runs = []
+        for seed in seeds:
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            run_config = copy.deepcopy(config)
+            run_config.permute, run_config.seed = False, seed  # already permuted (or not) above
+            filled = hf_vq.quantize_(model, run_config, progress=False)
+            runs.append({"seed": seed, "seconds": round(time.perf_counter() - start, 1),
+                         "total_rel_error": total_error(dense, filled), **fidelity(model)})
+            print(f"[{method}] seed {seed}: {runs[-1]}", flush=True)
+        entry["runs"] = runs
+        for key in runs[0]:
+            if key not in ("seed", "seconds"):
+                entry[key] = _stats([r[key] for r in runs])
+        entry["kmeans_seconds"] = round(statistics.mean(r["seconds"] for r in runs), 1)
+        out[method] = entry
     return out
 
 
-def minilm(iters: int, n_iter: int) -> dict:
+def minilm(iters: int, n_iter: int, seeds: list[int]) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from hf_vq.evaluate import embedding_cosine, real_sentences
 
     dense = AutoModel.from_pretrained(minilm_path()).eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    sentences = real_sentences(256)
+    sentences = real_sentences(256 + 64)
+    evaluation, held_out = sentences[:256], sentences[256:]  # calibration never sees an evaluated sentence
+    calibration = [dict(tokenizer(held_out[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                   for i in (0, 32)]
 
     def fidelity(model):
-        r = embedding_cosine(dense, model, tokenizer, sentences)
-        return {"cosine_mean": round(r["mean_cosine"], 4), "cosine_min": round(r["min_cosine"], 4)}
+        r = embedding_cosine(dense, model, tokenizer, evaluation)
+        return {"cosine_mean": r["mean_cosine"], "cosine_min": r["min_cosine"]}
 
-    base = dict(k=256, n_iter=n_iter, modules_to_not_convert=["embeddings.*", "pooler.*"], permute_iters=iters)
-    return {"kmeans": compress(dense, hf_vq.VQConfig(permute=False, **base), fidelity),
-            "permute+kmeans": compress(dense, hf_vq.VQConfig(permute=True, **base), fidelity)}
+    config = hf_vq.VQConfig(k=256, n_iter=n_iter, modules_to_not_convert=["embeddings.*", "pooler.*"], permute_iters=iters)
+    return compare(dense, config, fidelity, calibration, seeds)
 
 
-def lite0(iters: int, n_iter: int, d: int = 4) -> dict:
+def lite0(iters: int, n_iter: int, d: int, seeds: list[int]) -> dict:
     from hf_vq.evaluate import image_fidelity, real_images
     from hf_vq.integrations.timm import fit_config
 
     dense = efficientnet_lite0_converter().convert().eval()
-    images = real_images(128, model=dense)
+    images = real_images(128, model=dense)  # evaluation: views drawn with seed 0
+    calibration = [real_images(32, model=dense, seed=1)]  # other random views (seed 1) of the photos
 
     def fidelity(model):
         r = image_fidelity(dense, model, images)
-        return {"top1_agreement": round(r["top1_agreement"], 4), "mean_kl": round(r["mean_kl"], 5)}
+        return {"top1_agreement": r["top1_agreement"], "mean_kl": r["mean_kl"]}
 
-    out = {}
-    for name, permute in (("kmeans", False), ("permute+kmeans", True)):
-        config = fit_config(dense, hf_vq.VQConfig(k=256, n_iter=n_iter, permute=permute, permute_iters=iters,
-                                                  block_size={"conv1x1": d, "linear": d}))
-        out[name] = compress(dense, config, fidelity)
-    return out
+    config = fit_config(dense, hf_vq.VQConfig(k=256, n_iter=n_iter, permute_iters=iters,
+                                              block_size={"conv1x1": d, "linear": d}))
+    return compare(dense, config, fidelity, calibration, seeds)
 
 
 def numpy_sls(w: np.ndarray, d: int, iters: int, seed: int = 0) -> tuple[float, float]:
@@ -146,34 +179,48 @@ def speed(numpy_iters: int) -> dict:
     return out
 
 
+def _pm(stat: dict, digits: int = 4) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
 def markdown(data: dict) -> str:
     m = data["machine"]
     lines = [f"# PQF permutation: permute + k-means vs k-means alone\n",
              f"Machine: {m['device']}, {m['torch_threads']} torch threads, torch {m['torch']}, {m['date']}. "
              f"k = 256, d = 4 (linear / pointwise) unless the row says d=2, {data['n_iter']} k-means iterations, "
-             f"{data['iters']} search steps per space.\n",
-             "| model | method | total rel. weight error | output fidelity | wall s (permutation s) |",
-             "|---|---|---|---|---|"]
+             f"{data['iters']} search steps per space. Each method permutes once (search seed 0), then k-means runs "
+             f"with each seed listed; figures are mean ± standard deviation over those k-means seeds.\n",
+             "Methods: **kmeans** — no permutation; **permute+kmeans** — the paper's objective (log-det of the "
+             "children's weight-subvector covariance); **permute(act)+kmeans** — the activation-aware objective "
+             "(`calibration=`: each child's columns scaled by the RMS of its input channel). Calibration data is "
+             "disjoint from the evaluation: MiniLM 64 held-out sentences (after the 256 evaluated ones); "
+             "EfficientNet-Lite0 32 other random views (seed 1) of the photos whose seed-0 views are evaluated.\n",
+             "| model | method | seeds | total rel. weight error | output fidelity | permutation s | k-means s |",
+             "|---|---|---|---|---|---|---|"]
     for model, res in data["models"].items():
         for method, r in res.items():
-            fid = (f"cosine mean {r['cosine_mean']} / min {r['cosine_min']}" if "cosine_mean" in r
-                   else f"top-1 agreement {r['top1_agreement']}, KL {r['mean_kl']}")
-            perm = f" ({r['permutation_seconds']})" if "permutation_seconds" in r else ""
-            lines.append(f"| {model} | {method} | {r['total_rel_error']:.5f} | {fid} | {r['seconds']}{perm} |")
-        a, b = res["kmeans"]["total_rel_error"], res["permute+kmeans"]["total_rel_error"]
-        lines.append(f"| {model} | **error reduction** | **{100 * (a - b) / a:.2f} %** | | |")
+            fid = (f"cosine mean {_pm(r['cosine_mean'])} / min {_pm(r['cosine_min'])}" if "cosine_mean" in r
+                   else f"top-1 agreement {_pm(r['top1_agreement'], 3)}, KL {_pm(r['mean_kl'], 3)}")
+            lines.append(f"| {model} | {method} | {len(r['runs'])} | {_pm(r['total_rel_error'], 5)} | {fid} "
+                         f"| {r.get('permutation_seconds', '')} | {r['kmeans_seconds']} |")
+        a = res["kmeans"]["total_rel_error"]["mean"]
+        for method in METHODS[1:]:
+            b = res[method]["total_rel_error"]["mean"]
+            lines.append(f"| {model} | **{method}: error reduction** | | **{100 * (a - b) / a:.2f} %** | | | |")
     lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
     for model, res in data["models"].items():
-        lines += [f"### {model}\n", "| space | P | children | identity | greedy | after | swaps |", "|---|---|---|---|---|---|---|"]
-        for s in res["permute+kmeans"].get("spaces", []):
-            if s["logdet_after"] is None:
-                continue
-            size = f"{s['P']}x{s['repeats']}" if s["repeats"] > 1 else str(s["P"])
-            lines.append(f"| {s['name']} | {size} | {', '.join(s['children'][:3])}{' …' if len(s['children']) > 3 else ''} "
-                         f"| {s['logdet_identity']:.4f} | {s['logdet_greedy']:.4f} | {s['logdet_after']:.4f} | {s['swaps']} |")
-        refused = [s for s in res["permute+kmeans"].get("spaces", []) if s["status"] == "refused"]
-        if refused:
-            lines.append("\nRefused: " + "; ".join(f"{s['name']} ({s['reasons'][0]})" for s in refused) + "\n")
+        for method in METHODS[1:]:
+            lines += [f"### {model}, {method}\n", "| space | P | children | identity | greedy | after | swaps |",
+                      "|---|---|---|---|---|---|---|"]
+            for sp in res[method].get("spaces", []):
+                if sp["logdet_after"] is None:
+                    continue
+                size = f"{sp['P']}x{sp['repeats']}" if sp["repeats"] > 1 else str(sp["P"])
+                lines.append(f"| {sp['name']} | {size} | {', '.join(sp['children'][:3])}{' …' if len(sp['children']) > 3 else ''} "
+                             f"| {sp['logdet_identity']:.4f} | {sp['logdet_greedy']:.4f} | {sp['logdet_after']:.4f} | {sp['swaps']} |")
+            refused = [sp for sp in res[method].get("spaces", []) if sp["status"] == "refused"]
+            if refused:
+                lines.append("\nRefused: " + "; ".join(f"{sp['name']} ({sp['reasons'][0]})" for sp in refused) + "\n")
     sp = data.get("speed")
     if sp:
         lines += ["\n## Search speed\n", f"{sp['space']}. Paper-style numpy search: {sp['numpy_iters']} single-swap "
@@ -197,18 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--iters", type=int, default=None, help="search steps per space (default: VQConfig's)")
     parser.add_argument("--n-iter", type=int, default=None, help="k-means iterations (default 100)")
+    parser.add_argument("--seeds", type=int, default=None, help="k-means seeds per method (default 5; 3 for MiniLM and d=4)")
     parser.add_argument("--only", choices=["minilm", "lite0", "speed"], action="append")
     parser.add_argument("--out", default=str(RESULTS / "permute"))
     args = parser.parse_args(argv)
     iters = args.iters or (100 if args.quick else hf_vq.VQConfig().permute_iters)
     n_iter = args.n_iter or (20 if args.quick else 100)
     only = set(args.only or ["minilm", "lite0", "speed"])
-    data = {"machine": machine(), "iters": iters, "n_iter": n_iter, "models": {}}
+    seeds = list(range(args.seeds or (2 if args.quick else 5)))
+    data = {"machine": machine(), "iters": iters, "n_iter": n_iter, "seeds": seeds, "models": {}}
     if "minilm" in only:
-        data["models"]["MiniLM"] = minilm(iters, n_iter)
+        data["models"]["MiniLM"] = minilm(iters, n_iter, seeds[:3])
     if "lite0" in only:
-        data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4)
-        data["models"]["EfficientNet-Lite0 (d=2)"] = lite0(iters, n_iter, 2)
+        data["models"]["EfficientNet-Lite0 (d=2)"] = lite0(iters, n_iter, 2, seeds)
+        data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4, seeds[:3])
     if "speed" in only:
         data["speed"] = speed(500 if args.quick else 10_000)
     write(args.out, data, markdown(data))

@@ -43,8 +43,8 @@ from torch import nn
 from .codec.permutation import ObjectiveTerm, apply_index, search_permutation
 from .config import LayerLayout, VQConfig
 
-__all__ = ["permute_", "find_channel_spaces", "default_example_inputs", "shard_groups", "PermutationReport",
-           "SpaceReport", "ChannelSpace"]
+__all__ = ["permute_", "find_channel_spaces", "default_example_inputs", "input_moments", "shard_groups",
+           "PermutationReport", "SpaceReport", "ChannelSpace"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class PermutationReport:
     device: str = "cpu"
     iters: int = 0
     seconds: float = 0.0
+    objective: str = "weights"
 
     @property
     def permuted(self) -> list[SpaceReport]:
@@ -112,13 +113,15 @@ class PermutationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"traced": self.traced, "reason": self.reason, "device": self.device, "iters": self.iters,
+                "objective": self.objective,
                 "seconds": round(self.seconds, 3), "spaces": [s.to_dict() for s in self.spaces]}
 
     def __str__(self) -> str:
         if not self.traced:
             return f"permutation: skipped ({self.reason})"
         lines = [f"permutation: {len(self.spaces)} channel spaces, {len(self.permuted)} permuted, "
-                 f"{len(self.refused)} refused ({self.seconds:.1f} s on {self.device}, <= {self.iters} steps per space)"]
+                 f"{len(self.refused)} refused ({self.seconds:.1f} s on {self.device}, <= {self.iters} steps per space, "
+                 f"{self.objective} objective)"]
         searched = [s for s in self.spaces if s.objective is not None]
         if searched:
             lines.append(f"  {'space':<44} {'P':>6} {'terms':>5} {'logdet before':>14} {'greedy':>10} {'after':>10} {'swaps':>6}")
@@ -1001,8 +1004,14 @@ def find_channel_spaces(model: nn.Module, example_inputs: Any = None) -> list[Ch
 
 # ================================================================================================ search
 def _objective_terms(space: ChannelSpace, tensors: dict[str, torch.Tensor], layouts: dict[str, LayerLayout],
-                     owners: dict[int, str]) -> tuple[list[ObjectiveTerm], list[str]]:
-    """The matrices of `space` that will be quantized with subvectors spanning several channels."""
+                     owners: dict[int, str], moments: dict[str, torch.Tensor] | None = None,
+                     ) -> tuple[list[ObjectiveTerm], list[str]]:
+    """The matrices of `space` that will be quantized with subvectors spanning several channels.
+
+    With `moments` (module -> `E[x_c^2]` of its input channels, see [`input_moments`]) each matrix column is
+    scaled by the RMS of the input channel it multiplies, so the objective measures the subvectors as they
+    act on the data (`‖ΔW x‖` rather than `‖ΔW‖`).
+    """
     terms, seen, notes = [], set(), []
     P = space.size
     for ref in space.refs:
@@ -1025,12 +1034,81 @@ def _objective_terms(space: ChannelSpace, tensors: dict[str, torch.Tensor], layo
         g = ref.inner * stride
         reps = w.shape[ref.dim] // (P * ref.inner)
         d = layout.d
+        second = moments.get(module) if moments else None  # [in_channels]: E[x_c^2]
+        if second is not None and pre == 1 and second.numel() * stride == mat.shape[1]:
+            rms = second.to(mat.device, torch.float32).clamp_min(0).sqrt()  # [in_channels]
+            mat = mat.float() * rms.repeat_interleave(stride)[None, :]  # [rows, in_channels*stride]
         if d % g == 0 and d // g >= 2 and P % (d // g) == 0:
             x = mat.reshape(mat.shape[0] * pre * reps, P, g)  # [N, P, g]
             terms.append(ObjectiveTerm(x.float(), d // g))
         elif not (g % d == 0 or d == g):
             notes.append(f"{module}: subvectors of {d} do not align with channels of {g} columns")
     return terms, notes
+
+
+def _calibration_batches(calibration: Any) -> list[tuple[tuple, dict]]:
+    """`(args, kwargs)` per batch: one tensor or mapping is one batch; a list or tuple holds several."""
+    from collections.abc import Mapping
+
+    def one(batch: Any) -> tuple[tuple, dict]:
+        if isinstance(batch, torch.Tensor):
+            return (batch,), {}
+        if isinstance(batch, Mapping):  # a dict or transformers' BatchEncoding
+            return (), dict(batch)
+        if isinstance(batch, tuple):
+            return batch, {}
+        raise TypeError(f"a calibration batch must be a tensor, a dict of model inputs or a tuple of positional "
+                        f"inputs, not {type(batch).__name__}.")
+
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        return [one(calibration)]
+    if isinstance(calibration, (list, tuple)) and calibration:
+        return [one(b) for b in calibration]
+    raise TypeError("calibration must be a batch (a tensor or a dict of model inputs) or a non-empty list of batches.")
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[str, torch.Tensor]:
+    """Second moment `E[x_c^2]` of every input channel of the named modules, over calibration batches.
+
+    Args:
+        model (`nn.Module`): the dense model (run in eval mode, restored afterwards).
+        names (`list[str]`): modules whose inputs to measure (linear: last dim; conv: dim 1; GPT-2's
+            `Conv1D`: last dim).
+        calibration: one batch (a tensor or a dict of model inputs, e.g. a tokenizer's output) or a list
+            of batches; tensors are moved to the model's device.
+
+    Returns:
+        `dict[str, torch.Tensor]`: float64 `[in_channels]` per module that saw an input.
+    """
+    batches = _calibration_batches(calibration)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            return
+        channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        x = x.detach().double().movedim(channel_dim, -1)  # [..., C]
+        flat = x.reshape(-1, x.shape[-1])  # [n, C]
+        sums[name] = sums.get(name, 0) + flat.pow(2).sum(0)  # [C]
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(n, m, i)) for n in names if n in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        for args, kwargs in batches:
+            move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+            model(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: total / counts[name] for name, total in sums.items()}
 
 
 def shard_groups(n_groups: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
@@ -1049,13 +1127,17 @@ def permute_(
     layouts: dict[str, LayerLayout] | None = None,
     device: torch.device | str | None = None,
     accelerator: Any = None,
+    calibration: Any = None,
 ) -> PermutationReport:
     """PQF's permutation step: permute coupled channels of `model` in place so that it quantizes better.
 
     The function of the model is unchanged. Channel spaces are found by tracing (see the module
     docstring); each open space whose quantized readers have subvectors spanning several channels gets
     a greedy start plus a stochastic local search on the log-determinant objective, and the
-    permutation is kept only if it lowers the objective. Spaces are independent and can be spread over
+    permutation is kept only if it lowers the objective. With `calibration` data the objective is
+    activation-aware: each child's weight columns are scaled by the RMS of the input channel they multiply
+    (measured on the calibration batches), so subvectors are grouped by how they act on real inputs; without
+    it, the paper's weight-only objective is used. Spaces are independent and can be spread over
     processes: pass an `accelerate.Accelerator` (or `PartialState`) and each process searches its share
     (see [`shard_groups`]); results are gathered and every process applies all of them.
 
@@ -1068,6 +1150,9 @@ def permute_(
         layouts (`dict[str, LayerLayout]`, *optional*): the quantization plan; by default `hf_vq.plan(model, config)`.
         device (`torch.device` or `str`, *optional*): where the search runs; CUDA when available by default.
         accelerator (*optional*): an `accelerate` state with `process_index` / `num_processes` to spread the search.
+        calibration (*optional*): real inputs for the activation-aware objective: one batch (a tensor or a dict
+            of model inputs) or a list of batches (see [`input_moments`]). A few batches suffice: only one
+            second moment per input channel is measured. Use data disjoint from any evaluation set.
 
     Returns:
         [`PermutationReport`]: the spaces found, refused (with reasons) and permuted (objective before / after).
@@ -1086,7 +1171,8 @@ def permute_(
     start = time.perf_counter()
     config = VQConfig() if config is None else config
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = PermutationReport(device=str(dev), iters=config.permute_iters)
+    report = PermutationReport(device=str(dev), iters=config.permute_iters,
+                               objective="weights" if calibration is None else "activation-aware")
     try:
         spaces = find_channel_spaces(model, example_inputs)
     except (ValueError, RuntimeError, TypeError) as err:
@@ -1104,6 +1190,7 @@ def permute_(
         w = modules[name]._parameters.get("weight") if name in modules else None
         if w is not None and layout.tied_to is None:
             owners.setdefault(id(w), name)
+    moments = input_moments(model, sorted(set(owners.values())), calibration) if calibration is not None else None
 
     work: list[tuple[int, list[ObjectiveTerm]]] = []
     for i, space in enumerate(spaces):
@@ -1116,7 +1203,7 @@ def permute_(
         if not space.open:
             entry.status, entry.reasons = "refused", space.reasons
             continue
-        terms, notes = _objective_terms(space, tensors, layouts, owners)
+        terms, notes = _objective_terms(space, tensors, layouts, owners, moments)
         entry.reasons = notes
         entry.terms = len(terms)
         if terms and space.size > 1:

@@ -218,6 +218,7 @@ def quantize_(
     device: torch.device | str | None = None,
     progress: bool = True,
     example_inputs: Any = None,
+    calibration: Any = None,
 ) -> VQConfig:
     """Compress `model` in place with vector quantization: the one verb everything else calls.
 
@@ -238,6 +239,9 @@ def quantize_(
             (`config.permute`): a tensor, a tuple, a dict of keyword inputs or `(args, kwargs)`. By default
             timm's `pretrained_cfg` input size or transformers' main input is used; when the model cannot
             be traced the permutation is skipped (see `model.vq_permutation_report`, [`hf_vq.permute_`]).
+        calibration (*optional*): a few batches of real inputs (a tensor, a dict of model inputs, or a list of
+            them). When given, the permutation search uses the activation-aware objective (each weight column
+            scaled by the RMS of its input channel on these batches); otherwise the paper's weight-only one.
 
     Returns:
         [`VQConfig`]: a copy of `config` whose `modules` holds the layout (k, d, shape, relative error)
@@ -266,7 +270,7 @@ def quantize_(
         from .permute import permute_
 
         model.vq_permutation_report = permute_(model, config, example_inputs=example_inputs, layouts=layouts,
-                                               device=run_device)
+                                               device=run_device, calibration=calibration)
     modules = dict(model.named_modules())
     done: dict[str, nn.Module] = {}
     shared: dict[str, nn.Parameter] = {}  # codebook set -> the one Parameter [M, k, d] its modules hold

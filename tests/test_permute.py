@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hf_vq
-from hf_vq.permute import default_example_inputs, find_channel_spaces, permute_, shard_groups
+from hf_vq.permute import default_example_inputs, find_channel_spaces, input_moments, permute_, shard_groups
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -218,6 +218,63 @@ def test_search_split_across_processes_matches_single_process(monkeypatch):
     split = copy.deepcopy(model)
     permute_(split, hf_vq.VQConfig(permute_iters=10), accelerator=_FakeAccelerator(0, 2))
     assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), split.state_dict().values()))
+
+
+def test_input_moments_match_the_inputs_seen():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 6))
+    x1, x2 = torch.randn(2, 3, 5, 5), torch.randn(3, 3, 5, 5)
+    moments = input_moments(model, ["0", "2", "4"], [x1, x2])
+    hidden = torch.cat([model[1](model[0](x1)), model[1](model[0](x2))]).double()  # [5, 8, 5, 5]
+    torch.testing.assert_close(moments["0"], torch.cat([x1, x2]).double().pow(2).mean((0, 2, 3)))
+    torch.testing.assert_close(moments["2"], hidden.pow(2).mean((0, 2, 3)))
+    flat = model[3](model[2](hidden.float())).double()  # [5, 100]
+    torch.testing.assert_close(moments["4"], flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="calibration"):
+        input_moments(model, ["0"], "not a batch")
+
+
+def test_activation_aware_objective_scales_columns_by_input_rms():
+    """The objective terms are the child's columns times the RMS of its input channels (here: known scales)."""
+    from hf_vq.permute import _objective_terms
+
+    model = _randomize_(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)))
+    config = hf_vq.VQConfig(block_size={"linear": 4}, k=4)
+    layouts = hf_vq.plan(model, config)
+    (space,) = [s for s in find_channel_spaces(model, torch.randn(2, 8)) if s.open]
+    tensors = dict(model.named_parameters())
+    owners = {id(model[2].weight): "2"}
+    moments = {"2": torch.arange(1.0, 17.0, dtype=torch.float64)}  # E[x_c^2] = c + 1
+    (plain,), _ = _objective_terms(space, tensors, layouts, owners)
+    (aware,), _ = _objective_terms(space, tensors, layouts, owners, moments)
+    torch.testing.assert_close(aware.x, plain.x * moments["2"].float().sqrt()[None, :, None])
+
+
+def test_calibrated_permutation_preserves_function_and_is_reported():
+    model = _randomize_(timm.create_model("mobilenetv2_100", num_classes=10))
+    dense = copy.deepcopy(model)
+    from hf_vq.integrations.timm import fit_config
+
+    config = fit_config(model, hf_vq.VQConfig(permute_iters=20))
+    calibration = [torch.randn(2, 3, 64, 64) * 2 + 0.5, torch.randn(2, 3, 64, 64)]
+    report = permute_(model, config, example_inputs=torch.randn(2, 3, 64, 64), calibration=calibration)
+    assert report.objective == "activation-aware" and "activation-aware objective" in str(report)
+    assert report.permuted
+    _assert_same_function(dense, model, (torch.randn(2, 3, 64, 64),), {})
+    weights_only = permute_(copy.deepcopy(dense), config, example_inputs=torch.randn(2, 3, 64, 64))
+    assert weights_only.objective == "weights"
+    # the objective differs, so the searched values do
+    aware = {s.name: s.objective_identity for s in report.spaces if s.objective_identity is not None}
+    plain = {s.name: s.objective_identity for s in weights_only.spaces if s.objective_identity is not None}
+    assert aware.keys() == plain.keys() and any(abs(aware[n] - plain[n]) > 1e-3 for n in aware)
+
+
+def test_quantize_passes_calibration_to_the_permutation():
+    model = _randomize_(_tiny("bert"))
+    ids = torch.randint(0, 100, (2, 8))
+    m = copy.deepcopy(model)
+    hf_vq.quantize_(m, hf_vq.VQConfig(k=16, n_iter=5, permute_iters=10), progress=False,
+                    calibration={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert m.vq_permutation_report.objective == "activation-aware"
 
 
 @pytest.mark.slow

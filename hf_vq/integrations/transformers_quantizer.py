@@ -368,24 +368,40 @@ def _fit_layout(model: nn.Module, config: VQConfig) -> VQConfig:
 
 
 def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
-    """Map a checkpoint key to the model's name for it, as transformers' loader does (renamings, prefix)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    """Map a checkpoint key to the model's name for it, as transformers' loader does (renamings, prefix).
 
-        mapping = get_model_conversion_mapping(model, None, quantizer)
-    except (ImportError, AttributeError, TypeError):  # internals moved: compare names as they are
-        return lambda key: key
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    Keys that already name a tensor of the model are returned as they are; transformers' conversion
+    mapping (which costs a few ms to build) is only built for the first key that does not.
+    """
     meta_state_dict = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None)
+    slow: list = []
+
+    def build():
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            mapping = get_model_conversion_mapping(model, None, quantizer)
+        except (ImportError, AttributeError, TypeError):  # internals moved: compare names as they are
+            return lambda key: key
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None)
+
+        def rename_slow(key: str) -> str:
+            renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state_dict)
+            if renamed not in meta_state_dict and key in meta_state_dict:
+                renamed, _ = rename_source_key(key, [], [], prefix, meta_state_dict)
+            return renamed
+
+        return rename_slow
 
     def rename(key: str) -> str:
-        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state_dict)
-        if renamed not in meta_state_dict and key in meta_state_dict:
-            renamed, _ = rename_source_key(key, [], [], prefix, meta_state_dict)
-        return renamed
+        if key in meta_state_dict:
+            return key
+        if not slow:
+            slow.append(build())
+        return slow[0](key)
 
     return rename
 

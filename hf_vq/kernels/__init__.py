@@ -7,7 +7,7 @@ codebooks `[M, k, d]`. Three ways, chosen per call by [`vq_matmul`]:
   batches, and the only path under autograd, `torch.compile`, autocast or unusual devices;
 * **lut** (CPU): the lookup-table matmul of `cpu.lut_matmul`: dot products of each input block with the
   k codewords, then a gather-and-sum by codes; never materialises `W`. Chosen by a cost model measured
-  on 2 cores (`cpu.lut_is_faster`): at 4096×4096, k = 256, d = 8 up to 12 input rows;
+  on 2 cores (`cpu.lut_is_faster`): at 4096×4096, k = 256, d = 8 up to 52 input rows;
 * **triton** (CUDA): the Triton kernel of `triton_vq.triton_vq_matmul` for up to `TRITON_MAX_BATCH`
   input rows.
 
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from .cpu import HAS_NUMBA, fast_decode, lut_is_faster, lut_matmul
+from .cpu import HAS_NUMBA, fast_decode, lut_codes, lut_is_faster, lut_matmul
 from .triton_vq import HAS_TRITON, triton_vq_matmul
 
 __all__ = ["HAS_NUMBA", "HAS_TRITON", "TRITON_MAX_BATCH", "kernel_mode", "needs_grad", "select_path", "vq_matmul",
-           "decode_matrix", "fast_decode", "lut_matmul", "triton_vq_matmul"]
+           "decode_matrix", "fast_decode", "lut_codes", "lut_matmul", "triton_vq_matmul"]
 
 #: Largest number of input rows sent to the Triton kernel (beyond it, decode + cuBLAS). Not measured
 #: (no GPU in the session that wrote it): a GEMV-oriented kernel's usual range.
@@ -114,7 +114,7 @@ def select_path(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, b
 
 
 def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bias: torch.Tensor | None = None, *,
-              weight_is_cached: bool = False) -> torch.Tensor | None:
+              weight_is_cached: bool = False, codes_t: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
     """`x @ W.T + bias` with a fast kernel, or `None` when the decode path is the better (or only) choice.
 
     Args:
@@ -123,6 +123,8 @@ def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
         codebooks (`torch.Tensor`): `[M, k, d]`.
         bias (`torch.Tensor`, *optional*): `[rows]`.
         weight_is_cached (`bool`): see [`select_path`].
+        codes_t (`Callable`, *optional*): returns the codes in the LUT kernel's layout (`cpu.lut_codes`), for
+            callers that cache it; called only when the LUT path runs.
 
     Returns:
         `torch.Tensor` or `None`: `[..., rows]` in the dtype of `x`; `None` means "decode and call the float
@@ -134,7 +136,7 @@ def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
     rows = codes.shape[0]
     x2d = x.reshape(-1, x.shape[-1])  # [B, n_blocks*d]
     if path == "lut":
-        out = lut_matmul(x2d, codes, codebooks)  # float32 [B, rows]
+        out = lut_matmul(x2d, codes, codebooks, codes_t=codes_t() if codes_t is not None else None)  # f32 [B, rows]
     else:
         out = triton_vq_matmul(x2d, codes, codebooks)  # [B, rows], dtype of x
     if bias is not None:

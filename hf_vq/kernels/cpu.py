@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..codec.pq import decode as reference_decode
 
-__all__ = ["HAS_NUMBA", "lut_matmul", "fast_decode", "lut_is_faster"]
+__all__ = ["HAS_NUMBA", "lut_matmul", "lut_codes", "fast_decode", "lut_is_faster"]
 
 try:  # optional: `pip install hf_vq[kernels]`
     import numba
@@ -44,18 +44,30 @@ except ImportError:  # pragma: no cover - exercised on installs without numba
 if HAS_NUMBA:
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _lut_gather_sum(lut, codes, out):  # pragma: no cover - compiled by numba
-        """out[b, r] = sum_j lut[b, j, codes[r, j]] — lut f32 [B, n_codes, k], codes u8/i32 [rows, n_codes], out f32 [B, rows]."""
+    def _lut_gather_sum(lut, codes_t, out, tile):  # pragma: no cover - compiled by numba
+        """out[b, r] = sum_j lut[b, j, codes_t[j, r]] — lut f32 [B, n_codes, k], codes_t u8/i32 [n_codes, rows].
+
+        Output rows are processed in tiles of `tile` (one thread per tile): for each table row `j` the tile's
+        codes `codes_t[j, r0:r1]` are contiguous and all its look-ups hit the same `k`-entry table row, which
+        stays in L1. Each output is summed over `j` in order by one thread (independent of the thread count).
+        """
         n_batch, n_codes, _ = lut.shape
-        rows = codes.shape[0]
-        for r in numba.prange(rows):
-            code_row = codes[r]
+        rows = codes_t.shape[1]
+        n_tiles = (rows + tile - 1) // tile
+        for t in numba.prange(n_tiles):
+            r0 = t * tile
+            width = min(rows, r0 + tile) - r0
+            acc = np.empty(width, np.float32)
             for b in range(n_batch):
                 table = lut[b]
-                acc = np.float32(0.0)
+                acc[:] = 0.0
                 for j in range(n_codes):
-                    acc += table[j, code_row[j]]
-                out[b, r] = acc
+                    entries = table[j]
+                    code_row = codes_t[j]
+                    for i in range(width):
+                        acc[i] += entries[code_row[r0 + i]]
+                for i in range(width):
+                    out[b, r0 + i] = acc[i]
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _decode_rows(codes, codebooks, out):  # pragma: no cover - compiled by numba
@@ -102,7 +114,26 @@ def build_lut(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return (blocks @ books.t()).reshape(batch, -1, k)  # [B, n_blocks*M, k]
 
 
-def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def lut_codes(codes: torch.Tensor) -> torch.Tensor:
+    """The codes in the layout the LUT kernel reads: `[n_blocks * M, rows]`, contiguous (a copy).
+
+    Modules cache it next to their unpacked codes (`VQModuleMixin.lut_codes`): one more byte per code
+    (uint8) while the LUT path is in use.
+
+    Args:
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]`.
+    """
+    return codes.reshape(codes.shape[0], -1).t().contiguous()  # [n_blocks*M, rows]
+
+
+def _tile(rows: int) -> int:
+    """Output rows per thread task: 256 (measured best on 2 cores), fewer when that leaves threads idle."""
+    threads = numba.get_num_threads() if HAS_NUMBA else 1
+    return max(16, min(256, -(-rows // (2 * threads))))
+
+
+def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
+               codes_t: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T` for the VQ weight `W` given by `codes` and `codebooks`, without decoding `W`.
 
     Inference only (no autograd through the numba kernel): call it under `torch.no_grad()` or with
@@ -112,18 +143,21 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) ->
         x (`torch.Tensor`): inputs `[B, n_blocks * d]` (any float dtype; computed in float32).
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32, as unpacked by the module).
         codebooks (`torch.Tensor`): `[M, k, d]`.
+        codes_t (`torch.Tensor`, *optional*): [`lut_codes`] of `codes` when the caller caches it (computed
+            here otherwise, a copy of the codes per call).
 
     Returns:
         `torch.Tensor`: float32 `[B, rows]` (callers round to the dtype of `x` once, after the bias).
     """
     rows = codes.shape[0]
     lut = build_lut(x, codebooks)  # [B, n_blocks*M, k]
-    flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
     if HAS_NUMBA:
         _sync_numba_threads()
+        codes_t = lut_codes(codes) if codes_t is None else codes_t  # [n_blocks*M, rows]
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [B, rows]
-        _lut_gather_sum(_as_numpy(lut), _as_numpy(flat_codes), out.numpy())
+        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows))
     else:
+        flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
         n_codes, k = lut.shape[1], lut.shape[2]
         offsets = torch.arange(n_codes, dtype=torch.int64) * k  # [n_blocks*M]
         index = (flat_codes.to(torch.int64) + offsets).reshape(-1)  # [rows * n_blocks*M]
@@ -155,15 +189,20 @@ def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- dispatch rule
-# Throughputs measured on the 2-core benchmark machine (AMD EPYC, torch.set_num_threads(2), fp32), see
-# benchmarks/results/inference.md. Only their ratios matter: they decide which path is cheaper.
+# Throughputs measured on the 2-core benchmark machine (AMD EPYC, torch.set_num_threads(2), fp32) by timing
+# both paths through `kernel_mode` at batch 1..32 on the benchmark's shapes (per-layer table:
+# benchmarks/results/inference.md). Only their ratios matter: they decide which path is cheaper.
 _GEMV_MACS_PER_S = 6e9  # F.linear with one input row: memory-bound matrix-vector product
-_GEMM_MACS_PER_S = 30e9  # F.linear with several rows, once the weight is packed ...
-_GEMM_PACK_FLOATS_PER_S = 1.1e9  # ... which costs a pass over the weight (measured: ~15 ms at 4096x4096)
-_LUT_LOOKUPS_PER_S = {True: 3.0e9, False: 0.09e9}  # gather-and-sum, tables in L2: numba / torch index_select
-_LUT_SPILL_SLOWDOWN = 2.7  # when the tables of all input rows exceed `_LUT_CACHE_BYTES`
-_LUT_CACHE_BYTES = 2 * 2**20
+_GEMM_MACS_PER_S = 60e9  # F.linear with several rows, once the weight is packed ...
+_GEMM_PACK_FLOATS_PER_S = 4e9  # ... which costs a pass over the weight
+_LUT_LOOKUPS_PER_S = {True: 3.6e9, False: 0.09e9}  # gather-and-sum: numba (row tiles) / torch index_select
+_LUT_SPILL_SLOWDOWN = 1.3  # when the tables of all input rows exceed `_LUT_CACHE_BYTES`
+_LUT_CACHE_BYTES = 24 * 2**20
 _DECODE_FLOATS_PER_S = {True: 7.0e9, False: 0.26e9}  # decoded weight entries: numba / F.embedding
+# A decoded weight above glibc's largest mmap threshold (32 MiB) is a fresh mapping on every call: its
+# page faults cost more than the decode itself (4096x4096 fp32: ~18 ms of ~22 ms).
+_FRESH_PAGES_BYTES = 32 * 2**20
+_FRESH_PAGES_BYTES_PER_S = 3.5e9
 
 
 def lut_is_faster(batch: int, rows: int, n_blocks: int, num_codebooks: int, k: int, d: int, *,
@@ -172,8 +211,10 @@ def lut_is_faster(batch: int, rows: int, n_blocks: int, num_codebooks: int, k: i
 
     A cost model whose throughputs were measured on 2 cores (the constants above): the LUT path costs
     `batch · n_blocks·M·k·d` MACs for the tables plus `batch · rows·n_blocks·M` look-ups (slower once the
-    tables spill out of L2); the decode path `rows·cols·M` decoded entries plus `F.linear`. At
-    4096×4096, k = 256, d = 8, M = 1 it picks the LUT up to 12 input rows; at d = 4 up to 5.
+    tables spill out of the cache); the decode path `rows·cols·M` decoded entries and `F.linear`. Either
+    pays page faults for an output (tables, decoded weight) too large for the allocator to reuse. At 4096×4096, k = 256, d = 8, M = 1
+    it picks the LUT up to 52 input rows (measured crossover: between 32 and 64); for a 768-input,
+    3072-output layer up to 20 (measured: between 8 and 16, where both paths take ~1.2 ms).
 
     Args:
         batch (`int`): input rows (product of the leading dims of the input).
@@ -187,10 +228,16 @@ def lut_is_faster(batch: int, rows: int, n_blocks: int, num_codebooks: int, k: i
     if batch * n_codes * k * 4 > _LUT_CACHE_BYTES:
         lookups_per_s /= _LUT_SPILL_SLOWDOWN
     lut_s = batch * (n_codes * k * d / _GEMM_MACS_PER_S + rows * n_codes / lookups_per_s)
+    if batch * n_codes * k * 4 > _FRESH_PAGES_BYTES:  # the tables themselves are a fresh mapping
+        lut_s += batch * n_codes * k * 4 / _FRESH_PAGES_BYTES_PER_S
     weight = rows * cols
     if batch == 1:
         linear_s = weight / _GEMV_MACS_PER_S
     else:
         linear_s = weight / _GEMM_PACK_FLOATS_PER_S + batch * weight / _GEMM_MACS_PER_S
-    decode_s = 0.0 if weight_is_decoded else weight * num_codebooks / _DECODE_FLOATS_PER_S[numba_ok]
+    decode_s = 0.0
+    if not weight_is_decoded:
+        decode_s = weight * num_codebooks / _DECODE_FLOATS_PER_S[numba_ok]
+        if weight * 4 > _FRESH_PAGES_BYTES:
+            decode_s += weight * 4 / _FRESH_PAGES_BYTES_PER_S
     return lut_s < decode_s + linear_s

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..codec.packing import bits_for, pack_codes, packed_row_bytes, unpack_codes
 from ..kernels import decode_matrix, vq_matmul
+from ..kernels import lut_codes as kernel_lut_codes
 
 __all__ = ["VQModuleMixin", "CodesError"]
 
@@ -82,6 +83,7 @@ class VQModuleMixin:
         self.codebooks = nn.Parameter(torch.zeros(num_codebooks, k, d, dtype=dtype, device=device))  # [M, k, d]
         self.cache_decoded = False
         self._codes_cache: tuple[Any, torch.Tensor] | None = None
+        self._lut_codes_cache: tuple[Any, torch.Tensor] | None = None
         self._weight_cache: tuple[Any, torch.Tensor] | None = None
 
     @classmethod
@@ -161,6 +163,14 @@ class VQModuleMixin:
         self._codes_cache = (key, codes)
         return codes
 
+    def lut_codes(self) -> torch.Tensor:
+        """The unpacked codes transposed for the CPU LUT kernel, `[n_blocks * M, rows]`, cached like them."""
+        codes = self.unpacked_codes()  # [rows, n_blocks, M]
+        key = self._codes_cache[0]
+        if self._lut_codes_cache is None or self._lut_codes_cache[0] != key:
+            self._lut_codes_cache = (key, kernel_lut_codes(codes))
+        return self._lut_codes_cache[1]
+
     def decode_weight(self) -> torch.Tensor:
         """The dense weight, in the float module's layout, decoded from codes and codebooks.
 
@@ -198,7 +208,8 @@ class VQModuleMixin:
             `torch.Tensor` or `None`: `[..., rows]`, or `None` when decode + the float forward is the better path.
         """
         cached = self.cache_decoded and self._weight_cache is not None
-        return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached)
+        return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached,
+                         codes_t=self.lut_codes)
 
     # ------------------------------------------------------------------ conversion back
     def dequantize(self) -> nn.Module:
@@ -210,7 +221,7 @@ class VQModuleMixin:
         dense._parameters = {"weight": weight, **{n: p for n, p in self._parameters.items() if n != "codebooks"}}
         dense._buffers = {n: b for n, b in self._buffers.items() if n != "codes"}
         dense._modules = dict(self._modules)
-        for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_weight_cache",
+        for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_lut_codes_cache", "_weight_cache",
                      "codebook_set"):
             dense.__dict__.pop(attr, None)
         return dense

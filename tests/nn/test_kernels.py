@@ -65,6 +65,25 @@ def test_lut_matches_decode(m, k, d, shape):
     _assert_close(out, _reference(vq, x), 1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 17, 600, 1031])
+def test_lut_row_tiles_cover_every_row(rows):
+    """The kernel splits output rows into per-thread tiles; partial last tiles included."""
+    vq = _vq_linear(rows, 64, k=256, d=8, bias=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad(), kernel_mode("lut"):
+        _assert_close(vq(x), _reference(vq, x), 1e-5)
+
+
+def test_lut_codes_cache_follows_new_codes():
+    vq = _vq_linear(48, 64, k=16, d=4, bias=False)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), kernel_mode("lut"):
+        vq(x)
+        assert torch.equal(vq.lut_codes(), vq.unpacked_codes().reshape(48, -1).t())
+        vq.set_codes_(torch.randint(0, 16, (48, 16, 1), generator=torch.Generator().manual_seed(5)), vq.codebooks.detach())
+        _assert_close(vq(x), _reference(vq, x), 1e-5)
+
+
 def test_lut_without_bias_and_empty_batch():
     vq = _vq_linear(24, 32, k=64, d=4, bias=False)
     x = torch.randn(3, 32)
