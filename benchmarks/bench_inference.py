@@ -244,12 +244,25 @@ _LOAD_CHILD = textwrap.dedent("""
     torch.set_num_threads(2)
     import hf_vq
     from transformers import AutoModel
+
+    def status(key):  # kB from /proc/self/status
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    current_before = status("VmRSS")
+    try:  # reset the peak (VmHWM) so it measures the load alone (Linux >= 4.0)
+        open("/proc/self/clear_refs", "w").write("5")
+        reset = True
+    except OSError:
+        reset = False
     start = time.perf_counter()
     model = AutoModel.from_pretrained(sys.argv[1])
     wall = time.perf_counter() - start
     print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_imports_mb": rss_before / 1024}))
+                      "rss_after_imports_mb": rss_before / 1024,
+                      "load_peak_over_start_mb": (status("VmHWM") - current_before) / 1024 if reset else None}))
 """)
 
 
@@ -264,7 +277,7 @@ def bench_loading(repeats: int, n_iter: int) -> dict:
         model.save_pretrained(folder)
         del model
         runs: dict[str, list[dict]] = {"dense": [], "compressed": []}
-        for _ in range(repeats):  # alternate, so both see the same machine load
+        for _ in range(repeats):  # alternate, so both see the same machine load (and pair the samples)
             for name, path in (("dense", source), ("compressed", folder)):
                 proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path)], capture_output=True, text=True,
                                       timeout=600)
@@ -276,9 +289,13 @@ def bench_loading(repeats: int, n_iter: int) -> dict:
     for name, samples in runs.items():
         out[name] = {key: round(statistics.median(s[key] for s in samples), 3)
                      for key in ("wall_s", "peak_rss_mb", "rss_after_imports_mb")}
+        peaks = [s["load_peak_over_start_mb"] for s in samples if s.get("load_peak_over_start_mb") is not None]
+        out[name]["load_peak_over_start_mb"] = round(statistics.median(peaks), 1) if peaks else None
         out[name]["file_mb"] = round(files[name] / 2**20, 3)
         out[name]["runs"] = samples
-    print(f"[load] {json.dumps({n: {k: v for k, v in o.items() if k != 'runs'} for n, o in out.items()})}", flush=True)
+    out["paired_wall_diff_s"] = round(statistics.median(c["wall_s"] - d["wall_s"] for d, c in zip(runs["dense"], runs["compressed"])), 4)
+    out["repeats"] = repeats
+    print(f"[load] {json.dumps({n: {k: v for k, v in o.items() if k != 'runs'} if isinstance(o, dict) else o for n, o in out.items()})}", flush=True)
     return out
 
 
@@ -359,11 +376,17 @@ def _markdown(data: dict) -> str:
                          f"| {_fmt(t.get('hf_vq_cache_decoded'))} |")
     if data.get("loading"):
         ld = data["loading"]
-        lines += ["", "## Loading all-MiniLM-L6-v2 with `AutoModel.from_pretrained` (fresh child process each, median)", "",
-                  "| checkpoint | model.safetensors MB | wall s | peak RSS MB | RSS after imports MB |", "|---|---|---|---|---|"]
+        lines += ["", f"## Loading all-MiniLM-L6-v2 with `AutoModel.from_pretrained` (fresh child process each, "
+                  f"median of {ld.get('repeats', '?')} alternating pairs)", "",
+                  "| checkpoint | model.safetensors MB | wall s | peak RSS MB (process) | RSS after imports MB | peak during the load over its start MB |",
+                  "|---|---|---|---|---|---|"]
         for name in ("dense", "compressed"):
             o = ld[name]
-            lines.append(f"| {name} | {o['file_mb']} | {o['wall_s']} | {o['peak_rss_mb']:.0f} | {o['rss_after_imports_mb']:.0f} |")
+            lines.append(f"| {name} | {o['file_mb']} | {o['wall_s']} | {o['peak_rss_mb']:.0f} | {o['rss_after_imports_mb']:.0f} "
+                         f"| {o.get('load_peak_over_start_mb')} |")
+        lines.append(f"\nMedian of the paired differences (compressed - dense): {ld.get('paired_wall_diff_s')} s. The process "
+                     "peak is set by the imports (torch, transformers); the last column resets the peak (`/proc/self/clear_refs`) "
+                     "just before `from_pretrained`, so it is the memory the load itself adds.")
     lines.append("")
     return "\n".join(lines)
 
@@ -385,6 +408,7 @@ def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
                      "detail": f"{c['wall_s']} s vs {d['wall_s']} s"})
         bars.append({"name": "compressed MiniLM from_pretrained peak RSS <= dense", "met": c["peak_rss_mb"] <= d["peak_rss_mb"],
                      "detail": f"{c['peak_rss_mb']:.0f} MB vs {d['peak_rss_mb']:.0f} MB"})
+
     return bars
 
 
@@ -393,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: first shape, few rounds, no models")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds per method (default 15)")
     parser.add_argument("--no-aqlm", action="store_true")
+    parser.add_argument("--load-repeats", type=int, default=15, help="alternating dense/compressed load pairs (default 15)")
     parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
     parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
                         "does not depend on them)")
@@ -416,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[1:2] if args.quick else SHAPES
     data["layers"] = [] if "layers" in args.skip else bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
     data["models"] = [] if args.quick or "models" in args.skip else bench_models(max(5, rounds // 2), args.n_iter)
-    data["loading"] = None if args.quick or "loading" in args.skip else bench_loading(3, args.n_iter)
+    data["loading"] = None if args.quick or "loading" in args.skip else bench_loading(args.load_repeats, args.n_iter)
     data["bars"] = _bars(data["layers"], data["loading"])
     out = Path(args.out)
     write(out, data, _markdown(data))

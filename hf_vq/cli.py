@@ -78,6 +78,8 @@ def _compress(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace it (atomically).")
     config = _config_from_args(args)
+    if args.calibrate < 0:
+        raise SystemExit(f"hf-vq compress: --calibrate {args.calibrate}: give a positive number of inputs (e.g. 32).")
 
     if args.model is None:
         model_dir, library, base_model = _default_model_dir(), "transformers", DEFAULT_MODEL
@@ -107,8 +109,9 @@ def _compress(args: argparse.Namespace) -> int:
         dense = integration.load_dense(str(model_dir) if model_dir else args.model, pretrained=args.pretrained)
         config = integration.fit_config(dense, config)  # depthwise kernels whole, misfit layers dense
     dense.eval()
+    calibration = _calibration(library, dense, model_dir, args.calibrate) if args.calibrate else None
     model = copy.deepcopy(dense)
-    quantize_(model, config, device=args.device, progress=not args.quiet)
+    quantize_(model, config, device=args.device, progress=not args.quiet, calibration=calibration)
     seconds = time.perf_counter() - start
     permutation = getattr(model, "vq_permutation_report", None)
     if permutation is not None:
@@ -129,6 +132,34 @@ def _compress(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"model": base_model, "spec": config.spec, "seconds": round(seconds, 2),
                                                "fidelity": fidelity, **report.to_dict()}, indent=2) + "\n")
     return 0
+
+
+def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
+    """`n` real inputs held out from the fidelity evaluation, in batches of 32, for the activation-aware permutation.
+
+    Text: the `n` sentences that follow the 256 evaluated ones; images: `n` views drawn with seed 1 (the
+    evaluation draws its views with seed 0) of the same bundled photos.
+    """
+    try:
+        if library == "transformers":
+            from transformers import AutoTokenizer
+
+            from .evaluate import real_sentences
+
+            if model_dir is None or getattr(dense.config, "is_encoder_decoder", False):
+                raise SystemExit("hf-vq compress: --calibrate supports encoder and decoder-only text models and timm "
+                                 "image models; drop --calibrate for this one.")
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            sentences = real_sentences(256 + n)[256:]
+            return [dict(tokenizer(sentences[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                    for i in range(0, len(sentences), 32)]
+        from .evaluate import real_images
+
+        images = real_images(n, model=dense, seed=1)  # [n, C, H, W]
+        return list(images.split(32))
+    except ImportError as err:
+        raise SystemExit(f"hf-vq compress: --calibrate needs the bundled real data ({err}); "
+                         "`pip install hf_vq[fixtures]`.") from None
 
 
 def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
@@ -195,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-permute", action="store_true", help="skip PQF's channel permutation before quantizing")
     p.add_argument("--permute-iters", type=int, help="search steps per channel group (default 1000)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="activation-aware permutation objective from N real inputs held out from the fidelity "
+                        "evaluation (bundled sentences / photos; needs hf_vq[fixtures]); default: weights only")
     p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
     p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
     p.add_argument("--device", help="device for k-means (default: cuda if available)")

@@ -405,8 +405,16 @@ class VQConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------------ layout
     @property
     def layouts(self) -> dict[str, LayerLayout]:
-        """The per-module layout as [`LayerLayout`] objects (empty before quantization)."""
-        return {name: LayerLayout.from_dict(name, data) for name, data in self.modules.items()}
+        """The per-module layout as [`LayerLayout`] objects (empty before quantization).
+
+        Parsed once and reused while `modules` compares equal to what was parsed (loading asks often).
+        """
+        cached = self.__dict__.get("_layouts_cache")
+        if cached is not None and cached[0] == self.modules:
+            return dict(cached[1])
+        layouts = {name: LayerLayout.from_dict(name, data) for name, data in self.modules.items()}
+        self.__dict__["_layouts_cache"] = (copy.deepcopy(self.modules), layouts)
+        return dict(layouts)
 
     @property
     def is_quantized(self) -> bool:
@@ -495,6 +503,10 @@ class VQConfig(QuantizationConfigMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:  # noqa: ARG002 - same signature as the mixin
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def __iter__(self):
+        """`dict(config)`: the serialised fields (not internal caches such as the parsed layouts)."""
+        yield from self.to_dict().items()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VQConfig) and self.to_dict() == other.to_dict()

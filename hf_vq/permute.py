@@ -26,6 +26,12 @@ graph, which tensor dimension carries which space:
 The search ([`hf_vq.codec.permutation`]) then runs per open space on the matrices that will be
 quantized, and the permutations are applied in place. The function is unchanged (up to float
 rounding of reordered sums).
+
+The objective is the paper's (log-det of the children's weight-subvector covariance) unless
+`calibration` batches are given: then each child's weight columns are first scaled by the RMS of the
+input channel they multiply ([`input_moments`]), so the search groups subvectors by how they act on
+real inputs. On EfficientNet-Lite0, whose channels carry activations of very different scales, only
+this activation-aware objective brings the outputs closer (benchmarks/results/permute.md).
 """
 
 from __future__ import annotations

@@ -60,3 +60,15 @@ def test_k_range_accepted(k):
 def test_bad_spec_string():
     with pytest.raises(ValueError, match="not of the form"):
         VQConfig.from_spec("product-quant")
+
+
+def test_layouts_follow_edits_of_modules():
+    """`layouts` is parsed once and reused, but never stale after `modules` changes."""
+    config = VQConfig(modules={"fc": {"kind": "linear", "shape": [8, 16], "k": 16, "d": 4}})
+    first = config.layouts
+    assert config.layouts == first and config.layouts["fc"] is first["fc"]  # reused
+    config.modules["fc"]["d"] = 8
+    assert config.layouts["fc"].d == 8
+    config.modules["head"] = {"kind": "linear", "shape": [2, 8], "k": 4, "d": 2}
+    assert set(config.layouts) == {"fc", "head"}
+    assert "_layouts_cache" not in dict(config) and set(dict(config)) == set(config.to_dict())

@@ -300,3 +300,16 @@ def test_cli_no_permute_flag():
     args = build_parser().parse_args(["compress", "--out", "x", "--permute-iters", "50"])
     config = _config_from_args(args)
     assert config.permute is True and config.permute_iters == 50
+
+
+def test_cli_calibrate_uses_held_out_real_inputs(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from hf_vq.cli import main
+
+    out = tmp_path / "vq"
+    code = main(["compress", "mobilenetv3_small_050", "--out", str(out), "--calibrate", "8", "--n-iter", "2",
+                 "--permute-iters", "5", "--no-eval", "--quiet", "-k", "16"])
+    assert code == 0 and (out / "model.safetensors").exists()
+    assert "activation-aware objective" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="positive"):
+        main(["compress", "mobilenetv3_small_050", "--out", str(tmp_path / "x"), "--calibrate", "-1"])

@@ -31,6 +31,9 @@ class CodesError(ValueError):
     """Codes that do not fit the module: out of range (>= k) or of the wrong shape."""
 
 
+_MATRIX_SHAPES: dict[tuple, tuple[int, int]] = {}  # (_weight_to_matrix, weight shape) -> (rows, cols)
+
+
 class VQModuleMixin:
     """Mixin placed before a float module class (`class VQLinear(VQModuleMixin, nn.Linear)`).
 
@@ -63,9 +66,13 @@ class VQModuleMixin:
 
     @classmethod
     def matrix_shape(cls, weight_shape: tuple[int, ...]) -> tuple[int, int]:
-        """`(rows, cols)` of the matrix view of a weight of `weight_shape`."""
-        rows, cols = cls._weight_to_matrix(torch.empty(weight_shape, device="meta")).shape
-        return int(rows), int(cols)
+        """`(rows, cols)` of the matrix view of a weight of `weight_shape` (memoised per class and shape)."""
+        key = (cls._weight_to_matrix, tuple(int(s) for s in weight_shape))
+        shape = _MATRIX_SHAPES.get(key)
+        if shape is None:
+            rows, cols = cls._weight_to_matrix(torch.empty(key[1], device="meta")).shape
+            shape = _MATRIX_SHAPES[key] = (int(rows), int(cols))
+        return shape
 
     # ------------------------------------------------------------------ construction
     def _init_vq(self, *, kind: str, weight_shape: tuple[int, ...], k: int, d: int, num_codebooks: int,
