@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -59,17 +60,22 @@ AQLM_ENV = {"NUMBA_NUM_THREADS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
 
 # ---------------------------------------------------------------------------------------------- timing
 def _interleaved(fns: dict[str, callable], rounds: int, inner: int) -> dict[str, dict[str, float]]:
-    """Median and best per-call milliseconds of each function, timed round-robin (`inner` calls per sample).
+    """Median and best per-call milliseconds of each function, timed in rounds (`inner` calls per sample).
 
-    Each sample starts with one untimed call: the function before it in the round (e.g. a dense 64 MB
-    weight) has evicted the caches, and AQLM, timed back to back in its own process, never pays that.
+    The order is shuffled every round, and each sample starts with one untimed call: the function before
+    it (e.g. a dense 64 MB weight) has evicted the caches, and AQLM, timed back to back in its own
+    process, never pays that.
     """
     for fn in fns.values():  # warm-up (numba compilation, allocator)
         fn()
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)  # no function always follows the same one (e.g. the decode path's 64 MB of page faults)
+        for name in order:
+            fn = fns[name]
             fn()  # steady state: caches hold this function's own data, as in the AQLM child
             start = time.perf_counter()
             for _ in range(inner):
@@ -340,7 +346,7 @@ def _markdown(data: dict) -> str:
         f"Machine: {m['device']}, {m['cores_visible']} cores visible, torch {m['torch']}, "
         f"`torch.set_num_threads({m['torch_threads']})`, numba {data['numba']}, aqlm {data['aqlm_version']}; "
         f"{m['date']}. Load average at start: {data['loadavg_start']} (shared machine).", "",
-        "Times are ms per call: **median of interleaved rounds** (best round in parentheses); each sample follows one untimed call, so every path is timed in steady state as AQLM is in its own process. hf_vq = `VQLinear` "
+        "Times are ms per call: **median of interleaved rounds** (best round in parentheses); the order is shuffled every round and each sample follows one untimed call, so every path is timed in steady state as AQLM is in its own process. hf_vq = `VQLinear` "
         "with its own dispatch (path in the table); LUT / decode = each path forced. AQLM = its `QuantizedLinear` "
         "on the same codes and codebooks, in a child with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue` "
         "(torch 2 threads).", "",

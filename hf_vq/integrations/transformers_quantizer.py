@@ -138,8 +138,9 @@ class HfVQQuantizer(HfQuantizer):
                 module._is_hf_initialized = True
         if checkpoint_files:
             check_checkpoint_files(checkpoint_files, config, rename=_checkpoint_key_renamer(model, self))
-        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0])} | {
-            rf"^{re.escape(name)}{re.escape(_GUARD_SUFFIX)}$" for name in config.modules}
+        # one pattern for all guard keys (transformers compiles and tries every pattern on every unexpected key)
+        names = "|".join(re.escape(name) for name in config.modules)
+        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0]), rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$"}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | unexpected
         return model
 
