@@ -31,7 +31,8 @@ The objective is the paper's (log-det of the children's weight-subvector covaria
 `calibration` batches are given: then each child's weight columns are first scaled by the RMS of the
 input channel they multiply ([`input_moments`]), so the search groups subvectors by how they act on
 real inputs. On EfficientNet-Lite0, whose channels carry activations of very different scales, only
-this activation-aware objective brings the outputs closer (benchmarks/results/permute.md).
+this activation-aware objective brings the outputs closer at 4 bits, on average over k-means seeds
+(benchmarks/results/permute.md).
 """
 
 from __future__ import annotations
