@@ -311,5 +311,6 @@ def test_cli_calibrate_uses_held_out_real_inputs(tmp_path, capsys):
                  "--permute-iters", "5", "--no-eval", "--quiet", "-k", "16"])
     assert code == 0 and (out / "model.safetensors").exists()
     assert "activation-aware objective" in capsys.readouterr().out
+    assert "activation-aware objective" in (out / "README.md").read_text()  # the model card says how it was made
     with pytest.raises(SystemExit, match="positive"):
         main(["compress", "mobilenetv3_small_050", "--out", str(tmp_path / "x"), "--calibrate", "-1"])

@@ -127,7 +127,8 @@ def compression_summary(config: VQConfig | None, size: SizeReport, permutation: 
         rows.append(("bits per weight (compressed layers)", f"{bits:.3f}"))
     if permutation is not None and getattr(permutation, "traced", False):
         rows.append(("permutation", f"{len(permutation.permuted)} of {len(permutation.spaces)} channel spaces permuted "
-                                    f"({len(permutation.refused)} refused)"))
+                                    f"({len(permutation.refused)} refused; "
+                                    f"{getattr(permutation, 'objective', 'weights')} objective)"))
     elif permutation is not None:
         rows.append(("permutation", f"skipped ({permutation.reason})"))
     elif config is not None:
