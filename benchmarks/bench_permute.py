@@ -99,14 +99,12 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
 def minilm(iters: int, n_iter: int, seeds: list[int]) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_vq.evaluate import embedding_cosine, real_sentences
+    from hf_vq.evaluate import EVAL_SENTENCES, calibration_batches, embedding_cosine, real_sentences
 
     dense = AutoModel.from_pretrained(minilm_path()).eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    sentences = real_sentences(256 + 64)
-    evaluation, held_out = sentences[:256], sentences[256:]  # calibration never sees an evaluated sentence
-    calibration = [dict(tokenizer(held_out[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                   for i in (0, 32)]
+    evaluation = real_sentences(EVAL_SENTENCES)
+    calibration = calibration_batches(64, tokenizer=tokenizer)  # the 64 sentences after the evaluated ones
 
     def fidelity(model):
         r = embedding_cosine(dense, model, tokenizer, evaluation)
@@ -117,12 +115,12 @@ def minilm(iters: int, n_iter: int, seeds: list[int]) -> dict:
 
 
 def lite0(iters: int, n_iter: int, d: int, seeds: list[int]) -> dict:
-    from hf_vq.evaluate import image_fidelity, real_images
+    from hf_vq.evaluate import calibration_batches, image_fidelity, real_images
     from hf_vq.integrations.timm import fit_config
 
     dense = efficientnet_lite0_converter().convert().eval()
     images = real_images(128, model=dense)  # evaluation: views drawn with seed 0
-    calibration = [real_images(32, model=dense, seed=1)]  # other random views (seed 1) of the photos
+    calibration = calibration_batches(32, model=dense)  # other random views (seed 1) of the photos
 
     def fidelity(model):
         r = image_fidelity(dense, model, images)

@@ -11,8 +11,7 @@ weaker than hf_vq's annealed k-means; compare the rows with each other.
     .venv/bin/python benchmarks/experiment_weighted_kmeans.py D SEEDS ITERS VARIANTS
     .venv/bin/python benchmarks/experiment_weighted_kmeans.py 2 3 30 kmeans,wkmeans,act-perm+wkmeans,paper-perm+wkmeans
 
-Measured 2026-11-30 (2 cores, d=2 = 4 bits, 3 seeds, 30 iterations; KL to the dense model on 128 views):
-kmeans 1.697 ± 0.334, wkmeans 1.312 ± 0.054, act-perm+wkmeans 0.769 ± 0.077 (see the issue note).
+Writes benchmarks/results/experiment_weighted_kmeans.{json,md} (mean ± std of KL and top-1 agreement per variant).
 """
 from __future__ import annotations
 
@@ -22,10 +21,10 @@ import sys
 
 import torch
 
-from _common import efficientnet_lite0_converter
+from _common import RESULTS, efficientnet_lite0_converter, machine, write
 
 import hf_vq
-from hf_vq.evaluate import image_fidelity, real_images
+from hf_vq.evaluate import calibration_batches, image_fidelity, real_images
 from hf_vq.integrations.timm import fit_config
 from hf_vq.permute import input_moments
 from hf_vq.quantize import plan
@@ -81,8 +80,9 @@ def main() -> None:
     torch.set_num_threads(2)
     dense = efficientnet_lite0_converter().convert().eval()
     images = real_images(128, model=dense)  # evaluation views (seed 0)
-    calibration = [real_images(32, model=dense, seed=1)]  # held-out views
+    calibration = calibration_batches(32, model=dense)  # held-out views (seed 1)
     config = fit_config(dense, hf_vq.VQConfig(k=256, permute_iters=1000, block_size={"conv1x1": d, "linear": d}))
+    rows = {}
     for label in names:
         permute, weighted = VARIANTS[label]
         base = copy.deepcopy(dense)
@@ -95,8 +95,20 @@ def main() -> None:
             r = image_fidelity(dense, model, images)
             kls.append(r["mean_kl"])
             agreements.append(r["top1_agreement"])
-        print(f"d={d} {label}: KL {statistics.mean(kls):.3f} ± {statistics.stdev(kls) if seeds > 1 else 0:.3f}, "
-              f"top-1 agreement {statistics.mean(agreements):.3f}, per seed {[round(v, 3) for v in kls]}", flush=True)
+        rows[label] = {"kl_mean": statistics.mean(kls), "kl_std": statistics.stdev(kls) if seeds > 1 else 0.0,
+                       "top1_agreement_mean": statistics.mean(agreements), "kl_per_seed": kls}
+        print(f"d={d} {label}: {rows[label]}", flush=True)
+    data = {"machine": machine(), "d": d, "seeds": seeds, "lloyd_iters": ITERS, "variants": rows}
+    lines = ["# Activation-weighted k-means, with and without permutation (exploratory simulation)\n",
+             f"Machine: {data['machine']['device']}, {data['machine']['date']}. EfficientNet-Lite0, d={d}, k=256, "
+             f"{seeds} seeds, {ITERS} Lloyd iterations (no annealing); decoded weights written back into a dense "
+             "copy; KL to the dense model on 128 views. See the docstring of "
+             "benchmarks/experiment_weighted_kmeans.py.\n",
+             "| variant | KL mean ± std | top-1 agreement | KL per seed |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['kl_mean']:.3f} ± {r['kl_std']:.3f} | {r['top1_agreement_mean']:.3f} "
+              f"| {[round(v, 3) for v in r['kl_per_seed']]} |" for name, r in rows.items()]
+    lines.append(f"\n```bash\n.venv/bin/python benchmarks/experiment_weighted_kmeans.py {' '.join(sys.argv[1:])}\n```\n")
+    write(RESULTS / "experiment_weighted_kmeans", data, "\n".join(lines))
 
 
 ITERS = 30

@@ -135,28 +135,18 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
-    """`n` real inputs held out from the fidelity evaluation, in batches of 32, for the activation-aware permutation.
-
-    Text: the `n` sentences that follow the 256 evaluated ones; images: `n` views drawn with seed 1 (the
-    evaluation draws its views with seed 0) of the same bundled photos.
-    """
+    """`n` real inputs held out from the fidelity evaluation ([`hf_vq.evaluate.calibration_batches`])."""
     try:
-        if library == "transformers":
-            from transformers import AutoTokenizer
+        from .evaluate import calibration_batches
 
-            from .evaluate import real_sentences
+        if library != "transformers":
+            return calibration_batches(n, model=dense)
+        if model_dir is None or getattr(dense.config, "is_encoder_decoder", False):
+            raise SystemExit("hf-vq compress: --calibrate supports encoder and decoder-only text models and timm "
+                             "image models; drop --calibrate for this one.")
+        from transformers import AutoTokenizer
 
-            if model_dir is None or getattr(dense.config, "is_encoder_decoder", False):
-                raise SystemExit("hf-vq compress: --calibrate supports encoder and decoder-only text models and timm "
-                                 "image models; drop --calibrate for this one.")
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            sentences = real_sentences(256 + n)[256:]
-            return [dict(tokenizer(sentences[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                    for i in range(0, len(sentences), 32)]
-        from .evaluate import real_images
-
-        images = real_images(n, model=dense, seed=1)  # [n, C, H, W]
-        return list(images.split(32))
+        return calibration_batches(n, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     except ImportError as err:
         raise SystemExit(f"hf-vq compress: --calibrate needs the bundled real data ({err}); "
                          "`pip install hf_vq[fixtures]`.") from None
@@ -167,10 +157,10 @@ def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
         try:
             from transformers import AutoTokenizer
 
-            from .evaluate import embedding_cosine, real_sentences
+            from .evaluate import EVAL_SENTENCES, embedding_cosine, real_sentences
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            result = embedding_cosine(dense, model, tokenizer, real_sentences(256))
+            result = embedding_cosine(dense, model, tokenizer, real_sentences(EVAL_SENTENCES))
             return {"sentence embedding cosine (mean)": round(result["mean_cosine"], 4),
                     "sentence embedding cosine (min)": round(result["min_cosine"], 4),
                     "sentences (gensim lee_background.cor)": result["n_sentences"]}

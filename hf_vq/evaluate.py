@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "real_photos", "real_images",
-           "image_fidelity"]
+           "image_fidelity", "EVAL_SENTENCES", "calibration_batches"]
 
 
 def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
@@ -34,8 +34,11 @@ def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
     return sentences
 
 
-def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings `[batch, hidden]`: mean of `last_hidden_state [batch, seq, hidden]` over the mask."""
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sentence embeddings `[batch, hidden]`: mean of `last_hidden_state [batch, seq, hidden]` over the mask
+    `[batch, seq]` (over every token when it is None)."""
+    if attention_mask is None:
+        return last_hidden_state.mean(dim=1)
     mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # [batch, seq, 1]
     return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
@@ -160,3 +163,24 @@ def image_fidelity(dense: nn.Module, model: nn.Module, images: torch.Tensor | No
         model.train(model_was)
     n = len(images)
     return {"top1_agreement": agree / max(1, n), "mean_kl": kl / max(1, n), "n_images": n}
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+#: The fidelity evaluations use the first `EVAL_SENTENCES` sentences and the image views drawn with seed 0.
+EVAL_SENTENCES = 256
+
+
+def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = None, batch_size: int = 32) -> list:
+    """`n` real inputs that the fidelity evaluations never see, in batches (for `quantize_(..., calibration=)`).
+
+    Text (give `tokenizer`): the `n` sentences after the first [`EVAL_SENTENCES`], tokenized (dicts of model
+    inputs). Images (give `model` for its preprocessing): `n` views drawn with seed 1 of the bundled photos (the
+    evaluations draw theirs with seed 0), `[batch, C, H, W]` tensors.
+    """
+    if n < 1:
+        raise ValueError(f"calibration_batches needs n >= 1 inputs, got {n}.")
+    if tokenizer is not None:
+        sentences = real_sentences(EVAL_SENTENCES + n)[EVAL_SENTENCES:]
+        return [dict(tokenizer(sentences[i: i + batch_size], padding=True, truncation=True, max_length=128,
+                               return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
+    return list(real_images(n, model=model, seed=1).split(batch_size))  # [batch, C, H, W] each

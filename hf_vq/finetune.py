@@ -29,7 +29,6 @@ frozen, so DDP runs without `find_unused_parameters`; frozen parameters are igno
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluate import mean_pool
 from .nn import VQModuleMixin
 
 __all__ = [
@@ -354,14 +354,6 @@ def mark_trainable_(model: nn.Module, *, norms: bool = True, biases: bool = True
 
 
 # ============================================================================================ losses
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `hidden` `[B, T, H]` over the tokens where `attention_mask` `[B, T]` is 1 → `[B, H]`."""
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # [B, H]
-
-
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher ‖ student) of temperature-softened distributions, times T², averaged over samples.
@@ -842,10 +834,10 @@ def finetune(
         number = int(state.name.split("_")[1])
         if state.name.startswith("epoch_"):
             start_epoch, completed = number + 1, (number + 1) * steps_per_epoch
-        else:
+        else:  # the last step of an epoch may take fewer batches: count whole epochs in steps
             completed = number
-            batches_done = number * args.gradient_accumulation_steps
-            start_epoch, skip_batches = divmod(batches_done, len(train_loader))
+            start_epoch, steps_into_epoch = divmod(number, steps_per_epoch)
+            skip_batches = steps_into_epoch * args.gradient_accumulation_steps
     save_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
 
     # ---------------------------------------------------------------- train
@@ -868,7 +860,7 @@ def finetune(
                     loss = objective(model(*b_args, **b_kwargs), t_out, batch)
                 accelerator.backward(loss)
                 if args.max_grad_norm is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # FSDP: the wrapped ones
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -1039,14 +1031,10 @@ def _save_output(model: nn.Module, args: FinetuneArguments, library: str, result
             save_compressed(model, staged, source_dir=student_dir or teacher_dir, base_model=base)
         config = model.vq_config
         sections = card_sections(args, result)
-        optional = {"config": config, "source_dir": teacher_dir, **sections}
-        accepted = inspect.signature(render_model_card).parameters
-        if "finetuning" not in accepted:  # an older card template: everything goes into the metrics section
-            optional["metrics"] = {**sections["metrics"], **sections["fidelity"], **sections["finetuning"]}
         card = render_model_card(base_model=base, library_name=library, config_spec=config.spec,
                                  size=checkpoint_size_report(staged), repo_id=args.hub_model_id,
                                  extra_tags=["timm", "image-classification"] if library == "timm" else None,
-                                 **{k: v for k, v in optional.items() if k in accepted})
+                                 config=config, source_dir=teacher_dir, **sections)
         if args.dataset_name:
             card.data.datasets = [args.dataset_name]
         card.save(staged / "README.md")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .codec.aq import aq_quantize
 from .codec.kmeans import kmeans
-from .codec.pq import clamp_k, decode, quantize_matrix, relative_error, split_blocks
+from .codec.pq import clamp_k, decode, relative_error, split_blocks
 from .config import SHARED_CODEBOOKS, LayerLayout, VQConfig, block_size_key, shared_codebooks_key
 from .nn import VQModuleMixin, layer_kind, vq_class_for
 
@@ -349,9 +349,6 @@ def _encode(matrices: list[torch.Tensor], layout: LayerLayout, config: VQConfig,
     Returns codebooks `[M, k, d]` (float32) and per matrix its codes `[rows_j, cols_j / d, M]` (int64).
     """
     d, k = layout.d, layout.k
-    if config.method == "pq" and len(matrices) == 1:
-        codebooks, codes = quantize_matrix(matrices[0], d=d, k=k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)
-        return codebooks, [codes]
     x = torch.cat([split_blocks(m, d) for m in matrices])  # [n, d], every module's subvectors
     if config.method == "pq":
         codebook, flat = kmeans(x, k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)  # [k, d], [n]

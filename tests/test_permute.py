@@ -314,3 +314,20 @@ def test_cli_calibrate_uses_held_out_real_inputs(tmp_path, capsys):
     assert "activation-aware objective" in (out / "README.md").read_text()  # the model card says how it was made
     with pytest.raises(SystemExit, match="positive"):
         main(["compress", "mobilenetv3_small_050", "--out", str(tmp_path / "x"), "--calibrate", "-1"])
+
+
+def test_calibration_batches_are_disjoint_from_the_evaluation(minilm_path):
+    pytest.importorskip("gensim")
+    from transformers import AutoTokenizer
+
+    from hf_vq.evaluate import EVAL_SENTENCES, calibration_batches, real_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    batches = calibration_batches(40, tokenizer=tokenizer, batch_size=32)
+    assert [len(b["input_ids"]) for b in batches] == [32, 8]
+    held_out = {tokenizer.decode(ids, skip_special_tokens=True) for b in batches for ids in b["input_ids"]}
+    evaluated = {tokenizer.decode(tokenizer(s, truncation=True, max_length=128)["input_ids"], skip_special_tokens=True)
+                 for s in real_sentences(EVAL_SENTENCES)}
+    assert len(held_out) == 40 and not held_out & evaluated
+    with pytest.raises(ValueError, match="n >= 1"):
+        calibration_batches(0, tokenizer=tokenizer)

@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 
 from .kmeans import _faiss, kmeans
+from .pq import decode
 
 __all__ = ["aq_decode", "aq_encode", "aq_quantize", "aq_relative_error", "aq_update_codebooks", "residual_init"]
 
@@ -61,10 +62,7 @@ def aq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     Returns:
         `torch.Tensor`: the decoded subvectors `[n, d]`, dtype of `codebooks`.
     """
-    out = codebooks[0][codes[:, 0]]  # [n, d]
-    for m in range(1, codebooks.shape[0]):
-        out = out + codebooks[m][codes[:, m]]
-    return out
+    return decode(codes[:, None, :], codebooks)  # one block per row: [n, d]
 
 
 def _sq_err(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

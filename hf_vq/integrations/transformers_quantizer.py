@@ -30,6 +30,7 @@ The algorithms live in `hf_vq.quantize` / `hf_vq.codec`; this module only adapts
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -148,14 +149,14 @@ class HfVQQuantizer(HfQuantizer):
         """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
         if self.pre_quantized:
             config = self.quantization_config
-            _tie_(model, config)  # every member of a shared set holds the one loaded parameter
+            attach_(model, config)  # re-ties: every member of a shared set holds the one loaded parameter
             _check_loaded(model, config)
         else:
             from ..quantize import quantize_
 
             self.base_model = _hub_id(getattr(model.config, "name_or_path", None))
             config = quantize_(model, self.quantization_config, progress=True)
-        attach_(model, config)
+            attach_(model, config)
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -375,9 +376,9 @@ def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
     mapping (which costs a few ms to build) is only built for the first key that does not.
     """
     meta_state_dict = model.state_dict()
-    slow: list = []
 
-    def build():
+    @functools.cache
+    def transformers_rename():
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -389,22 +390,9 @@ def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         prefix = getattr(model, "base_model_prefix", None)
 
-        def rename_slow(key: str) -> str:
-            renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state_dict)
-            if renamed not in meta_state_dict and key in meta_state_dict:
-                renamed, _ = rename_source_key(key, [], [], prefix, meta_state_dict)
-            return renamed
+        return lambda key: rename_source_key(key, renamings, converters, prefix, meta_state_dict)[0]
 
-        return rename_slow
-
-    def rename(key: str) -> str:
-        if key in meta_state_dict:
-            return key
-        if not slow:
-            slow.append(build())
-        return slow[0](key)
-
-    return rename
+    return lambda key: key if key in meta_state_dict else transformers_rename()(key)
 
 
 def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import cpu
 from .cpu import HAS_NUMBA, fast_decode, lut_codes, lut_is_faster, lut_matmul
 from .triton_vq import HAS_TRITON, triton_vq_matmul
 
@@ -136,7 +137,8 @@ def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
     rows = codes.shape[0]
     x2d = x.reshape(-1, x.shape[-1])  # [B, n_blocks*d]
     if path == "lut":
-        out = lut_matmul(x2d, codes, codebooks, codes_t=codes_t() if codes_t is not None else None)  # f32 [B, rows]
+        cached = codes_t() if codes_t is not None and cpu.HAS_NUMBA else None  # only the numba kernel reads it
+        out = lut_matmul(x2d, codes, codebooks, codes_t=cached)  # float32 [B, rows]
     else:
         out = triton_vq_matmul(x2d, codes, codebooks)  # [B, rows], dtype of x
     if bias is not None:

@@ -13,8 +13,8 @@ numba kernel, parallel over output rows (each row is summed by one thread: no sh
 do not depend on the thread count). Without numba, a torch `index_select` + `sum` does the same, slower.
 
 **Decode.** `torch.nn.functional.embedding` over millions of tiny codewords spends most of its time in
-per-row overhead (62 ms for a 4096×4096 weight at d = 8 on 2 cores); the numba decode writes the same
-values in ~2.5 ms. Both produce bit-identical weights (same sum order over M).
+per-row overhead; the numba decode writes the same values with one pass over the output. Both produce
+bit-identical weights (same sum order over M).
 
 Both kernels are **inference only**: callers use them when no autograd graph is needed (see
 `hf_vq.kernels.needs_grad`); under autograd the differentiable reference (`hf_vq.codec.decode` +
@@ -189,9 +189,10 @@ def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- dispatch rule
-# Throughputs measured on the 2-core benchmark machine (AMD EPYC, torch.set_num_threads(2), fp32) by timing
-# both paths through `kernel_mode` at batch 1..32 on the benchmark's shapes (per-layer table:
-# benchmarks/results/inference.md). Only their ratios matter: they decide which path is cheaper.
+# Throughputs estimated on the 2-core benchmark machine (AMD EPYC, torch.set_num_threads(2), fp32) by timing
+# both paths through `kernel_mode` (ad-hoc sweeps, not committed); the committed check is
+# benchmarks/results/inference.md (batch 1, 8, 64: the rule's choice is in the "path" column). Only their
+# ratios matter: they decide which path is cheaper.
 _GEMV_MACS_PER_S = 6e9  # F.linear with one input row: memory-bound matrix-vector product
 _GEMM_MACS_PER_S = 60e9  # F.linear with several rows, once the weight is packed ...
 _GEMM_PACK_FLOATS_PER_S = 4e9  # ... which costs a pass over the weight
@@ -199,8 +200,8 @@ _LUT_LOOKUPS_PER_S = {True: 3.6e9, False: 0.09e9}  # gather-and-sum: numba (row 
 _LUT_SPILL_SLOWDOWN = 1.3  # when the tables of all input rows exceed `_LUT_CACHE_BYTES`
 _LUT_CACHE_BYTES = 24 * 2**20
 _DECODE_FLOATS_PER_S = {True: 7.0e9, False: 0.26e9}  # decoded weight entries: numba / F.embedding
-# A decoded weight above glibc's largest mmap threshold (32 MiB) is a fresh mapping on every call: its
-# page faults cost more than the decode itself (4096x4096 fp32: ~18 ms of ~22 ms).
+# A decoded weight above glibc's largest mmap threshold (32 MiB) is a fresh mapping on every call, and its
+# page faults then dominate the decode path (inference.md: decode + linear 25.6 ms at 4096x4096, batch 1).
 _FRESH_PAGES_BYTES = 32 * 2**20
 _FRESH_PAGES_BYTES_PER_S = 3.5e9
 
@@ -213,8 +214,8 @@ def lut_is_faster(batch: int, rows: int, n_blocks: int, num_codebooks: int, k: i
     `batch · n_blocks·M·k·d` MACs for the tables plus `batch · rows·n_blocks·M` look-ups (slower once the
     tables spill out of the cache); the decode path `rows·cols·M` decoded entries and `F.linear`. Either
     pays page faults for an output (tables, decoded weight) too large for the allocator to reuse. At 4096×4096, k = 256, d = 8, M = 1
-    it picks the LUT up to 52 input rows (measured crossover: between 32 and 64); for a 768-input,
-    3072-output layer up to 20 (measured: between 8 and 16, where both paths take ~1.2 ms).
+    it picks the LUT up to 52 input rows (inference.md: LUT ahead at batch 8, decode ahead at 64); for a
+    768-input, 3072-output layer up to 20 (inference.md: LUT ahead at 8, decode ahead at 64).
 
     Args:
         batch (`int`): input rows (product of the leading dims of the input).

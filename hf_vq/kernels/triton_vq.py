@@ -103,7 +103,6 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     out = torch.empty(batch, rows, dtype=x.dtype, device=x.device)  # [B, rows]
     d_pad = max(2, _next_pow2(d))
     block_j = max(1, 64 // d_pad)  # the dot's reduction dim BLOCK_J*D_PAD >= 16, usually 64
-    block_j = max(block_j, 16 // d_pad if d_pad < 16 else 1)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(batch, block_b))
     _vq_matmul_kernel[grid](
         x, codes, books, out,
