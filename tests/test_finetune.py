@@ -113,6 +113,17 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(timm_folders, tmp_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def test_resume_mid_run_with_a_short_last_step_per_epoch(timm_folders, tmp_path):
+    """6 batches per epoch with accumulation 4: steps of 4 then 2 batches; step_3 is one step into epoch 1."""
+    common = dict(evaluate_before=False, num_train_epochs=2, max_train_steps=None, gradient_accumulation_steps=4)
+    full = finetune(_args(timm_folders, tmp_path / "a", checkpointing_steps="1", **common))
+    resumed = finetune(_args(timm_folders, tmp_path / "b", **common,
+                             resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step_3")))
+    assert resumed.completed_steps == full.completed_steps == 4
+    assert [h["step"] for h in resumed.history] == [4]
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history[3:]], rel=1e-5)
+
+
 def _teacher_student(config: hf_vq.VQConfig, *, sharpen: bool = False):
     """A dense timm test model and a compressed copy of it (`sharpen`: confident teacher logits)."""
     teacher = timm.create_model("test_resnet", num_classes=3).eval()
