@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """PQF's permutation step on real weights: does permute + k-means beat k-means alone, and how fast is the search?
 
-Two real models (FIXTURES.md), compressed at the same bits three ways, everything else equal: k-means
-alone, the paper's permutation (weight-only log-det objective) + k-means, and the activation-aware
-permutation (`permute_(..., calibration=...)`, held-out calibration data) + k-means. Each method permutes
-once, then k-means runs with several seeds: a sensitive model's fidelity scatters with the k-means seed
-more than with the permutation, so every figure is a mean ± std over seeds.
+Two real models (FIXTURES.md), compressed at the same bits four ways, everything else equal — two
+pipelines, each with and without its permutation step:
+
+* the paper's: k-means alone vs the weight-only log-det permutation + k-means;
+* the activation-aware one (`quantize_(..., calibration=...)`, held-out calibration data): weighted
+  k-means alone (each weight entry weighted by the second moment of its input channel) vs the
+  activation-aware permutation + weighted k-means.
+
+Each method permutes once, then k-means runs with several seeds: a sensitive model's fidelity scatters
+with the k-means seed more than with the permutation, so every figure is a mean ± std over seeds.
 
 * all-MiniLM-L6-v2: every encoder linear at k=256, d=4 (embeddings and pooler dense). The residual
   stream is refused (it is `last_hidden_state`, returned to the user); the MLP hidden dims and the
@@ -17,7 +22,8 @@ more than with the permutation, so every figure is a mean ± std over seeds.
   scikit-image's photos.
 
 Reported: per channel space the log-det objective (identity, greedy start, after the search), the
-total relative weight error Σ‖W−Ŵ‖²/Σ‖W‖² over compressed layers, output fidelity, wall times.
+total relative weight error Σ‖W−Ŵ‖²/Σ‖W‖² over compressed layers, the same error weighted by the input
+channels' second moments (what the outputs see), output fidelity, wall times.
 
 Speed: on one MiniLM space (layer 0's MLP hidden dim, P=1536, child `output.dense` [384, 1536], d=4),
 the paper-style search — 10,000 single-swap proposals, each scored by recomputing the covariance of
@@ -45,12 +51,38 @@ import hf_vq
 from hf_vq.codec.permutation import ObjectiveTerm, search_permutation
 
 
-METHODS = ("kmeans", "permute+kmeans", "permute(act)+kmeans")
+# method -> (permutation objective: None / "weights" / "act", weighted k-means)
+METHODS = {"kmeans": (None, False), "permute+kmeans": ("weights", False),
+           "weighted kmeans": (None, True), "permute(act)+weighted kmeans": ("act", True)}
+# each pipeline's "k-means alone" baseline
+BASELINE = {"permute+kmeans": "kmeans", "permute(act)+weighted kmeans": "weighted kmeans"}
 
 
 def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
     norms = {n: float(dense.get_submodule(n).weight.detach().double().pow(2).sum()) for n in config.layouts}
     return sum(lay.rel_error * norms[n] for n, lay in config.layouts.items()) / sum(norms.values())
+
+
+def activation_error(base: torch.nn.Module, model: torch.nn.Module, config: hf_vq.VQConfig, calibration) -> float:
+    """Total relative error with every weight entry weighted by the second moment of its input channel
+    (measured on `base`, the dense model the codes were learnt from, on the calibration batches): the error
+    as the layers' outputs see it, Σ w (W - Ŵ)² / Σ w W², each layer's weights normalised to mean 1."""
+    from hf_vq.permute import input_moments
+    from hf_vq.quantize import _entry_weights
+
+    names = [n for n, lay in config.layouts.items() if lay.tied_to is None]
+    moments = input_moments(base, names, calibration)
+    num = den = 0.0
+    for name in names:
+        dense, vq = base.get_submodule(name), model.get_submodule(name)
+        cls = type(vq)
+        w = cls._weight_to_matrix(dense.weight.detach()).double()  # [rows, cols]
+        err = (w - cls._weight_to_matrix(vq.weight.detach()).double()).pow(2)  # [rows, cols]
+        scale = _entry_weights(dense, cls, config.layouts[name].kind, moments.get(name))
+        scale = torch.ones_like(w) if scale is None else scale.double()
+        num += float((scale * err).sum())
+        den += float((scale * w.pow(2)).sum())
+    return num / den
 
 
 def _stats(values: list[float]) -> dict:
@@ -65,11 +97,11 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
     permutation moves it, so every figure is a mean (and standard deviation) over the seeds.
     """
     out = {}
-    for method in METHODS:
+    for method, (objective, weighted) in METHODS.items():
         base = copy.deepcopy(dense)
         entry: dict = {}
-        if method != "kmeans":
-            report = hf_vq.permute_(base, config, calibration=calibration if "(act)" in method else None)
+        if objective is not None:
+            report = hf_vq.permute_(base, config, calibration=calibration if objective == "act" else None)
             entry["permutation_seconds"] = round(report.seconds, 1)
             entry["objective"] = report.objective
             entry["spaces"] = [{"name": s.name, "P": s.size, "repeats": s.repeats, "children": s.children,
@@ -83,9 +115,10 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
             start = time.perf_counter()
             run_config = copy.deepcopy(config)
             run_config.permute, run_config.seed = False, seed  # already permuted (or not) above
-            filled = hf_vq.quantize_(model, run_config, progress=False)
+            filled = hf_vq.quantize_(model, run_config, progress=False, calibration=calibration if weighted else None)
             runs.append({"seed": seed, "seconds": round(time.perf_counter() - start, 1),
-                         "total_rel_error": total_error(dense, filled), **fidelity(model)})
+                         "total_rel_error": total_error(dense, filled),
+                         "activation_rel_error": activation_error(base, model, filled, calibration), **fidelity(model)})
             print(f"[{method}] seed {seed}: {runs[-1]}", flush=True)
         entry["runs"] = runs
         for key in runs[0]:
@@ -188,26 +221,35 @@ def markdown(data: dict) -> str:
              f"k = 256, d = 4 (linear / pointwise) unless the row says d=2, {data['n_iter']} k-means iterations, "
              f"{data['iters']} search steps per space. Each method permutes once (search seed 0), then k-means runs "
              f"with each seed listed; figures are mean ± standard deviation over those k-means seeds.\n",
-             "Methods: **kmeans** — no permutation; **permute+kmeans** — the paper's objective (log-det of the "
-             "children's weight-subvector covariance); **permute(act)+kmeans** — the activation-aware objective "
-             "(`calibration=`: each child's columns scaled by the RMS of its input channel). Calibration data is "
+             "Methods: **kmeans** — no permutation, plain (annealed) k-means; **permute+kmeans** — the paper's "
+             "objective (log-det of the children's weight-subvector covariance), plain k-means; **weighted kmeans** — "
+             "no permutation, k-means weighting each weight entry by the second moment of its input channel "
+             "(`quantize_(..., calibration=)` with `permute=False`); **permute(act)+weighted kmeans** — what "
+             "`quantize_(..., calibration=)` / `hf-vq compress --calibrate` run: the activation-aware permutation "
+             "objective (each child's columns scaled by the RMS of its input channel), then weighted k-means. "
+             "Each permutation pipeline is compared with its own k-means alone. Calibration data is "
              "disjoint from the evaluation: MiniLM 64 held-out sentences (after the 256 evaluated ones); "
              "EfficientNet-Lite0 32 other random views (seed 1) of the photos whose seed-0 views are evaluated.\n",
-             "| model | method | seeds | total rel. weight error | output fidelity | permutation s | k-means s |",
-             "|---|---|---|---|---|---|---|"]
+             "Errors: **weight** Σ‖W−Ŵ‖²/Σ‖W‖² over the compressed layers; **activation-weighted** the same with every "
+             "entry weighted by the second moment of its input channel on the calibration data (per layer "
+             "normalised to mean 1): the error as the layers' outputs see it.\n",
+             "| model | method | seeds | weight error | activation-weighted error | output fidelity | permutation s | k-means s |",
+             "|---|---|---|---|---|---|---|---|"]
     for model, res in data["models"].items():
         for method, r in res.items():
             fid = (f"cosine mean {_pm(r['cosine_mean'])} / min {_pm(r['cosine_min'])}" if "cosine_mean" in r
                    else f"top-1 agreement {_pm(r['top1_agreement'], 3)}, KL {_pm(r['mean_kl'], 3)}")
-            lines.append(f"| {model} | {method} | {len(r['runs'])} | {_pm(r['total_rel_error'], 5)} | {fid} "
-                         f"| {r.get('permutation_seconds', '')} | {r['kmeans_seconds']} |")
-        a = res["kmeans"]["total_rel_error"]["mean"]
-        for method in METHODS[1:]:
-            b = res[method]["total_rel_error"]["mean"]
-            lines.append(f"| {model} | **{method}: error reduction** | | **{100 * (a - b) / a:.2f} %** | | | |")
+            lines.append(f"| {model} | {method} | {len(r['runs'])} | {_pm(r['total_rel_error'], 5)} "
+                         f"| {_pm(r['activation_rel_error'], 5)} | {fid} | {r.get('permutation_seconds', '')} "
+                         f"| {r['kmeans_seconds']} |")
+        for method, baseline in BASELINE.items():
+            cut = {key: 100 * (1 - res[method][key]["mean"] / res[baseline][key]["mean"])
+                   for key in ("total_rel_error", "activation_rel_error")}
+            lines.append(f"| {model} | **{method} vs {baseline}: error reduction** | | **{cut['total_rel_error']:.2f} %** "
+                         f"| **{cut['activation_rel_error']:.2f} %** | | | |")
     lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
     for model, res in data["models"].items():
-        for method in METHODS[1:]:
+        for method in BASELINE:
             lines += [f"### {model}, {method}\n", "| space | P | children | identity | greedy | after | swaps |",
                       "|---|---|---|---|---|---|---|"]
             for sp in res[method].get("spaces", []):
@@ -242,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--iters", type=int, default=None, help="search steps per space (default: VQConfig's)")
     parser.add_argument("--n-iter", type=int, default=None, help="k-means iterations (default 100)")
-    parser.add_argument("--seeds", type=int, default=None, help="k-means seeds per method (default 5; 3 for MiniLM and d=4)")
+    parser.add_argument("--seeds", type=int, default=None, help="k-means seeds per method (default 5; 3 for MiniLM)")
     parser.add_argument("--only", choices=["minilm", "lite0", "speed"], action="append")
     parser.add_argument("--out", default=str(RESULTS / "permute"))
     args = parser.parse_args(argv)
@@ -255,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         data["models"]["MiniLM"] = minilm(iters, n_iter, seeds[:3])
     if "lite0" in only:
         data["models"]["EfficientNet-Lite0 (d=2)"] = lite0(iters, n_iter, 2, seeds)
-        data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4, seeds[:3])
+        data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4, seeds)
     if "speed" in only:
         data["speed"] = speed(500 if args.quick else 10_000)
     write(args.out, data, markdown(data))

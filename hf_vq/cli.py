@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-permute", action="store_true", help="skip PQF's channel permutation before quantizing")
     p.add_argument("--permute-iters", type=int, help="search steps per channel group (default 1000)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="activation-aware permutation objective from N real inputs held out from the fidelity "
-                        "evaluation (bundled sentences / photos; needs hf_vq[fixtures]); default: weights only")
+                   help="activation-aware permutation objective and activation-weighted k-means from N real "
+                        "inputs held out from the fidelity evaluation (bundled sentences / photos; needs "
+                        "hf_vq[fixtures]); default: weights only")
     p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
     p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
     p.add_argument("--device", help="device for k-means (default: cuda if available)")

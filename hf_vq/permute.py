@@ -30,9 +30,10 @@ rounding of reordered sums).
 The objective is the paper's (log-det of the children's weight-subvector covariance) unless
 `calibration` batches are given: then each child's weight columns are first scaled by the RMS of the
 input channel they multiply ([`input_moments`]), so the search groups subvectors by how they act on
-real inputs. On EfficientNet-Lite0, whose channels carry activations of very different scales, only
-this activation-aware objective lowers the output KL at 4 bits, on average over k-means seeds and within
-their scatter (benchmarks/results/permute.md).
+real inputs. [`hf_vq.quantize_`] with the same `calibration` then runs weighted k-means (each weight entry
+weighted by its input channel's second moment). On EfficientNet-Lite0, whose channels carry activations of
+very different scales, the paper's objective does not bring the outputs closer before fine-tuning; the
+activation-aware one followed by weighted k-means does, at 2 and 4 bits (benchmarks/results/permute.md).
 """
 
 from __future__ import annotations

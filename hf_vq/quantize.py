@@ -240,8 +240,11 @@ def quantize_(
             timm's `pretrained_cfg` input size or transformers' main input is used; when the model cannot
             be traced the permutation is skipped (see `model.vq_permutation_report`, [`hf_vq.permute_`]).
         calibration (*optional*): a few batches of real inputs (a tensor, a dict of model inputs, or a list of
-            them). When given, the permutation search uses the activation-aware objective (each weight column
-            scaled by the RMS of its input channel on these batches); otherwise the paper's weight-only one.
+            them). When given, the error is measured as the layers' outputs see it: the permutation search uses
+            the activation-aware objective (each weight column scaled by the RMS of its input channel on these
+            batches) and, with `method="pq"`, k-means is weighted (each weight entry by the second moment of its
+            input channel, measured again after the permutation; see [`hf_vq.codec.kmeans.kmeans`]). The
+            checkpoint format is the same. Without it: the paper's weight-only objective and plain k-means.
 
     Returns:
         [`VQConfig`]: a copy of `config` whose `modules` holds the layout (k, d, shape, relative error)
@@ -272,6 +275,11 @@ def quantize_(
         model.vq_permutation_report = permute_(model, config, example_inputs=example_inputs, layouts=layouts,
                                                device=run_device, calibration=calibration)
     modules = dict(model.named_modules())
+    moments: dict[str, torch.Tensor] = {}  # module -> E[x_c^2] per input channel, measured after the permutation
+    if calibration is not None and config.method == "pq" and layouts:
+        from .permute import input_moments
+
+        moments = input_moments(model, [n for n, lay in layouts.items() if lay.tied_to is None], calibration)
     done: dict[str, nn.Module] = {}
     shared: dict[str, nn.Parameter] = {}  # codebook set -> the one Parameter [M, k, d] its modules hold
     units = _encoding_units(layouts)
@@ -280,7 +288,10 @@ def quantize_(
         classes = [vq_class_for(type(modules[name])) for name in names]
         matrices = [cls._weight_to_matrix(modules[name]._parameters["weight"].detach()).to(run_device, torch.float32)
                     for cls, name in zip(classes, names)]  # [rows_j, cols_j] each
-        codebooks, codes = _encode(matrices, layouts[names[0]], config, seed=config.seed + first)
+        weights = [_entry_weights(modules[name], cls, layouts[name].kind, moments.get(name))
+                   for cls, name in zip(classes, names)]
+        codebooks, codes = _encode(matrices, layouts[names[0]], config, seed=config.seed + first,
+                                   weights=weights if any(w is not None for w in weights) else None)
         codebooks = codebooks.half().float()  # [M, k, d]; fp16 on disk: the saved model is exactly this one
         if set_name is not None:
             device = modules[names[0]]._parameters["weight"].device
@@ -342,16 +353,50 @@ def _encoding_units(layouts: dict[str, LayerLayout]) -> list[tuple[int, str | No
     return units
 
 
-def _encode(matrices: list[torch.Tensor], layout: LayerLayout, config: VQConfig, *,
-            seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _entry_weights(module: nn.Module, cls: type[VQModuleMixin], kind: str,
+                   second: torch.Tensor | None) -> torch.Tensor | None:
+    """Weight of every entry of `module`'s matrix view for weighted k-means: the second moment `second`
+    (`[in_channels]`) of the input channel the entry multiplies, normalised to mean 1 over the matrix and
+    floored at 1e-3 (so dead channels still get a nearest codeword). -> `[rows, cols]` float32, or None
+    without moments (embeddings, modules the calibration data did not reach)."""
+    weight = module._parameters["weight"]
+    if second is None or kind == "embedding":
+        return None
+    second = second.to(weight.device, torch.float32)  # [in_channels]
+    if isinstance(module, nn.modules.conv._ConvNd):  # weight [out, in/groups, *kernel]
+        out, per_group = weight.shape[:2]
+        if second.numel() != per_group * module.groups:
+            return None
+        group = torch.arange(out, device=weight.device) // (out // module.groups)  # [out]
+        channel = group[:, None] * per_group + torch.arange(per_group, device=weight.device)  # [out, in/groups]
+        full = second[channel].reshape(out, per_group, *[1] * (weight.dim() - 2)).expand(weight.shape)
+    elif kind == "conv1d":  # GPT-2 Conv1D: weight [in, out]
+        if second.numel() != weight.shape[0]:
+            return None
+        full = second[:, None].expand(weight.shape)
+    else:  # linear: weight [out, in]
+        if second.numel() != weight.shape[-1]:
+            return None
+        full = second.expand(weight.shape)
+    matrix = cls._weight_to_matrix(full).float()  # [rows, cols]
+    mean = matrix.mean()
+    return (matrix / mean).clamp_min(1e-3) if mean > 0 else None
+
+
+def _encode(matrices: list[torch.Tensor], layout: LayerLayout, config: VQConfig, *, seed: int,
+            weights: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Learn one codebook set for the subvectors of `matrices` (`[rows_j, cols_j]` each) and encode them.
 
-    Returns codebooks `[M, k, d]` (float32) and per matrix its codes `[rows_j, cols_j / d, M]` (int64).
+    `weights` (per matrix `[rows_j, cols_j]` or None for uniform) makes product quantization run weighted
+    k-means (see [`_entry_weights`]). Returns codebooks `[M, k, d]` (float32) and per matrix its codes
+    `[rows_j, cols_j / d, M]` (int64).
     """
     d, k = layout.d, layout.k
     x = torch.cat([split_blocks(m, d) for m in matrices])  # [n, d], every module's subvectors
     if config.method == "pq":
-        codebook, flat = kmeans(x, k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)  # [k, d], [n]
+        w = None if weights is None else torch.cat([  # [n, d] like x
+            split_blocks(torch.ones_like(m) if wj is None else wj.to(m.device), d) for m, wj in zip(matrices, weights)])
+        codebook, flat = kmeans(x, k, n_iter=config.n_iter, anneal=config.anneal, seed=seed, weights=w)  # [k, d], [n]
         codebooks, flat = codebook[None], flat[:, None]  # [1, k, d], [n, 1]
     else:
         codebooks, flat = aq_quantize(x, layout.num_codebooks, k, n_iter=config.n_iter, aq_iters=config.aq_iters,

@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,12 +15,18 @@ HUB = HubServer(tokens=HUB_TOKENS)
 os.environ["HF_ENDPOINT"] = HUB.endpoint
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # xet uploads only exist on huggingface.co
 os.environ["HF_HUB_OFFLINE"] = "0"
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_vq-tests-hf-home-")
+HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_vq-tests-hf-home-")
 os.environ.pop("HF_TOKEN", None)
 HUB.start()
 
 import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the loopback Hub and remove the session's HF_HOME (token, download cache)."""
+    HUB.stop()
+    shutil.rmtree(HF_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -277,6 +277,53 @@ def test_quantize_passes_calibration_to_the_permutation():
     assert m.vq_permutation_report.objective == "activation-aware"
 
 
+def test_entry_weights_follow_the_input_channel_of_each_entry():
+    """Weighted k-means weights every matrix entry by the second moment of the input channel it multiplies."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_vq.nn import vq_class_for
+    from hf_vq.quantize import _entry_weights
+
+    def weights(module, kind, second):
+        return _entry_weights(module, vq_class_for(type(module)), kind, second)
+
+    m = torch.arange(1.0, 7.0, dtype=torch.float64)  # [6]
+    linear = weights(nn.Linear(6, 3), "linear", m)  # [3, 6]
+    torch.testing.assert_close(linear, (m / m.mean()).float().expand(3, 6))
+    conv = weights(nn.Conv2d(6, 4, 3, groups=2), "conv3x3", m)  # weight [4, 3, 3, 3] -> [4, 27]
+    expected = torch.stack([(m[g * 3:(g + 1) * 3] / m.mean()).repeat_interleave(9) for g in (0, 0, 1, 1)]).float()
+    torch.testing.assert_close(conv, expected)
+    gpt2 = weights(Conv1D(5, 6), "conv1d", m)  # weight [in=6, out=5] -> matrix [5, 6]
+    torch.testing.assert_close(gpt2, (m / m.mean()).float().expand(5, 6))
+    assert weights(nn.Embedding(10, 6), "embedding", m) is None
+    assert weights(nn.Linear(4, 3), "linear", m) is None  # moments of another shape: unweighted
+    dead = weights(nn.Linear(6, 3), "linear", torch.tensor([0.0, 0, 0, 0, 0, 6]))
+    assert float(dead.min()) == pytest.approx(1e-3)  # dead channels keep a small weight
+
+
+def test_calibrated_quantize_weights_kmeans_by_input_moments():
+    """With calibration data, k-means spends its codewords where the inputs are large: the layer's outputs
+    are closer on fresh inputs of the same distribution, at a larger unweighted weight error."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=gen)]  # [64] input channel scales 0.1..10
+
+    def inputs(n):
+        return torch.randn(n, 64, generator=gen) * scale  # [n, 64]
+
+    dense = nn.Sequential(nn.Linear(64, 48))
+    config = hf_vq.VQConfig(k=16, n_iter=30, permute=False, block_size={"linear": 4})
+    results = {}
+    for calibrated in (False, True):
+        model = copy.deepcopy(dense)
+        filled = hf_vq.quantize_(model, config, progress=False, calibration=inputs(256) if calibrated else None)
+        x = inputs(512)
+        with torch.no_grad():
+            out_err = float((model(x) - dense(x)).pow(2).sum() / dense(x).pow(2).sum())
+        results[calibrated] = (out_err, filled.layouts["0"].rel_error)
+    assert results[True][0] < 0.7 * results[False][0]  # outputs closer
+    assert results[True][1] > results[False][1]  # weights further: the weights were really used
+
+
 @pytest.mark.slow
 def test_real_minilm_permute_then_kmeans_beats_kmeans_alone(minilm):
     """Real weights: total relative weight error after permute + k-means < k-means alone, same bits."""
@@ -311,7 +358,8 @@ def test_cli_calibrate_uses_held_out_real_inputs(tmp_path, capsys):
                  "--permute-iters", "5", "--no-eval", "--quiet", "-k", "16"])
     assert code == 0 and (out / "model.safetensors").exists()
     assert "activation-aware objective" in capsys.readouterr().out
-    assert "activation-aware objective" in (out / "README.md").read_text()  # the model card says how it was made
+    card = (out / "README.md").read_text()  # the model card says how it was made
+    assert "activation-aware objective" in card and "weighted by the input channels' second moments" in card
     with pytest.raises(SystemExit, match="positive"):
         main(["compress", "mobilenetv3_small_050", "--out", str(tmp_path / "x"), "--calibrate", "-1"])
 

@@ -29,6 +29,17 @@ Two facts make that cheap without changing its distribution:
 Empty clusters (which the paper's code left alone) are re-seeded, on full-data iterations, farthest-first:
 each takes the point farthest from every codeword placed so far. `anneal=False` is plain Lloyd (full data, no noise), stopped
 early once the assignment no longer changes (its fixed point, so the result is the same).
+
+Weighted k-means
+----------------
+With `weights` (one non-negative weight per subvector entry, `[n, d]` like the data) the objective is
+`sum_i sum_t w_it (x_it - c_t)^2`: e.g. the weight of an entry of a layer's weight matrix is the second
+moment of the input channel it multiplies, so the error is measured as the layer's outputs see it. The
+distance is `-2 (w*x) c^T + w (c*c)^T` plus a per-point constant: one inner-product search of the
+queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; about 3x the cost
+of the plain search).
+A codeword's coordinate `t` moves to the weighted mean of its members' coordinate `t` (the plain mean
+where all their weights are zero). Annealing and subsampling keep their unweighted statistics.
 """
 
 from __future__ import annotations
@@ -123,10 +134,39 @@ def _nearest(
     return _nearest_torch(x, codebook, chunk_size)
 
 
+def _weighted_queries(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries `[w*x, w]` `[n, 2d]` (float32) and constants `sum_t w_t x_t^2` `[n]` of the weighted search."""
+    wx = w * x  # [n, d]
+    return torch.cat([wx, w], 1).contiguous(), (wx * x).sum(1)
+
+
+def _nearest_weighted(
+    q: torch.Tensor, base: torch.Tensor, codebook: torch.Tensor, *, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codeword under per-entry weights. q `[n, 2d]` and base `[n]` from [`_weighted_queries`],
+    codebook `[k, d]` float32.
+
+    `sum_t w_t (x_t - c_t)^2 = base - q . [2c, -c*c]`, so the nearest codeword is the largest inner
+    product: a chunked GEMM + max in torch. (faiss's inner-product search was no faster on one thread and
+    2-3x slower on two, where its OpenMP pool competes with torch's.) Returns codes `[n]` int64 and weighted
+    squared distances `[n]` float32."""
+    n = q.shape[0]
+    k = codebook.shape[0]
+    db_t = torch.cat([2 * codebook, -codebook.pow(2)], 1).t().contiguous()  # [2d, k]
+    codes = torch.empty(n, dtype=torch.int64, device=q.device)  # [n]
+    score = torch.empty(n, dtype=torch.float32, device=q.device)  # [n]
+    if chunk_size is None:  # CPU: blocks that stay in cache; GPU: large blocks
+        chunk_size = max(1, (1 << 20 if q.device.type == "cpu" else _TORCH_BLOCK) // k)
+    for s in range(0, n, chunk_size):
+        torch.max(q[s : s + chunk_size] @ db_t, 1, out=(score[s : s + chunk_size], codes[s : s + chunk_size]))  # [c, k]
+    return codes, (base - score).clamp_min_(0)
+
+
 def assign(
-    x: torch.Tensor, codebook: torch.Tensor, *, chunk_size: int | None = None, use_faiss: bool | None = None
+    x: torch.Tensor, codebook: torch.Tensor, *, chunk_size: int | None = None, use_faiss: bool | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Index of the nearest codeword (squared L2) of every row of `x`.
+    """Index of the nearest codeword (squared L2, or weighted squared L2) of every row of `x`.
 
     Args:
         x (`torch.Tensor`): subvectors `[n, d]`, any float dtype, any device.
@@ -138,6 +178,8 @@ def assign(
         use_faiss (`bool`, *optional*):
             `None` (default) uses faiss for CPU tensors when it is installed, `False` forces the torch
             search, `True` requires faiss.
+        weights (`torch.Tensor`, *optional*): non-negative weight per entry `[n, d]`; the distance becomes
+            `sum_t w_t (x_t - c_t)^2` (see the module docstring; this search is always torch's).
 
     Returns:
         `torch.Tensor`: codes `[n]`, int64, on `x.device`.
@@ -146,7 +188,20 @@ def assign(
         raise ValueError(f"expected x [n, d] and codebook [k, d], got {tuple(x.shape)} and {tuple(codebook.shape)}.")
     xf = x.detach().to(torch.float32)  # [n, d]
     cb = codebook.detach().to(device=x.device, dtype=torch.float32)  # [k, d]
+    if weights is not None:
+        q, base = _weighted_queries(xf, _check_weights(weights, xf))  # [n, 2d], [n]
+        return _nearest_weighted(q, base, cb, chunk_size=chunk_size)[0]
     return _nearest(xf, cb, chunk_size=chunk_size, use_faiss=use_faiss)[0]
+
+
+def _check_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weights` as float32 on `x.device`, validated: same shape as `x [n, d]`, finite, non-negative."""
+    if tuple(weights.shape) != tuple(x.shape):
+        raise ValueError(f"weights must have the shape of the subvectors {tuple(x.shape)}, got {tuple(weights.shape)}.")
+    w = weights.detach().to(device=x.device, dtype=torch.float32)  # [n, d]
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and non-negative (e.g. second moments of input channels).")
+    return w
 
 
 def _init_codebook(
@@ -235,13 +290,14 @@ def _cluster_stats(
     return counts, sums
 
 
-def _reseed_empty(codebook: torch.Tensor, empty: torch.Tensor, x: torch.Tensor, dist: torch.Tensor) -> None:
+def _reseed_empty(codebook: torch.Tensor, empty: torch.Tensor, x: torch.Tensor, dist: torch.Tensor,
+                  w: torch.Tensor | None = None) -> None:
     """Move the empty codewords `codebook[empty]` onto data points, farthest-first, in place.
 
     Each empty codeword takes the point farthest from every codeword placed so far (`dist [m]` holds
-    the squared distances to the current assignment); distances are then lowered by the new
+    the (weighted) squared distances to the current assignment); distances are then lowered by the new
     codeword, so successive re-seeds spread over different far regions instead of piling up in one.
-    codebook `[k, d]`, empty `[e]`, x `[m, d]`.
+    codebook `[k, d]`, empty `[e]`, x `[m, d]`, w `[m, d]` per-entry weights or None.
     """
     dist = dist.clone()  # [m]
     for j in empty.tolist():
@@ -249,7 +305,8 @@ def _reseed_empty(codebook: torch.Tensor, empty: torch.Tensor, x: torch.Tensor, 
         if not float(dist[far]) > 0:
             break  # every point sits on a codeword: nothing left to cover
         codebook[j] = x[far]
-        dist = torch.minimum(dist, (x - x[far]).pow(2).sum(1))
+        sq = (x - x[far]).pow(2)  # [m, d]
+        dist = torch.minimum(dist, (sq if w is None else w * sq).sum(1))
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -274,7 +331,7 @@ class _Run:
     def __init__(
         self, x: torch.Tensor, k: int, *, n_iter: int, anneal: bool, seed: int,
         init: torch.Tensor | None, subsample: bool, use_faiss: bool | None, chunk_size: int | None,
-        init_method: str = "random",
+        init_method: str = "random", weights: torch.Tensor | None = None,
     ):
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"expected a non-empty [n, d] tensor, got {tuple(x.shape)}.")
@@ -297,10 +354,23 @@ class _Run:
         perm = torch.randperm(self.n, generator=self.gen, device=x.device)  # [n]
         xp = x[perm]  # [n, d]
         self.xp2 = torch.cat([xp, xp]).contiguous()  # [2n, d] float32
-        # Transposed float64 values for the update: d coordinates + squared norm, [d + 1, 2n].
+        # Transposed float64 values for the update: d coordinates + squared norm, [d + 1, 2n]; weighted:
+        # w*x and w first, [3d + 1, 2n]. `self.sx` is the row of the first plain coordinate.
         xp64 = xp.to(torch.float64)
-        vals = torch.cat([xp64, xp64.pow(2).sum(1, keepdim=True)], 1).t()  # [d + 1, n]
-        self.vals2 = torch.cat([vals, vals], 1).contiguous()  # [d + 1, 2n]
+        vals = torch.cat([xp64, xp64.pow(2).sum(1, keepdim=True)], 1)  # [n, d + 1]
+        self.weighted = weights is not None
+        self.sx = 0
+        if self.weighted:
+            w = _check_weights(weights, x)  # [n, d]
+            self.q, self.base = _weighted_queries(x, w)  # [n, 2d], [n]: the final weighted assignment
+            wp = w[perm]  # [n, d]
+            q2, base2 = _weighted_queries(xp, wp)
+            self.q2, self.base2 = torch.cat([q2, q2]), torch.cat([base2, base2])  # [2n, 2d], [2n]
+            self.w2 = torch.cat([wp, wp])  # [2n, d]
+            wp64 = wp.to(torch.float64)
+            vals = torch.cat([wp64 * xp64, wp64, vals], 1)  # [n, 3d + 1]
+            self.sx = 2 * self.d
+        self.vals2 = torch.cat([vals.t(), vals.t()], 1).contiguous()  # [rows, 2n]
         if init is not None:
             if tuple(init.shape) != (k, self.d):
                 raise ValueError(f"init must be [{k}, {self.d}], got {tuple(init.shape)}.")
@@ -328,14 +398,26 @@ class _Run:
         else:
             off = int(torch.randint(n, (1,), generator=self.gen, device=self.device))
         xw = self.xp2[off : off + m]  # [m, d]
-        codes, dist = _nearest(xw, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)  # [m], [m]
+        if self.weighted:
+            codes, dist = _nearest_weighted(self.q2[off : off + m], self.base2[off : off + m], self.codebook,
+                                            chunk_size=self.chunk_size)  # [m], [m]
+        else:
+            codes, dist = _nearest(xw, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)  # [m], [m]
         self.points_seen += m
-        counts, sums = _cluster_stats(codes, self.vals2[:, off : off + m], k)  # [k], [k, d + 1]
+        counts, sums = _cluster_stats(codes, self.vals2[:, off : off + m], k)  # [k], [k, rows of vals2]
         nonempty = counts > 0  # [k]
         cnt = counts.clamp_min(1.0)[:, None]  # [k, 1]
-        mean = sums[:, : self.d] / cnt  # [k, d] float64
+        d, sx = self.d, self.sx
+        mean = sums[:, sx : sx + d] / cnt  # [k, d] float64
+        # within-cluster sum of squares of the plain coordinates, [k]
+        ss = (sums[:, sx + d] - (sums[:, sx : sx + d] ** 2).sum(1) / counts.clamp_min(1.0)).clamp_min(0)
+        if self.weighted:
+            wsum = sums[:, d : 2 * d]  # [k, d]
+            mean = torch.where(wsum > 0, sums[:, :d] / wsum.clamp_min(1e-300), mean)  # weighted mean per entry
+            sq_err = float(ss.sum())  # unweighted, like the variances the annealing schedule is made of
+        else:
+            sq_err = float(dist.numpy().sum(dtype=np.float64)) if dist.device.type == "cpu" else float(dist.sum(dtype=torch.float64))
         new = torch.where(nonempty[:, None], mean, self.codebook.to(torch.float64))  # [k, d]
-        sq_err = float(dist.numpy().sum(dtype=np.float64)) if dist.device.type == "cpu" else float(dist.sum(dtype=torch.float64))
         self.r = max(sq_err / max(m * self.var_total, 1e-300), 1e-6)
 
         if self.anneal:
@@ -345,7 +427,6 @@ class _Run:
             if not full:
                 # Sampling noise already in `mean`: s_c^2 * (1 - frac) / m_c per dimension, with
                 # s_c^2 the (isotropic, unbiased) within-cluster variance of the sampled members.
-                ss = (sums[:, self.d] - (sums[:, : self.d] ** 2).sum(1) / counts.clamp_min(1.0)).clamp_min(0)  # [k]
                 s2 = ss / ((counts - 1).clamp_min(1.0) * self.d)  # [k]
                 target = (target - (s2 * (1.0 - frac))[:, None] / cnt).clamp_min(0)
             noise = torch.randn(k, self.d, generator=self.gen, device=self.device, dtype=torch.float64)  # [k, d]
@@ -355,7 +436,7 @@ class _Run:
         if full:
             empty = (~nonempty).nonzero().flatten()  # [e]
             if empty.numel():
-                _reseed_empty(new, empty, xw, dist)
+                _reseed_empty(new, empty, xw, dist, self.w2[off : off + m] if self.weighted else None)
             elif not self.anneal and self.prev_codes is not None and _equal(codes, self.prev_codes):
                 self.done = True  # Lloyd fixed point: the codebook can no longer move
             if not self.anneal:
@@ -363,7 +444,10 @@ class _Run:
         self.codebook = new
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = _nearest(self.x, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)[0]  # [n]
+        if self.weighted:
+            codes = _nearest_weighted(self.q, self.base, self.codebook, chunk_size=self.chunk_size)[0]  # [n]
+        else:
+            codes = _nearest(self.x, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)[0]  # [n]
         return self.codebook, codes
 
 
@@ -371,6 +455,7 @@ def kmeans_many(
     xs: list[torch.Tensor], ks: list[int] | int, *, n_iter: int = 100, anneal: bool = True, seed: int = 0,
     inits: list[torch.Tensor | None] | None = None, subsample: bool = True,
     use_faiss: bool | None = None, chunk_size: int | None = None, init_method: str = "random",
+    weights: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[`kmeans`] on many independent problems (e.g. all layers of a model) in one call.
 
@@ -382,6 +467,7 @@ def kmeans_many(
         ks (`list[int]` or `int`): codewords per problem (an `int` applies to all).
         n_iter, anneal, seed, subsample, use_faiss, chunk_size, init_method: as in [`kmeans`].
         inits (`list`, *optional*): initial codebook `[k_j, d_j]` or `None` per problem.
+        weights (`list`, *optional*): per-entry weights `[n_j, d_j]` or `None` per problem (see [`kmeans`]).
 
     Returns:
         `list[tuple[torch.Tensor, torch.Tensor]]`: per problem, codebook `[k_j, d_j]` (float32) and
@@ -389,12 +475,13 @@ def kmeans_many(
     """
     if isinstance(ks, int):
         ks = [ks] * len(xs)
-    if len(ks) != len(xs) or (inits is not None and len(inits) != len(xs)):
-        raise ValueError("xs, ks (and inits) must have the same length.")
+    if len(ks) != len(xs) or any(v is not None and len(v) != len(xs) for v in (inits, weights)):
+        raise ValueError("xs, ks (and inits, weights) must have the same length.")
     out = []
     for j, (x, k) in enumerate(zip(xs, ks)):
         run = _Run(x, k, n_iter=n_iter, anneal=anneal, seed=seed, init=None if inits is None else inits[j],
-                   subsample=subsample, use_faiss=use_faiss, chunk_size=chunk_size, init_method=init_method)
+                   subsample=subsample, use_faiss=use_faiss, chunk_size=chunk_size, init_method=init_method,
+                   weights=None if weights is None else weights[j])
         for i in range(1, n_iter + 1):
             run.step(i)
         out.append(run.result())
@@ -405,6 +492,7 @@ def kmeans(
     x: torch.Tensor, k: int, *, n_iter: int = 100, anneal: bool = True, seed: int = 0,
     init: torch.Tensor | None = None, subsample: bool = True,
     use_faiss: bool | None = None, chunk_size: int | None = None, init_method: str = "random",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Annealed k-means (SR-C) of subvectors; `anneal=False` gives plain Lloyd.
 
@@ -432,10 +520,15 @@ def kmeans(
         init_method (`str`, defaults to `"random"`): `"random"` (the paper's: k random distinct
             subvectors plus tiny noise) or `"kmeans++"` (greedy D² seeding on a subsample: slower to
             start, better on data made of a few well-separated clusters).
+        weights (`torch.Tensor`, *optional*): non-negative weight per entry `[n, d]`: minimise
+            `sum w * (x - c)^2` instead (weighted k-means; see the module docstring). hf_vq passes the
+            second moment of the input channel each weight entry multiplies ([`hf_vq.quantize_`] with
+            `calibration=`).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: codebook `[k, d]` (float32, on `x.device`) and codes `[n]`
-        (int64): the nearest codeword of each subvector.
+        (int64): the nearest codeword of each subvector (under the weights, when given).
     """
     return kmeans_many([x], [k], n_iter=n_iter, anneal=anneal, seed=seed, inits=[init], subsample=subsample,
-                       use_faiss=use_faiss, chunk_size=chunk_size, init_method=init_method)[0]
+                       use_faiss=use_faiss, chunk_size=chunk_size, init_method=init_method,
+                       weights=None if weights is None else [weights])[0]

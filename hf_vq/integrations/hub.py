@@ -134,7 +134,9 @@ def compression_summary(config: VQConfig | None, size: SizeReport, permutation: 
     elif config is not None:
         rows.append(("permutation", "on" if getattr(config, "permute", False) else "off"))
     if config is not None:
-        rows.append(("k-means", f"{'annealed' if config.anneal else 'Lloyd'}, {config.n_iter} iterations"))
+        weighted = getattr(permutation, "objective", None) == "activation-aware" and method == "pq"
+        rows.append(("k-means", f"{'annealed' if config.anneal else 'Lloyd'}, {config.n_iter} iterations"
+                                + (", weighted by the input channels' second moments (calibration data)" if weighted else "")))
     return rows
 
 

@@ -101,6 +101,60 @@ def test_bad_input_rejected():
         assign(torch.randn(10, 4), torch.randn(5, 3))
 
 
+def _weighted_problem(seed=0, n=6000, d=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)  # [n, d]
+    w = torch.rand(n, d, generator=g).pow(3) * 4  # [n, d]: skewed, some entries nearly ignored
+    return x, w
+
+
+def _weighted_sse(x, w, codebook, codes):
+    return float((w.double() * (x.double() - codebook.double()[codes]).pow(2)).sum())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 999])  # one block; several with a ragged last one
+def test_weighted_assign_is_the_weighted_nearest_codeword(chunk_size):
+    x, w = _weighted_problem()
+    cb = torch.randn(64, 4, generator=torch.Generator().manual_seed(5))
+    codes = assign(x, cb, weights=w, chunk_size=chunk_size)
+    dist = (w.double()[:, None, :] * (x.double()[:, None, :] - cb.double()[None]).pow(2)).sum(-1)  # [n, k]
+    chosen = dist.gather(1, codes[:, None])[:, 0]
+    torch.testing.assert_close(chosen, dist.min(1).values, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(codes, assign(x, cb))  # the weights do change the assignment
+
+
+def test_weighted_kmeans_minimises_the_weighted_error():
+    x, w = _weighted_problem()
+    plain_cb, plain_codes = kmeans(x, 32, n_iter=30, seed=0)
+    cb, codes = kmeans(x, 32, n_iter=30, seed=0, weights=w)
+    assert _weighted_sse(x, w, cb, codes) < 0.9 * _weighted_sse(x, w, plain_cb, plain_codes)
+    # unit weights are plain k-means: same objective value within annealing noise
+    ones_cb, ones_codes = kmeans(x, 32, n_iter=30, seed=0, weights=torch.ones_like(x))
+    ones = torch.ones_like(x)
+    assert _weighted_sse(x, ones, ones_cb, ones_codes) < 1.02 * _weighted_sse(x, ones, plain_cb, plain_codes)
+
+
+def test_weighted_lloyd_fixed_point_is_the_weighted_mean():
+    """At Lloyd's fixed point every codeword coordinate is the weighted mean of its members' coordinate."""
+    x, w = _weighted_problem(n=3000)
+    cb, codes = kmeans(x, 16, n_iter=200, anneal=False, seed=1, weights=w)
+    for c in range(16):
+        members = codes == c
+        if members.any():
+            expected = (w[members] * x[members]).sum(0) / w[members].sum(0)
+            torch.testing.assert_close(cb[c], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_rejected_when_malformed():
+    x = torch.randn(100, 4)
+    with pytest.raises(ValueError, match="shape of the subvectors"):
+        kmeans(x, 4, weights=torch.ones(100, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        kmeans(x, 4, weights=-torch.ones(100, 4))
+    with pytest.raises(ValueError, match="non-negative"):
+        assign(x, torch.randn(4, 4), weights=torch.full((100, 4), float("nan")))
+
+
 def test_quantize_matrix_decodes_to_its_codewords():
     w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     codebooks, codes = quantize_matrix(w, d=4, k=32, n_iter=10)
