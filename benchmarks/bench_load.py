@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Where the time of `from_pretrained` goes: dense vs compressed all-MiniLM-L6-v2, phase by phase.
+
+Each load runs in a fresh child process (as a user's first load would), dense and compressed alternating
+so that both see the same machine load; the modeling code (`transformers.models.bert`) is imported before
+the clock starts, so the figures are the load itself. Phases are timed by wrapping transformers' and
+hf_vq's functions: hf_vq's hooks before / after the weights load, transformers' per-key loader
+(`convert_and_load_state_dict_in_model`), the whole `from_pretrained`. Twice: with transformers' default
+thread-pool loading and with `HF_DEACTIVATE_ASYNC_LOAD=1` (one thread).
+
+    .venv/bin/python benchmarks/bench_load.py [--pairs 15]   # writes benchmarks/results/load.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from _common import RESULTS, machine, minilm_path, write
+
+_CHILD = textwrap.dedent("""
+    import collections, functools, json, sys, time
+    import torch
+    torch.set_num_threads(2)
+    import hf_vq
+    import hf_vq.integrations.transformers_quantizer as tq
+    import transformers.modeling_utils as mu
+    import transformers.models.bert.modeling_bert  # noqa: F401 - imported before the clock, for both
+    from transformers import AutoModel
+
+    spent = collections.defaultdict(float)
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    timed(tq.HfVQQuantizer, "_process_model_before_weight_loading", "hf_vq before loading")
+    timed(tq.HfVQQuantizer, "_process_model_after_weight_loading", "hf_vq after loading")
+    timed(mu, "convert_and_load_state_dict_in_model", "transformers per-key loader")
+    start = time.perf_counter()
+    AutoModel.from_pretrained(sys.argv[1])
+    print(json.dumps({"from_pretrained": time.perf_counter() - start, **spent}))
+""")
+
+
+def run(pairs: int) -> dict:
+    from transformers import AutoModel
+
+    import hf_vq
+
+    source = minilm_path()
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "minilm-vq"
+        model = AutoModel.from_pretrained(source, quantization_config=hf_vq.VQConfig(k=256, n_iter=20, permute=False))
+        model.save_pretrained(folder)
+        del model
+        from safetensors import safe_open
+
+        for name, path in (("dense", source), ("compressed", folder)):
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                out.setdefault("tensors", {})[name] = len(list(f.keys()))
+        for mode, env in (("thread pool (default)", {}), ("one thread", {"HF_DEACTIVATE_ASYNC_LOAD": "1"})):
+            samples: dict[str, list[dict]] = {"dense": [], "compressed": []}
+            for _ in range(pairs):
+                for name, path in (("dense", source), ("compressed", folder)):
+                    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
+                                          timeout=600, env={**os.environ, **env})
+                    if proc.returncode != 0:
+                        raise RuntimeError(proc.stderr[-2000:])
+                    samples[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            phases = sorted({k for s in samples["compressed"] + samples["dense"] for k in s})
+            out[mode] = {name: {p: round(1e3 * statistics.median(s.get(p, 0.0) for s in runs), 2) for p in phases}
+                         for name, runs in samples.items()}
+            diffs = [c["from_pretrained"] - d["from_pretrained"] for d, c in zip(samples["dense"], samples["compressed"])]
+            out[mode]["paired_difference_ms"] = round(1e3 * statistics.median(diffs), 2)
+            print(f"[{mode}] {out[mode]}", flush=True)
+    return out
+
+
+def markdown(data: dict) -> str:
+    m = data["machine"]
+    lines = ["# Loading all-MiniLM-L6-v2: dense vs compressed, phase by phase\n",
+             f"Machine: {m['device']}, torch {m['torch']}, {m['date']}. Fresh child process per load, "
+             f"{data['pairs']} alternating dense/compressed pairs per mode, medians in ms; the modeling code is "
+             "imported before the clock starts. Compressed: k=256, d=4 (`VQConfig(k=256, permute=False)`), "
+             f"{data['tensors']['compressed']} tensors in model.safetensors vs {data['tensors']['dense']} dense.\n",
+             "| loading | checkpoint | from_pretrained | transformers per-key loader | hf_vq before loading | hf_vq after loading |",
+             "|---|---|---|---|---|---|"]
+    for mode in ("thread pool (default)", "one thread"):
+        for name in ("dense", "compressed"):
+            r = data[mode][name]
+            lines.append(f"| {mode} | {name} | {r['from_pretrained']} | {r['transformers per-key loader']} "
+                         f"| {r.get('hf_vq before loading', '')} | {r.get('hf_vq after loading', '')} |")
+        lines.append(f"| {mode} | **compressed − dense (paired median)** | **{data[mode]['paired_difference_ms']}** | | | |")
+    lines.append("\n```bash\n.venv/bin/python benchmarks/bench_load.py\n```\n")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--out", default=str(RESULTS / "load"))
+    args = parser.parse_args(argv)
+    data = {"machine": machine(), "pairs": args.pairs, **run(args.pairs)}
+    write(args.out, data, markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
