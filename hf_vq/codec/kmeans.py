@@ -39,7 +39,8 @@ distance is `-2 (w*x) c^T + w (c*c)^T` plus a per-point constant: one inner-prod
 queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; about 3x the cost
 of the plain search).
 A codeword's coordinate `t` moves to the weighted mean of its members' coordinate `t` (the plain mean
-where all their weights are zero). Annealing and subsampling keep their unweighted statistics.
+where all their weights are zero). Annealing and subsampling keep their unweighted statistics. A weighted run
+keeps `[w*x, w]` and the weighted sums per point, about 2.5x the memory of a plain one.
 """
 
 from __future__ import annotations
