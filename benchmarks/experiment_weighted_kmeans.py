@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Exploratory experiment (not a library feature yet): activation-weighted k-means, with and without permutation.
+"""Exploratory experiment that led to the library's weighted k-means: activation-weighted k-means, with and
+without permutation, simulated with plain Lloyd. The library version (annealed, `quantize_(..., calibration=)`)
+is measured in benchmarks/bench_permute.py; this script is kept as the record of the experiment.
 
 EfficientNet-Lite0's outputs do not follow the weight error: k-means minimises the unweighted error and the
 permutation (either objective) can move error onto channels that carry large activations. Here every quantized
