@@ -49,6 +49,8 @@ from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path,
 
 import hf_vq
 from hf_vq.codec.permutation import ObjectiveTerm, search_permutation
+from hf_vq.permute import input_moments
+from hf_vq.quantize import _entry_weights
 
 
 # method -> (permutation objective: None / "weights" / "act", weighted k-means)
@@ -63,15 +65,12 @@ def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
     return sum(lay.rel_error * norms[n] for n, lay in config.layouts.items()) / sum(norms.values())
 
 
-def activation_error(base: torch.nn.Module, model: torch.nn.Module, config: hf_vq.VQConfig, calibration) -> float:
+def activation_error(base: torch.nn.Module, model: torch.nn.Module, config: hf_vq.VQConfig,
+                     moments: dict[str, torch.Tensor]) -> float:
     """Total relative error with every weight entry weighted by the second moment of its input channel
-    (measured on `base`, the dense model the codes were learnt from, on the calibration batches): the error
-    as the layers' outputs see it, Σ w (W - Ŵ)² / Σ w W², each layer's weights normalised to mean 1."""
-    from hf_vq.permute import input_moments
-    from hf_vq.quantize import _entry_weights
-
+    (`moments`, measured on `base`, the dense model the codes were learnt from, on the calibration batches):
+    the error as the layers' outputs see it, Σ w (W - Ŵ)² / Σ w W², each layer's weights normalised to mean 1."""
     names = [n for n, lay in config.layouts.items() if lay.tied_to is None]
-    moments = input_moments(base, names, calibration)
     num = den = 0.0
     for name in names:
         dense, vq = base.get_submodule(name), model.get_submodule(name)
@@ -109,6 +108,7 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
                                 "logdet_greedy": s.objective_greedy, "logdet_after": s.objective, "swaps": s.accepted,
                                 "reasons": s.reasons} for s in report.spaces]
             entry["report"] = str(report)
+        moments = input_moments(base, list(hf_vq.plan(base, config)), calibration)  # once per (permuted) base
         runs = []
         for seed in seeds:
             model = copy.deepcopy(base)
@@ -118,7 +118,7 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
             filled = hf_vq.quantize_(model, run_config, progress=False, calibration=calibration if weighted else None)
             runs.append({"seed": seed, "seconds": round(time.perf_counter() - start, 1),
                          "total_rel_error": total_error(dense, filled),
-                         "activation_rel_error": activation_error(base, model, filled, calibration), **fidelity(model)})
+                         "activation_rel_error": activation_error(base, model, filled, moments), **fidelity(model)})
             print(f"[{method}] seed {seed}: {runs[-1]}", flush=True)
         entry["runs"] = runs
         for key in runs[0]:

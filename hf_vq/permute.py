@@ -1043,10 +1043,10 @@ def _objective_terms(space: ChannelSpace, tensors: dict[str, torch.Tensor], layo
         g = ref.inner * stride
         reps = w.shape[ref.dim] // (P * ref.inner)
         d = layout.d
-        second = moments.get(module) if moments else None  # [in_channels]: E[x_c^2]
-        if second is not None and pre == 1 and second.numel() * stride == mat.shape[1]:
-            rms = second.to(mat.device, torch.float32).clamp_min(0).sqrt()  # [in_channels]
-            mat = mat.float() * rms.repeat_interleave(stride)[None, :]  # [rows, in_channels*stride]
+        entry = _entry_moments(ten, layout.kind, moments.get(module)) if moments else None  # like the weight
+        if entry is not None:
+            entry = entry.t() if layout.kind == "conv1d" else entry.reshape(mat.shape)  # like mat
+            mat = mat.float() * entry.to(mat.device, torch.float32).clamp_min(0).sqrt()  # columns x input RMS
         if d % g == 0 and d // g >= 2 and P % (d // g) == 0:
             x = mat.reshape(mat.shape[0] * pre * reps, P, g)  # [N, P, g]
             terms.append(ObjectiveTerm(x.float(), d // g))
@@ -1109,6 +1109,29 @@ def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[
             h.remove()
         model.train(was_training)
     return {name: total / counts[name] for name, total in sums.items()}
+
+
+def _entry_moments(weight: torch.Tensor, kind: str, second: torch.Tensor | None) -> torch.Tensor | None:
+    """`E[x_c^2]` of the input channel every entry of `weight` multiplies, in the weight's own layout.
+
+    `second` `[in_channels]` comes from [`input_moments`]; linear weights are `[out, in]`, GPT-2's `Conv1D`
+    `[in, out]`, convolutions `[out, in/groups, *kernel]` (groups inferred from `second`). None for
+    embeddings (their input is an index) or when `second` does not fit the weight.
+    """
+    if second is None or kind == "embedding":
+        return None
+    second = second.to(weight.device)  # [in_channels]
+    if kind == "conv1d":
+        return second[:, None].expand(weight.shape) if second.numel() == weight.shape[0] else None
+    if weight.dim() == 2:
+        return second.expand(weight.shape) if second.numel() == weight.shape[1] else None
+    out, per_group = weight.shape[:2]
+    groups = second.numel() // per_group
+    if groups * per_group != second.numel() or out % groups:
+        return None
+    group = torch.arange(out, device=weight.device) // (out // groups)  # [out]
+    channel = group[:, None] * per_group + torch.arange(per_group, device=weight.device)  # [out, in/groups]
+    return second[channel].reshape(out, per_group, *[1] * (weight.dim() - 2)).expand(weight.shape)
 
 
 def shard_groups(n_groups: int, process_index: int = 0, num_processes: int = 1) -> list[int]:

@@ -359,25 +359,11 @@ def _entry_weights(module: nn.Module, cls: type[VQModuleMixin], kind: str,
     (`[in_channels]`) of the input channel the entry multiplies, normalised to mean 1 over the matrix and
     floored at 1e-3 (so dead channels still get a nearest codeword). -> `[rows, cols]` float32, or None
     without moments (embeddings, modules the calibration data did not reach)."""
-    weight = module._parameters["weight"]
-    if second is None or kind == "embedding":
+    from .permute import _entry_moments
+
+    full = _entry_moments(module._parameters["weight"], kind, second)  # like the weight
+    if full is None:
         return None
-    second = second.to(weight.device, torch.float32)  # [in_channels]
-    if isinstance(module, nn.modules.conv._ConvNd):  # weight [out, in/groups, *kernel]
-        out, per_group = weight.shape[:2]
-        if second.numel() != per_group * module.groups:
-            return None
-        group = torch.arange(out, device=weight.device) // (out // module.groups)  # [out]
-        channel = group[:, None] * per_group + torch.arange(per_group, device=weight.device)  # [out, in/groups]
-        full = second[channel].reshape(out, per_group, *[1] * (weight.dim() - 2)).expand(weight.shape)
-    elif kind == "conv1d":  # GPT-2 Conv1D: weight [in, out]
-        if second.numel() != weight.shape[0]:
-            return None
-        full = second[:, None].expand(weight.shape)
-    else:  # linear: weight [out, in]
-        if second.numel() != weight.shape[-1]:
-            return None
-        full = second.expand(weight.shape)
     matrix = cls._weight_to_matrix(full).float()  # [rows, cols]
     mean = matrix.mean()
     return (matrix / mean).clamp_min(1e-3) if mean > 0 else None

@@ -36,11 +36,11 @@ With `weights` (one non-negative weight per subvector entry, `[n, d]` like the d
 `sum_i sum_t w_it (x_it - c_t)^2`: e.g. the weight of an entry of a layer's weight matrix is the second
 moment of the input channel it multiplies, so the error is measured as the layer's outputs see it. The
 distance is `-2 (w*x) c^T + w (c*c)^T` plus a per-point constant: one inner-product search of the
-queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; about 3x the cost
-of the plain search).
+queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; a calibrated
+compression's k-means takes 3-4x as long, "k-means s" in benchmarks/results/permute.md).
 A codeword's coordinate `t` moves to the weighted mean of its members' coordinate `t` (the plain mean
 where all their weights are zero). Annealing and subsampling keep their unweighted statistics. A weighted run
-keeps `[w*x, w]` and the weighted sums per point, about 2.5x the memory of a plain one.
+also keeps `[w*x, w]` and the weighted sums per point: about 2.5x the memory of a plain one (counted, d = 4).
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def _nearest_weighted(
     codebook `[k, d]` float32.
 
     `sum_t w_t (x_t - c_t)^2 = base - q . [2c, -c*c]`, so the nearest codeword is the largest inner
-    product: a chunked GEMM + max in torch. (faiss's inner-product search was no faster on one thread and
-    2-3x slower on two, where its OpenMP pool competes with torch's.) Returns codes `[n]` int64 and weighted
+    product: a chunked GEMM + max in torch (faiss's inner-product search, tried ad hoc, was no faster and
+    erratic on two threads, its OpenMP pool competing with torch's). Returns codes `[n]` int64 and weighted
     squared distances `[n]` float32."""
     n = q.shape[0]
     k = codebook.shape[0]
@@ -362,12 +362,11 @@ class _Run:
         self.weighted = weights is not None
         self.sx = 0
         if self.weighted:
-            w = _check_weights(weights, x)  # [n, d]
-            self.q, self.base = _weighted_queries(x, w)  # [n, 2d], [n]: the final weighted assignment
-            wp = w[perm]  # [n, d]
+            wp = _check_weights(weights, x)[perm]  # [n, d], in the shuffled order
             q2, base2 = _weighted_queries(xp, wp)
-            self.q2, self.base2 = torch.cat([q2, q2]), torch.cat([base2, base2])  # [2n, 2d], [2n]
-            self.w2 = torch.cat([wp, wp])  # [2n, d]
+            # [2n, 2d] (its last d columns are the weights), [2n]; the first n rows serve the final assignment
+            self.q2, self.base2 = torch.cat([q2, q2]), torch.cat([base2, base2])
+            self.perm = perm
             wp64 = wp.to(torch.float64)
             vals = torch.cat([wp64 * xp64, wp64, vals], 1)  # [n, 3d + 1]
             self.sx = 2 * self.d
@@ -437,7 +436,7 @@ class _Run:
         if full:
             empty = (~nonempty).nonzero().flatten()  # [e]
             if empty.numel():
-                _reseed_empty(new, empty, xw, dist, self.w2[off : off + m] if self.weighted else None)
+                _reseed_empty(new, empty, xw, dist, self.q2[off : off + m, self.d :] if self.weighted else None)
             elif not self.anneal and self.prev_codes is not None and _equal(codes, self.prev_codes):
                 self.done = True  # Lloyd fixed point: the codebook can no longer move
             if not self.anneal:
@@ -446,7 +445,10 @@ class _Run:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weighted:
-            codes = _nearest_weighted(self.q, self.base, self.codebook, chunk_size=self.chunk_size)[0]  # [n]
+            shuffled = _nearest_weighted(self.q2[: self.n], self.base2[: self.n], self.codebook,
+                                         chunk_size=self.chunk_size)[0]  # [n], in the shuffled order
+            codes = torch.empty_like(shuffled)
+            codes[self.perm] = shuffled  # [n], original order
         else:
             codes = _nearest(self.x, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)[0]  # [n]
         return self.codebook, codes
