@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Where the time of `from_pretrained` goes: dense vs compressed all-MiniLM-L6-v2, phase by phase.
+"""Loading compressed vs dense all-MiniLM-L6-v2 with `from_pretrained`: wall time, phase by phase, and peak memory.
 
 Each load runs in a fresh child process (as a user's first load would), dense and compressed alternating
 so that both see the same machine load; the modeling code (`transformers.models.bert`) is imported before
 the clock starts, so the figures are the load itself. Phases are timed by wrapping transformers' and
-hf_vq's functions: hf_vq's hooks before / after the weights load, transformers' per-key loader
-(`convert_and_load_state_dict_in_model`), the whole `from_pretrained`. Twice: with transformers' default
-thread-pool loading and with `HF_DEACTIVATE_ASYNC_LOAD=1` (one thread).
+hf_vq's functions: hf_vq's hooks before / after the weights load (before: skeleton, header check and, on one
+device, reading codes and codebooks), transformers' per-key loader (`convert_and_load_state_dict_in_model`),
+the whole `from_pretrained`. The memory the load adds is the peak RSS (VmHWM, reset just before the call)
+over the RSS at its start. Twice: with transformers' default thread-pool loading and with
+`HF_DEACTIVATE_ASYNC_LOAD=1` (one thread). The checkpoints are in the page cache (warm).
 
     .venv/bin/python benchmarks/bench_load.py [--pairs 15]   # writes benchmarks/results/load.{json,md}
 """
@@ -52,10 +54,20 @@ _CHILD = textwrap.dedent("""
     timed(tq.HfVQQuantizer, "_process_model_before_weight_loading", "hf_vq before loading")
     timed(tq.HfVQQuantizer, "_process_model_after_weight_loading", "hf_vq after loading")
     timed(mu, "convert_and_load_state_dict_in_model", "transformers per-key loader")
+
+    def status(key):  # kB, from /proc/self/status
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    rss_start = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS (Linux >= 4.0)
     start = time.perf_counter()
     AutoModel.from_pretrained(sys.argv[1])
-    print(json.dumps({"from_pretrained": time.perf_counter() - start, **spent}))
+    print(json.dumps({"from_pretrained": time.perf_counter() - start, **spent,
+                      "peak RSS over start (MB)": (status("VmHWM") - rss_start) / 1024}))
 """)
+
+
+MODES = (("thread pool (default)", {}), ("one thread", {"HF_DEACTIVATE_ASYNC_LOAD": "1"}))
 
 
 def run(pairs: int) -> dict:
@@ -75,7 +87,8 @@ def run(pairs: int) -> dict:
         for name, path in (("dense", source), ("compressed", folder)):
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 out.setdefault("tensors", {})[name] = len(list(f.keys()))
-        for mode, env in (("thread pool (default)", {}), ("one thread", {"HF_DEACTIVATE_ASYNC_LOAD": "1"})):
+            out.setdefault("file_mb", {})[name] = round((path / "model.safetensors").stat().st_size / 2**20, 2)
+        for mode, env in MODES:
             samples: dict[str, list[dict]] = {"dense": [], "compressed": []}
             for _ in range(pairs):
                 for name, path in (("dense", source), ("compressed", folder)):
@@ -85,7 +98,8 @@ def run(pairs: int) -> dict:
                         raise RuntimeError(proc.stderr[-2000:])
                     samples[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             phases = sorted({k for s in samples["compressed"] + samples["dense"] for k in s})
-            out[mode] = {name: {p: round(1e3 * statistics.median(s.get(p, 0.0) for s in runs), 2) for p in phases}
+            out[mode] = {name: {p: round((1 if p.endswith("(MB)") else 1e3) * statistics.median(s.get(p, 0.0) for s in runs), 2)
+                                for p in phases}
                          for name, runs in samples.items()}
             diffs = [c["from_pretrained"] - d["from_pretrained"] for d, c in zip(samples["dense"], samples["compressed"])]
             out[mode]["paired_difference_ms"] = round(1e3 * statistics.median(diffs), 2)
@@ -99,15 +113,20 @@ def markdown(data: dict) -> str:
              f"Machine: {m['device']}, torch {m['torch']}, {m['date']}. Fresh child process per load, "
              f"{data['pairs']} alternating dense/compressed pairs per mode, medians in ms; the modeling code is "
              "imported before the clock starts. Compressed: k=256, d=4 (`VQConfig(k=256, permute=False)`), "
-             f"{data['tensors']['compressed']} tensors in model.safetensors vs {data['tensors']['dense']} dense.\n",
-             "| loading | checkpoint | from_pretrained | transformers per-key loader | hf_vq before loading | hf_vq after loading |",
-             "|---|---|---|---|---|---|"]
-    for mode in ("thread pool (default)", "one thread"):
+             f"{data['tensors']['compressed']} tensors in model.safetensors vs {data['tensors']['dense']} dense "
+             f"({data['file_mb']['compressed']} MB vs {data['file_mb']['dense']} MB). Memory: the peak RSS during `from_pretrained` over the "
+             "RSS at its start, in MB.\n",
+             "| mode | checkpoint | from_pretrained | transformers per-key loader | hf_vq before loading | "
+             "hf_vq after loading | peak RSS over start |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, _ in MODES:
         for name in ("dense", "compressed"):
             r = data[mode][name]
             lines.append(f"| {mode} | {name} | {r['from_pretrained']} | {r['transformers per-key loader']} "
-                         f"| {r.get('hf_vq before loading', '')} | {r.get('hf_vq after loading', '')} |")
-        lines.append(f"| {mode} | **compressed − dense (paired median)** | **{data[mode]['paired_difference_ms']}** | | | |")
+                         f"| {r.get('hf_vq before loading', '')} | {r.get('hf_vq after loading', '')} "
+                         f"| {r['peak RSS over start (MB)']} |")
+        lines.append(f"| {mode} | **compressed − dense (paired median)** | **{data[mode]['paired_difference_ms']}** "
+                     "| | | | |")
     lines.append("\n```bash\n.venv/bin/python benchmarks/bench_load.py\n```\n")
     return "\n".join(lines)
 

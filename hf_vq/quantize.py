@@ -458,7 +458,8 @@ def build_skeleton_(model: nn.Module, config: VQConfig, *, dtype: torch.dtype | 
             vq.share_codebooks_(shared[layout.codebook_set], layout.codebook_set)
         built[name] = vq
     for name, vq in built.items():
-        model.set_submodule(name, vq)
+        parent, _, child = name.rpartition(".")
+        modules[parent]._modules[child] = vq  # what set_submodule does, without walking the path again
     _register_shared(model, shared)
     model.vq_config = config
     return model

@@ -51,11 +51,11 @@ from transformers.quantizers.auto import (
 
 from ..checkpoint import CODEBOOKS, CODES, CheckpointError, expected_shapes, is_shared_codebooks_key
 from ..codec.packing import bits_for
-from ..config import VQConfig, shared_codebooks_key
+from ..config import SHARED_CODEBOOKS, VQConfig, shared_codebooks_key
 from ..nn import CodesError, VQModuleMixin
 
 __all__ = ["QUANT_METHOD", "GUARD_NOTE_KEY", "HfVQQuantizer", "register", "attach_", "detach_",
-           "check_checkpoint_files"]
+           "check_checkpoint_files", "load_vq_tensors_"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,25 +129,42 @@ class HfVQQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
-                                             **kwargs: Any) -> nn.Module:
-        """Pre-quantized: swap in empty VQ modules (on meta) so that codes and codebooks load into them."""
+                                             device_map: Any = None, **kwargs: Any) -> nn.Module:
+        """Pre-quantized: swap in empty VQ modules (on meta) for codes and codebooks to be loaded into.
+
+        On one device (no `device_map`, or one that puts everything on a single device) hf_vq reads the codes and
+        codebooks itself, here, straight from the safetensors files ([`load_vq_tensors_`]), and keeps them out of
+        the state dict transformers loads: transformers' loader costs about as much per tensor however small the
+        tensor, and a compressed layer has two. With a multi-device or offloading `device_map` they load through
+        transformers like every other tensor.
+        """
         if not self.pre_quantized:
             return model  # dense weights load as usual; they are compressed after loading
         from ..quantize import build_skeleton_
 
         config = self.quantization_config = _fit_layout(model, self.quantization_config)
         build_skeleton_(model, config)
+        # one pattern per kind of key (transformers compiles and tries every pattern on every unexpected key)
+        names = "|".join(re.escape(name) for name in config.modules)
+        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0]), rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$"}
+        self._vq_hidden = None
+        if checkpoint_files:
+            sources = check_checkpoint_files(checkpoint_files, config, rename=_checkpoint_key_renamer(model, self))
+            device = _single_device(device_map)
+            if device is not None:
+                load_vq_tensors_(model, sources, device)
+                # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists: the
+                # VQ tensors stay out of it until the weights are loaded ...
+                self._vq_hidden = model.register_state_dict_post_hook(_drop_keys(set(sources)))
+                # ... and are "unexpected" to it: a pattern by suffix (one listing every key takes longer to compile
+                # than loading the tensors); the keys hf_vq does not read are dropped heads, reported by `_fit_layout`
+                unexpected.add(rf"(?:^|\.)(?:{CODES}|{CODEBOOKS}|{SHARED_CODEBOOKS}\w*)$")
         _tie_(model, config)
         for module in model.modules():
             if isinstance(module, VQModuleMixin):
                 # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
                 # the still-empty codes of tied modules, re-aliased to their owner's after loading)
                 module._is_hf_initialized = True
-        if checkpoint_files:
-            check_checkpoint_files(checkpoint_files, config, rename=_checkpoint_key_renamer(model, self))
-        # one pattern for all guard keys (transformers compiles and tries every pattern on every unexpected key)
-        names = "|".join(re.escape(name) for name in config.modules)
-        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0]), rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$"}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | unexpected
         return model
 
@@ -155,6 +172,9 @@ class HfVQQuantizer(HfQuantizer):
         """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
         if self.pre_quantized:
             config = self.quantization_config
+            hidden, self._vq_hidden = getattr(self, "_vq_hidden", None), None
+            if hidden is not None:
+                hidden.remove()
             attach_(model, config)  # re-ties: every member of a shared set holds the one loaded parameter
             _check_loaded(model, config)
         else:
@@ -401,7 +421,7 @@ def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
     return lambda key: key if key in meta_state_dict else transformers_rename()(key)
 
 
-def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -> None:
+def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -> dict[str, tuple[str, str]]:
     """Check, from the safetensors headers only, that every compressed module has its codes and codebooks.
 
     Args:
@@ -410,12 +430,16 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
         rename (`Callable[[str], str]`, *optional*): maps a key as stored to the model's name for it
             (transformers renames legacy keys, e.g. ViT's, and adds or strips `base_model_prefix`).
 
+    Returns:
+        `dict[str, tuple[str, str]]`: for every stored VQ tensor (codes, own codebooks, shared sets), the model's
+        key -> (file, key as stored).
+
     Raises:
         [`CheckpointError`]: naming the missing or misshapen tensor, its module and the fix.
     """
     from safetensors import SafetensorError, safe_open
 
-    header: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    header: dict[str, tuple[str, tuple[int, ...], str, str]] = {}  # model key -> (dtype, shape, file, stored key)
     for file in files:
         if not str(file).endswith(".safetensors"):
             raise CheckpointError(
@@ -424,15 +448,15 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
             )
         try:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    stored = key if key.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(key) else None
-                    if stored is not None and rename is not None:
-                        key = rename(key)
-                    header[key] = (sl.get_dtype(), tuple(sl.get_shape()), os.path.basename(str(file)))
+                for stored in f.keys():
+                    sl = f.get_slice(stored)
+                    is_vq = stored.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(stored)
+                    key = rename(stored) if is_vq and rename is not None else stored
+                    header[key] = (sl.get_dtype(), tuple(sl.get_shape()), str(file), stored)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is truncated or corrupted ({err}); re-download it or save the model again.") from None
     where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
+    sources: dict[str, tuple[str, str]] = {}
     for name, layout in config.layouts.items():
         if layout.tied_to is not None:
             continue
@@ -445,13 +469,79 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
                     "quantization_config.modules). The file is incomplete or belongs to another config; re-download "
                     "or re-save the model."
                 )
-            dtype, got, file = header[key]
+            dtype, got, file, stored = header[key]
             if got != shape or dtype not in dtypes:
                 raise CheckpointError(
-                    f"{file}: tensor {key!r} is {dtype} {list(got)}, expected {'/'.join(sorted(dtypes))} {list(shape)} "
-                    f"for module {name!r} (k={layout.k}, d={layout.d}, weight {list(layout.shape)}). The checkpoint "
-                    "does not match its config.json; re-save the model."
+                    f"{os.path.basename(file)}: tensor {key!r} is {dtype} {list(got)}, expected "
+                    f"{'/'.join(sorted(dtypes))} {list(shape)} for module {name!r} (k={layout.k}, d={layout.d}, weight "
+                    f"{list(layout.shape)}). The checkpoint does not match its config.json; re-save the model."
                 )
+            sources[key] = (file, stored)
+    return sources
+
+
+def _single_device(device_map: Any) -> torch.device | None:
+    """The one device a (normalised) `device_map` loads everything on, or None (several, offloading, or "auto")."""
+    if device_map is None:
+        return torch.device("cpu")  # transformers' default
+    if isinstance(device_map, (torch.device, int, str)):
+        device_map = {"": device_map}
+    if not isinstance(device_map, dict):
+        return None
+    devices = {str(torch.device(d) if isinstance(d, int) and not isinstance(d, bool) else d) for d in device_map.values()}
+    if len(devices) != 1 or devices & {"disk", "auto", "balanced", "balanced_low_0", "sequential"}:
+        return None
+    device = devices.pop()
+    return torch.device(f"cuda:{device}" if device.isdigit() else device)
+
+
+def _drop_keys(keys: set[str]):
+    """A state-dict post hook leaving `keys` out of the model's own (top-level) `state_dict()`."""
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if not prefix:
+            for key in keys & state_dict.keys():
+                del state_dict[key]
+
+    return hook
+
+
+def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device: torch.device) -> None:
+    """Read codes and codebooks straight from the safetensors files into the (meta) VQ modules of `model`.
+
+    Codebooks take the dtype and `requires_grad` of the module's empty parameter (the model's dtype); codes stay
+    uint8. Tied modules and members of shared sets are (re-)tied afterwards (`_tie_`).
+
+    Args:
+        sources (`dict[str, tuple[str, str]]`): model key -> (file, key as stored), from [`check_checkpoint_files`].
+        device (`torch.device`): where the tensors go (the one device the model is loaded on).
+
+    Raises:
+        [`CheckpointError`]: if a file cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for key, (file, stored) in sources.items():
+        by_file.setdefault(file, []).append((key, stored))
+    modules = dict(model.named_modules())
+    for file, items in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key, stored in items:
+                    module_name, _, attr = key.rpartition(".")
+                    module = modules[module_name]
+                    tensor = f.get_tensor(stored)
+                    if attr == CODES:
+                        tensor._is_hf_initialized = True  # uint8 [rows, packed_bytes]
+                        module._buffers[attr] = tensor
+                    else:
+                        empty = module._parameters[attr]  # [M, k, d] on meta
+                        param = nn.Parameter(tensor.to(empty.dtype), requires_grad=empty.requires_grad)
+                        param._is_hf_initialized = True
+                        module._parameters[attr] = param
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{file} cannot be read ({err}); re-download it or save the model again.") from None
 
 
 def _check_loaded(model: nn.Module, config: VQConfig) -> None:

@@ -80,18 +80,21 @@ class VQModuleMixin:
         rows, cols = self.matrix_shape(weight_shape)
         if cols % d:
             raise ValueError(f"block size d={d} does not divide the row length {cols} of a weight of shape {weight_shape}.")
-        self.vq_kind = kind
-        self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.k, self.d, self.num_codebooks = int(k), int(d), int(num_codebooks)
+        # plain attributes set at once: nn.Module.__setattr__ costs a few µs each, and a skeleton of a large
+        # model builds thousands of these modules on every from_pretrained
+        self.__dict__.update(
+            vq_kind=kind, weight_shape=tuple(int(s) for s in weight_shape), k=int(k), d=int(d),
+            num_codebooks=int(num_codebooks), cache_decoded=False,
+            _codes_cache=None,  # (key, unpacked codes [rows, n_blocks, M]) or None
+            _lut_codes_cache=None,  # (key, codes [n_blocks * M, rows] for the LUT kernel) or None
+            _weight_cache=None,  # (key, decoded weight) or None
+        )
         n_codes = (cols // d) * num_codebooks
         self.register_buffer(
             "codes", torch.zeros(rows, packed_row_bytes(n_codes, bits_for(k)), dtype=torch.uint8, device=device)
         )  # uint8 [rows, packed_bytes]
-        self.codebooks = nn.Parameter(torch.zeros(num_codebooks, k, d, dtype=dtype, device=device))  # [M, k, d]
-        self.cache_decoded = False
-        self._codes_cache: tuple[Any, torch.Tensor] | None = None
-        self._lut_codes_cache: tuple[Any, torch.Tensor] | None = None
-        self._weight_cache: tuple[Any, torch.Tensor] | None = None
+        self.register_parameter(
+            "codebooks", nn.Parameter(torch.zeros(num_codebooks, k, d, dtype=dtype, device=device)))  # [M, k, d]
 
     @classmethod
     def from_float(cls, module: nn.Module, *, kind: str, k: int, d: int, num_codebooks: int = 1,

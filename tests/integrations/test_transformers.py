@@ -208,6 +208,46 @@ def test_device_map_auto(compressed):
     assert torch.equal(_logits(loaded.cpu(), "gpt2"), _logits(model, "gpt2"))
 
 
+@pytest.mark.parametrize("device_map", [None, "auto"])
+def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
+    """On one device hf_vq reads codes and codebooks itself (transformers' per-key loader sees only the dense
+    tensors); with a device_map it cannot settle up front ("auto") they go through transformers. Same model."""
+    import transformers.core_model_loading as cml
+
+    cls, _, model, folder = compressed("gpt2")
+    loaded_by_transformers = []
+    set_param = cml.set_param_for_module
+
+    def recording(model, target_name, *args, **kwargs):
+        loaded_by_transformers.append(target_name)
+        return set_param(model, target_name, *args, **kwargs)
+
+    monkeypatch.setattr(cml, "set_param_for_module", recording)
+    loaded, info = cls.from_pretrained(folder, device_map=device_map, output_loading_info=True)
+    vq_keys = {k for k in model.state_dict() if k.endswith((".codes", ".codebooks"))}
+    by_transformers = vq_keys & set(loaded_by_transformers)
+    if device_map is None:
+        assert not by_transformers, sorted(by_transformers)
+    else:
+        assert "transformer.h.0.mlp.c_fc.codes" in by_transformers and "lm_head.codes" not in by_transformers  # tied
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.state_dict().keys() == model.state_dict().keys()  # nothing left hidden after loading
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert loaded.lm_head.codebooks is loaded.transformer.wte.codebooks
+
+
+def test_single_device_rule():
+    from hf_vq.integrations.transformers_quantizer import _single_device
+
+    assert _single_device(None) == torch.device("cpu")
+    assert _single_device({"": torch.device("cpu")}) == torch.device("cpu")
+    assert _single_device({"transformer": 0, "lm_head": 0}) == torch.device("cuda:0")
+    assert _single_device({"": "cuda:1"}) == torch.device("cuda:1")
+    for several in ("auto", {"transformer": "cpu", "lm_head": "disk"}, {"a": 0, "b": 1}, {"": "disk"}):
+        assert _single_device(several) is None, several
+
+
 # ---------------------------------------------------------------------------------------------- dequantize
 def test_dequantize_returns_dense_model(compressed, tmp_path):
     cls, _, _, folder = compressed("gpt2")
