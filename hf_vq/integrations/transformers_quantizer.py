@@ -132,11 +132,12 @@ class HfVQQuantizer(HfQuantizer):
                                              device_map: Any = None, **kwargs: Any) -> nn.Module:
         """Pre-quantized: swap in empty VQ modules (on meta) for codes and codebooks to be loaded into.
 
-        On one device (no `device_map`, or one that puts everything on a single device) hf_vq reads the codes and
-        codebooks itself, here, straight from the safetensors files ([`load_vq_tensors_`]), and keeps them out of
-        the state dict transformers loads: transformers' loader costs about as much per tensor however small the
-        tensor, and a compressed layer has two. With a multi-device or offloading `device_map` they load through
-        transformers like every other tensor.
+        On one device (no `device_map`, or one that puts everything on a single device) hf_vq reads the tensors of
+        the compressed modules (codes, codebooks, biases) itself, here, straight from the safetensors files
+        ([`load_vq_tensors_`]), and keeps them out of the state dict transformers loads: transformers' loader costs
+        about as much per tensor however small the tensor. With a multi-device or offloading `device_map`, or fp32
+        modules kept in a half-precision model (`_keep_in_fp32_modules`), they load through transformers like
+        every other tensor.
         """
         if not self.pre_quantized:
             return model  # dense weights load as usual; they are compressed after loading
@@ -145,12 +146,19 @@ class HfVQQuantizer(HfQuantizer):
         config = self.quantization_config = _fit_layout(model, self.quantization_config)
         build_skeleton_(model, config)
         # one pattern per kind of key (transformers compiles and tries every pattern on every unexpected key)
-        names = "|".join(re.escape(name) for name in config.modules)
+        names = _names_pattern(config.modules)
         unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0]), rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$"}
         self._vq_hidden = None
         if checkpoint_files:
-            sources = check_checkpoint_files(checkpoint_files, config, rename=_checkpoint_key_renamer(model, self))
             device = _single_device(device_map)
+            keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
+            if device is not None and keep_fp32 and getattr(model, "dtype", torch.float32) != torch.float32:
+                device = None  # transformers' per-pattern dtype plan decides these tensors' dtypes
+            companions = _companions(model, config) if device is not None else None
+            known = {key for name in config.layouts for key in (f"{name}.{CODES}", f"{name}.{CODEBOOKS}")}
+            known |= set(companions or ())
+            sources = check_checkpoint_files(checkpoint_files, config, companions=companions,
+                                             rename=_checkpoint_key_renamer(model, self, known))
             if device is not None:
                 load_vq_tensors_(model, sources, device)
                 # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists: the
@@ -159,12 +167,14 @@ class HfVQQuantizer(HfQuantizer):
                 # ... and are "unexpected" to it: a pattern by suffix (one listing every key takes longer to compile
                 # than loading the tensors); the keys hf_vq does not read are dropped heads, reported by `_fit_layout`
                 unexpected.add(rf"(?:^|\.)(?:{CODES}|{CODEBOOKS}|{SHARED_CODEBOOKS}\w*)$")
+                suffixes = sorted({key.rpartition(".")[2] for key in companions} | {_GUARD_SUFFIX[1:]})
+                unexpected.discard(rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$")  # one alternation of the names
+                unexpected.add(rf"^(?:{names})\.(?:{'|'.join(suffixes)})$")
         _tie_(model, config)
-        for module in model.modules():
-            if isinstance(module, VQModuleMixin):
-                # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
-                # the still-empty codes of tied modules, re-aliased to their owner's after loading)
-                module._is_hf_initialized = True
+        for name in config.modules:
+            # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
+            # the still-empty codes of tied modules, re-aliased to their owner's after loading)
+            model.get_submodule(name)._is_hf_initialized = True
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | unexpected
         return model
 
@@ -234,10 +244,11 @@ def register() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model state
-def _pretrained_models(model: nn.Module):
+def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformers models in `model` (itself, its base model, ...) with their names ("" for `model`)."""
     from transformers import PreTrainedModel
 
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)]
 
 
 def attach_(model: nn.Module, config: VQConfig) -> HfVQQuantizer | None:
@@ -268,7 +279,7 @@ def attach_(model: nn.Module, config: VQConfig) -> HfVQQuantizer | None:
     model.config.quantization_config = config
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    for sub in _pretrained_models(model):
+    for _, sub in _pretrained_models(model):
         sub.config._is_quantized = True
     _tie_(model, config)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
@@ -281,7 +292,7 @@ def detach_(model: nn.Module) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(quantizer, HfVQQuantizer):
         return
-    for sub in _pretrained_models(model):
+    for _, sub in _pretrained_models(model):
         original = sub.__dict__.pop("_hf_vq_tied_keys", None)
         if original is not None:
             sub.all_tied_weights_keys = original
@@ -320,7 +331,7 @@ def _tie_(model: nn.Module, config: VQConfig) -> None:
             if isinstance(modules.get(name), VQModuleMixin):
                 modules[name].share_codebooks_(param, set_name)  # [M, k, d], the one Parameter of the set
                 shared_ties[f"{name}.{CODEBOOKS}"] = f"{holder_name}.{key}" if holder_name else key
-    for sub in _pretrained_models(model):
+    for prefix, sub in _pretrained_models(model):
         original = sub.__dict__.get("_hf_vq_tied_keys")
         if original is None:
             original = dict(getattr(sub, "all_tied_weights_keys", None) or {})
@@ -332,7 +343,6 @@ def _tie_(model: nn.Module, config: VQConfig) -> None:
                 translated[f"{target_vq}.{CODEBOOKS}"] = f"{source_vq}.{CODEBOOKS}"
             elif not (target_vq or source_vq):
                 translated[target] = source
-        prefix = next((n for n, m in modules.items() if m is sub), "")
         for target, source in shared_ties.items():
             if not prefix:
                 translated[target] = source
@@ -395,13 +405,17 @@ def _fit_layout(model: nn.Module, config: VQConfig) -> VQConfig:
     return VQConfig.from_dict({**config.to_dict(), "modules": modules})
 
 
-def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
+def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer, known: set[str] | None = None):
     """Map a checkpoint key to the model's name for it, as transformers' loader does (renamings, prefix).
 
-    Keys that already name a tensor of the model are returned as they are; transformers' conversion
-    mapping (which costs a few ms to build) is only built for the first key that does not.
+    Keys that already name a tensor of the model (or are in `known`, model keys the caller has listed) are
+    returned as they are; the model's state dict and transformers' conversion mapping (which costs a few ms
+    to build) are only built for the first key that does not.
     """
-    meta_state_dict = model.state_dict()
+
+    @functools.cache
+    def meta_state_dict():
+        return model.state_dict()
 
     @functools.cache
     def transformers_rename():
@@ -416,12 +430,21 @@ def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer):
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         prefix = getattr(model, "base_model_prefix", None)
 
-        return lambda key: rename_source_key(key, renamings, converters, prefix, meta_state_dict)[0]
+        return lambda key: rename_source_key(key, renamings, converters, prefix, meta_state_dict())[0]
 
-    return lambda key: key if key in meta_state_dict else transformers_rename()(key)
+    known = known or set()
+    return lambda key: key if key in known or key in meta_state_dict() else transformers_rename()(key)
 
 
-def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -> dict[str, tuple[str, str]]:
+def _names_pattern(names: Any) -> str:
+    """A regex alternation matching every module name in `names` (layer indices generalised to `\\d+`, so a
+    deep model gives a short pattern: transformers compiles the ignore patterns on every load)."""
+    generic = dict.fromkeys(re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(name)) for name in names)
+    return "|".join(generic)
+
+
+def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
+                           companions: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[str, str]]:
     """Check, from the safetensors headers only, that every compressed module has its codes and codebooks.
 
     Args:
@@ -429,17 +452,20 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
         config ([`VQConfig`]): the quantization config with the per-module layout.
         rename (`Callable[[str], str]`, *optional*): maps a key as stored to the model's name for it
             (transformers renames legacy keys, e.g. ViT's, and adds or strips `base_model_prefix`).
+        companions (`dict[str, tuple[int, ...]]`, *optional*): other float tensors of the compressed modules
+            (their biases), model key -> expected shape: located too when stored, and their shape checked.
 
     Returns:
-        `dict[str, tuple[str, str]]`: for every stored VQ tensor (codes, own codebooks, shared sets), the model's
-        key -> (file, key as stored).
+        `dict[str, tuple[str, str]]`: for every stored VQ tensor (codes, own codebooks, shared sets) and every
+        stored companion, the model's key -> (file, key as stored).
 
     Raises:
         [`CheckpointError`]: naming the missing or misshapen tensor, its module and the fix.
     """
     from safetensors import SafetensorError, safe_open
 
-    header: dict[str, tuple[str, tuple[int, ...], str, str]] = {}  # model key -> (dtype, shape, file, stored key)
+    companions = companions or {}
+    entries: list[tuple[str, str, tuple[int, ...], str]] = []  # (stored key, dtype, shape, file)
     for file in files:
         if not str(file).endswith(".safetensors"):
             raise CheckpointError(
@@ -450,11 +476,22 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
             with safe_open(str(file), framework="pt") as f:
                 for stored in f.keys():
                     sl = f.get_slice(stored)
-                    is_vq = stored.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(stored)
-                    key = rename(stored) if is_vq and rename is not None else stored
-                    header[key] = (sl.get_dtype(), tuple(sl.get_shape()), str(file), stored)
+                    entries.append((stored, sl.get_dtype(), tuple(sl.get_shape()), str(file)))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is truncated or corrupted ({err}); re-download it or save the model again.") from None
+    header: dict[str, tuple[str, tuple[int, ...], str, str]] = {}  # model key -> (dtype, shape, file, stored key)
+    renamed = False  # whether the checkpoint names VQ tensors differently from the model (prefix, legacy names)
+    for stored, dtype, shape, file in entries:
+        key = stored
+        if rename is not None and (stored.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(stored)):
+            key = rename(stored)
+            renamed |= key != stored
+        header[key] = (dtype, shape, file, stored)
+    if renamed and companions:  # then the companions (biases) are named differently too
+        suffixes = tuple({"." + key.rpartition(".")[2] for key in companions})
+        for stored, dtype, shape, file in entries:
+            if stored.endswith(suffixes):
+                header[rename(stored)] = (dtype, shape, file, stored)
     where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
     sources: dict[str, tuple[str, str]] = {}
     for name, layout in config.layouts.items():
@@ -477,7 +514,37 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None) -
                     f"{list(layout.shape)}). The checkpoint does not match its config.json; re-save the model."
                 )
             sources[key] = (file, stored)
+    for key, shape in companions.items():
+        if key in header:
+            dtype, got, file, stored = header[key]
+            if got != shape or dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{os.path.basename(file)}: tensor {key!r} is {dtype} {list(got)}, expected a float tensor "
+                    f"{list(shape)}. The checkpoint does not match its config.json; re-save the model."
+                )
+            sources[key] = (file, stored)
     return sources
+
+
+def _companions(model: nn.Module, config: VQConfig) -> dict[str, tuple[int, ...]]:
+    """The other persistent tensors of the compressed modules (biases), model key -> shape; tied ones excluded
+    (transformers ties them after loading)."""
+    tied = set()
+    for prefix, sub in _pretrained_models(model):
+        for target, source in (getattr(sub, "all_tied_weights_keys", None) or {}).items():
+            tied |= {f"{prefix}.{target}" if prefix else target, f"{prefix}.{source}" if prefix else source}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    out = {}
+    for name in config.layouts:
+        module = modules[name]
+        own = [(n, t) for n, t in module._parameters.items() if n != CODEBOOKS and t is not None]
+        own += [(n, t) for n, t in module._buffers.items()
+                if n != CODES and t is not None and n not in module._non_persistent_buffers_set]
+        for attr, tensor in own:
+            key = f"{name}.{attr}"
+            if key not in tied and tensor.is_floating_point():
+                out[key] = tuple(tensor.shape)
+    return out
 
 
 def _single_device(device_map: Any) -> torch.device | None:
@@ -507,10 +574,10 @@ def _drop_keys(keys: set[str]):
 
 
 def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device: torch.device) -> None:
-    """Read codes and codebooks straight from the safetensors files into the (meta) VQ modules of `model`.
+    """Read codes, codebooks and biases straight from the safetensors files into the (meta) VQ modules of `model`.
 
-    Codebooks take the dtype and `requires_grad` of the module's empty parameter (the model's dtype); codes stay
-    uint8. Tied modules and members of shared sets are (re-)tied afterwards (`_tie_`).
+    Float tensors take the dtype and `requires_grad` of the module's empty parameter (the model's dtype); codes
+    stay uint8. Tied modules and members of shared sets are (re-)tied afterwards (`_tie_`).
 
     Args:
         sources (`dict[str, tuple[str, str]]`): model key -> (file, key as stored), from [`check_checkpoint_files`].
@@ -532,14 +599,15 @@ def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], devi
                     module_name, _, attr = key.rpartition(".")
                     module = modules[module_name]
                     tensor = f.get_tensor(stored)
-                    if attr == CODES:
-                        tensor._is_hf_initialized = True  # uint8 [rows, packed_bytes]
+                    if attr in module._buffers:  # codes: uint8 [rows, packed_bytes]
+                        empty = module._buffers[attr]
+                        tensor = tensor.to(empty.dtype) if empty.is_floating_point() else tensor
                         module._buffers[attr] = tensor
-                    else:
-                        empty = module._parameters[attr]  # [M, k, d] on meta
-                        param = nn.Parameter(tensor.to(empty.dtype), requires_grad=empty.requires_grad)
-                        param._is_hf_initialized = True
-                        module._parameters[attr] = param
+                    else:  # codebooks [M, k, d] (shared sets on their holder), bias [rows]
+                        empty = module._parameters[attr]  # on meta: the dtype the model is loaded in
+                        tensor = nn.Parameter(tensor.to(empty.dtype), requires_grad=empty.requires_grad)
+                        module._parameters[attr] = tensor
+                    tensor._is_hf_initialized = True
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{file} cannot be read ({err}); re-download it or save the model again.") from None
 

@@ -210,8 +210,9 @@ def test_device_map_auto(compressed):
 
 @pytest.mark.parametrize("device_map", [None, "auto"])
 def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
-    """On one device hf_vq reads codes and codebooks itself (transformers' per-key loader sees only the dense
-    tensors); with a device_map it cannot settle up front ("auto") they go through transformers. Same model."""
+    """On one device hf_vq reads the compressed modules' tensors itself (codes, codebooks, biases; transformers'
+    per-key loader sees only the others); with a device_map it cannot settle up front ("auto") they go through
+    transformers. Same model either way."""
     import transformers.core_model_loading as cml
 
     cls, _, model, folder = compressed("gpt2")
@@ -224,12 +225,13 @@ def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
 
     monkeypatch.setattr(cml, "set_param_for_module", recording)
     loaded, info = cls.from_pretrained(folder, device_map=device_map, output_loading_info=True)
-    vq_keys = {k for k in model.state_dict() if k.endswith((".codes", ".codebooks"))}
+    vq_keys = {f"{name}.{attr}" for name in hf_vq.vq_modules(model) for attr in ("codes", "codebooks", "bias")}
     by_transformers = vq_keys & set(loaded_by_transformers)
     if device_map is None:
         assert not by_transformers, sorted(by_transformers)
     else:
-        assert "transformer.h.0.mlp.c_fc.codes" in by_transformers and "lm_head.codes" not in by_transformers  # tied
+        assert {"transformer.h.0.mlp.c_fc.codes", "transformer.h.0.mlp.c_fc.bias"} <= by_transformers
+        assert "lm_head.codes" not in by_transformers  # tied: stored once, as the embedding's
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert loaded.state_dict().keys() == model.state_dict().keys()  # nothing left hidden after loading
     for key, tensor in model.state_dict().items():
