@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference from codes: per-layer latency against dense fp32 and AQLM's CPU kernel, end-to-end models, loading.
+"""Inference from codes: per-layer latency against dense fp32 and AQLM's CPU kernel, end-to-end models.
 
 Everything runs on the CPU with `torch.set_num_threads(2)` (numba kernels follow torch's thread count).
 Timings interleave the methods round by round (same conditions for each) and report the median and the
@@ -13,8 +13,8 @@ best round; the machine may be shared, so the *median of interleaved rounds* is 
    default threads its kernel returns wrong outputs (REFERENCE §3; its max error is recorded here).
 2. **End to end**: all-MiniLM-L6-v2 (k=256, d=4 linears and embeddings) and EfficientNet-Lite0 (timm,
    k=256, pointwise d=4, 3×3 d=9) compressed vs dense, batch 1 and 8.
-3. **Loading**: `AutoModel.from_pretrained` of the compressed MiniLM folder vs the dense one, wall time and
-   peak RSS, each in a fresh child process.
+
+Loading time and memory are measured by `benchmarks/bench_load.py` (phase by phase, fresh processes).
 
     .venv/bin/python benchmarks/bench_inference.py           # writes benchmarks/results/inference.{json,md,png}
     .venv/bin/python benchmarks/bench_inference.py --quick   # fewer rounds, first shape only (smoke run)
@@ -42,7 +42,7 @@ import torch
 
 torch.set_num_threads(2)
 
-from _common import RESULTS, ROOT, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
+from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
 
 import hf_vq  # noqa: E402
 from hf_vq import kernels  # noqa: E402
@@ -243,68 +243,6 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------- loading
-_LOAD_CHILD = textwrap.dedent("""
-    import json, resource, sys, time
-    import torch
-    torch.set_num_threads(2)
-    import hf_vq
-    from transformers import AutoModel
-
-    def status(key):  # kB from /proc/self/status
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    current_before = status("VmRSS")
-    try:  # reset the peak (VmHWM) so it measures the load alone (Linux >= 4.0)
-        open("/proc/self/clear_refs", "w").write("5")
-        reset = True
-    except OSError:
-        reset = False
-    start = time.perf_counter()
-    model = AutoModel.from_pretrained(sys.argv[1])
-    wall = time.perf_counter() - start
-    print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_imports_mb": rss_before / 1024,
-                      "load_peak_over_start_mb": (status("VmHWM") - current_before) / 1024 if reset else None}))
-""")
-
-
-def bench_loading(repeats: int, n_iter: int) -> dict:
-    """`from_pretrained` of dense vs compressed MiniLM, each in a fresh child (wall time, peak RSS)."""
-    from transformers import AutoModel
-
-    source = minilm_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "minilm-vq"
-        model = AutoModel.from_pretrained(source, quantization_config=hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False))
-        model.save_pretrained(folder)
-        del model
-        runs: dict[str, list[dict]] = {"dense": [], "compressed": []}
-        for _ in range(repeats):  # alternate, so both see the same machine load (and pair the samples)
-            for name, path in (("dense", source), ("compressed", folder)):
-                proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path)], capture_output=True, text=True,
-                                      timeout=600)
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr[-2000:])
-                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        files = {"dense": (source / "model.safetensors").stat().st_size, "compressed": (folder / "model.safetensors").stat().st_size}
-    out = {}
-    for name, samples in runs.items():
-        out[name] = {key: round(statistics.median(s[key] for s in samples), 3)
-                     for key in ("wall_s", "peak_rss_mb", "rss_after_imports_mb")}
-        peaks = [s["load_peak_over_start_mb"] for s in samples if s.get("load_peak_over_start_mb") is not None]
-        out[name]["load_peak_over_start_mb"] = round(statistics.median(peaks), 1) if peaks else None
-        out[name]["file_mb"] = round(files[name] / 2**20, 3)
-        out[name]["runs"] = samples
-    out["paired_wall_diff_s"] = round(statistics.median(c["wall_s"] - d["wall_s"] for d, c in zip(runs["dense"], runs["compressed"])), 4)
-    out["repeats"] = repeats
-    print(f"[load] {json.dumps({n: {k: v for k, v in o.items() if k != 'runs'} if isinstance(o, dict) else o for n, o in out.items()})}", flush=True)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- report
 def _plot(layers: list[dict], path: Path) -> None:
     import matplotlib
@@ -380,24 +318,11 @@ def _markdown(data: dict) -> str:
             t = r["timings"]
             lines.append(f"| {r['model']} | {r['input']} | {r['scheme']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} "
                          f"| {_fmt(t.get('hf_vq_cache_decoded'))} |")
-    if data.get("loading"):
-        ld = data["loading"]
-        lines += ["", f"## Loading all-MiniLM-L6-v2 with `AutoModel.from_pretrained` (fresh child process each, "
-                  f"median of {ld.get('repeats', '?')} alternating pairs)", "",
-                  "| checkpoint | model.safetensors MB | wall s | peak RSS MB (process) | RSS after imports MB | peak during the load over its start MB |",
-                  "|---|---|---|---|---|---|"]
-        for name in ("dense", "compressed"):
-            o = ld[name]
-            lines.append(f"| {name} | {o['file_mb']} | {o['wall_s']} | {o['peak_rss_mb']:.0f} | {o['rss_after_imports_mb']:.0f} "
-                         f"| {o.get('load_peak_over_start_mb')} |")
-        lines.append(f"\nMedian of the paired differences (compressed - dense): {ld.get('paired_wall_diff_s')} s. The process "
-                     "peak is set by the imports (torch, transformers); the last column resets the peak (`/proc/self/clear_refs`) "
-                     "just before `from_pretrained`, so it is the memory the load itself adds.")
     lines.append("")
     return "\n".join(lines)
 
 
-def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
+def _bars(layers: list[dict]) -> list[dict]:
     bars = []
     row = next((r for r in layers if (r["in_features"], r["out_features"], r["batch"], r["M"], r["d"]) == (4096, 4096, 1, 1, 8)), None)
     if row is not None:
@@ -408,12 +333,6 @@ def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
         bars.append({"name": "same layer: hf_vq <= AQLM CPU kernel (1x8g8, correct configuration)",
                      "met": aqlm is not None and ours <= aqlm,
                      "detail": f"{ours:.3f} ms vs {aqlm:.3f} ms, {aqlm / ours:.2f}x" if aqlm else row["aqlm"].get("error", "n/a")})
-    if loading:
-        d, c = loading["dense"], loading["compressed"]
-        bars.append({"name": "compressed MiniLM from_pretrained wall time <= dense", "met": c["wall_s"] <= d["wall_s"],
-                     "detail": f"{c['wall_s']} s vs {d['wall_s']} s"})
-        bars.append({"name": "compressed MiniLM from_pretrained peak RSS <= dense", "met": c["peak_rss_mb"] <= d["peak_rss_mb"],
-                     "detail": f"{c['peak_rss_mb']:.0f} MB vs {d['peak_rss_mb']:.0f} MB"})
 
     return bars
 
@@ -423,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: first shape, few rounds, no models")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds per method (default 15)")
     parser.add_argument("--no-aqlm", action="store_true")
-    parser.add_argument("--load-repeats", type=int, default=15, help="alternating dense/compressed load pairs (default 15)")
-    parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
+    parser.add_argument("--skip", action="append", default=[], choices=["layers", "models"])
     parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
                         "does not depend on them)")
     parser.add_argument("--out", default=str(OUT))
@@ -447,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[1:2] if args.quick else SHAPES
     data["layers"] = [] if "layers" in args.skip else bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
     data["models"] = [] if args.quick or "models" in args.skip else bench_models(max(5, rounds // 2), args.n_iter)
-    data["loading"] = None if args.quick or "loading" in args.skip else bench_loading(args.load_repeats, args.n_iter)
-    data["bars"] = _bars(data["layers"], data["loading"])
+    data["bars"] = _bars(data["layers"])
     out = Path(args.out)
     write(out, data, _markdown(data))
     if data["layers"]:

@@ -5,7 +5,8 @@
 * `AutoModel.from_pretrained(dense, quantization_config=VQConfig(...))` loads the dense weights and
   compresses them in place with [`hf_vq.quantize_`] (data-free k-means, progress bar per layer);
 * `AutoModel.from_pretrained(compressed)` rebuilds the VQ modules on the meta device from the layout
-  in config.json ([`hf_vq.build_skeleton_`]) and loads codes and codebooks, nothing recomputed;
+  in config.json ([`hf_vq.build_skeleton_`]) and loads codes and codebooks, nothing recomputed (on one
+  device hf_vq reads the compressed modules' tensors itself, see [`load_vq_tensors_`]);
 * `save_pretrained` / `push_to_hub` write config.json with the full `quantization_config`, safetensors
   (codebooks in fp16, tied modules once, sharded when large) and hf_vq's model card;
 * `model.dequantize()` returns the dense model; `Trainer` fine-tunes the codebooks (codes stay frozen).
@@ -163,7 +164,8 @@ class HfVQQuantizer(HfQuantizer):
                 load_vq_tensors_(model, sources, device)
                 # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists: the
                 # VQ tensors stay out of it until the weights are loaded ...
-                self._vq_hidden = model.register_state_dict_post_hook(_drop_keys(set(sources)))
+                register = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
+                self._vq_hidden = register(_drop_keys(set(sources)))  # older torch: only the private name
                 # ... and are "unexpected" to it: a pattern by suffix (one listing every key takes longer to compile
                 # than loading the tensors); the keys hf_vq does not read are dropped heads, reported by `_fit_layout`
                 unexpected.add(rf"(?:^|\.)(?:{CODES}|{CODEBOOKS}|{SHARED_CODEBOOKS}\w*)$")
@@ -591,7 +593,7 @@ def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], devi
     by_file: dict[str, list[tuple[str, str]]] = {}
     for key, (file, stored) in sources.items():
         by_file.setdefault(file, []).append((key, stored))
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for file, items in by_file.items():
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:

@@ -192,6 +192,17 @@ def test_load_compressed_in_dtype(dtype, compressed):
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
 
 
+def test_fp32_kept_modules_keep_fp32_codebooks(compressed):
+    """T5 keeps `wo` in fp32 in a half-precision model (`_keep_in_fp32_modules`): compressed, its codebooks too."""
+    cls, dense_dir, _, folder = compressed("t5")
+    dense = cls.from_pretrained(dense_dir, dtype=torch.float16)
+    loaded = cls.from_pretrained(folder, dtype=torch.float16)
+    wo = loaded.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, hf_vq.VQModuleMixin)
+    assert wo.codebooks.dtype == dense.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wi.codebooks.dtype == torch.float16
+
+
 def test_quantize_on_load_in_bfloat16(compressed):
     _, dense_dir, _, _ = compressed("llama")
     model = tf.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16, quantization_config=_cfg())
@@ -377,6 +388,17 @@ def test_misshapen_codebooks_names_it(compressed, tmp_path):
     tensors[key] = tensors[key][:, :8]
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"tensor '{key}' is F16 \[1, 8, 4\], expected .*\[1, 16, 4\]"):
+        cls.from_pretrained(bad)
+
+
+def test_misshapen_bias_of_a_compressed_module_names_it(compressed, tmp_path):
+    cls, _, _, folder = compressed("bert")
+    bad = _copy(folder, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    key = "bert.encoder.layer.0.intermediate.dense.bias"
+    tensors[key] = tensors[key][:10]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' is F32 \[10\], expected a float tensor \[64\]"):
         cls.from_pretrained(bad)
 
 
