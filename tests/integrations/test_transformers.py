@@ -250,6 +250,18 @@ def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
     assert loaded.lm_head.codebooks is loaded.transformer.wte.codebooks
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("device_map", ["cuda", "auto"])
+def test_load_on_the_gpu(device_map, compressed):
+    cls, _, model, folder = compressed("gpt2")
+    loaded = cls.from_pretrained(folder, device_map=device_map)
+    assert {t.device.type for t in loaded.state_dict().values()} == {"cuda"}
+    assert loaded.lm_head.codebooks is loaded.transformer.wte.codebooks
+    with torch.no_grad():
+        got = loaded(**{k: v.cuda() for k, v in _inputs("gpt2").items()}).logits.cpu()
+    torch.testing.assert_close(got, _logits(model, "gpt2"), rtol=1e-4, atol=1e-4)
+
+
 def test_single_device_rule():
     from hf_vq.integrations.transformers_quantizer import _single_device
 
