@@ -10,10 +10,11 @@ from .config import FORMAT_VERSION, LayerLayout, VQConfig
 from .nn import CodesError, VQConv1D, VQConv2d, VQEmbedding, VQLinear, VQModuleMixin
 from .quantize import build_skeleton_, dequantize_, plan, quantize_, vq_modules
 from .permute import PermutationReport, find_channel_spaces, permute_
-from .integrations import timm as _timm_integration  # noqa: F401  registers timm's "hf_vq" entrypoint: create_model loads compressed models
+from .integrations import timm as _timm_integration
 from .integrations import transformers_quantizer as _transformers_quantizer
 
 _transformers_quantizer.register()  # transformers' from_pretrained understands quant_method "hf_vq"
+_timm_integration.register()  # timm's create_model loads hf_vq checkpoints (registered once timm is imported)
 
 __version__ = "0.1.0"
 

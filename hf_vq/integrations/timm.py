@@ -9,7 +9,8 @@ loads with plain timm::
 How it works. The folder keeps timm's own layout — `config.json` with `architecture`, `num_classes`,
 `model_args` and `pretrained_cfg` (so `timm.data.resolve_data_config` works unchanged), plus the
 top-level `quantization_config` — and `model.safetensors`. Its `architecture` is `"hf_vq"`, a timm
-entrypoint that hf_vq registers on import; `model_args["base_architecture"]` names the timm
+entrypoint that `import hf_vq` registers (at once if timm is already imported, else when it is: timm
+itself is not imported by `import hf_vq`); `model_args["base_architecture"]` names the timm
 architecture underneath (`"resnet18"`, `"tf_efficientnet_lite0"`, ...). The entrypoint builds that
 architecture with the saved and the caller's arguments, swaps in empty VQ modules from the
 `quantization_config` layout ([`hf_vq.build_skeleton_`]), and fills them from `model.safetensors`
@@ -38,10 +39,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.abc
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -467,9 +471,14 @@ def _load_weights(model: nn.Module, loc: tuple[str, Any], config: VQConfig, cfg:
     model.load_state_dict(loaded, strict=False)
 
 
-try:  # register the "hf_vq" entrypoint with timm's model registry (import hf_vq is enough)
-    from timm.models import generate_default_cfgs, register_model
+# ============================================================================================ registration
+def _register_entrypoint() -> None:
+    """Register the "hf_vq" entrypoint with timm's model registry (once)."""
+    from timm.models import generate_default_cfgs, is_model, register_model
 
+    if is_model(ARCHITECTURE):
+        return
+    global default_cfgs
     default_cfgs = generate_default_cfgs({ARCHITECTURE: {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
         "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -490,5 +499,52 @@ try:  # register the "hf_vq" entrypoint with timm's model registry (import hf_vq
         """
         return _build(pretrained, base_architecture, quantization_config, pretrained_cfg, pretrained_cfg_overlay,
                       cache_dir, kwargs)
-except ImportError:  # pragma: no cover - timm is a dependency; without it only saving helpers are unusable
-    pass
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: runs `callback` right after the top-level package `name` is first imported.
+
+    timm takes over a second to import (it pulls in torchvision and torch._dynamo); `import hf_vq` should not
+    pay that for users who never touch timm, yet `timm.create_model("hf-hub:...")` must find the "hf_vq"
+    entrypoint whatever the import order. The hook wraps the package's loader and removes itself.
+    """
+
+    def __init__(self, name: str, callback) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the real spec, found by the other finders
+        if spec is not None and spec.loader is not None:
+            spec.loader = _LoaderThen(spec.loader, self.callback)
+        return spec
+
+
+class _LoaderThen(importlib.abc.Loader):
+    """`loader`, then `callback()` once the module has executed (a failing callback is logged, not raised)."""
+
+    def __init__(self, loader: importlib.abc.Loader, callback) -> None:
+        self.loader, self.callback = loader, callback
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        try:
+            self.callback()
+        except Exception as err:  # noqa: BLE001 - an API change in timm must not break `import timm`
+            logger.warning("hf_vq could not register its timm entrypoint (%s); timm.create_model will not load "
+                           "hf_vq checkpoints.", err)
+
+
+def register() -> None:
+    """Make `timm.create_model` load hf_vq checkpoints: register the "hf_vq" entrypoint now if timm is imported,
+    else as soon as it is (without importing it). Called by `import hf_vq`; idempotent."""
+    if "timm" in sys.modules:
+        _register_entrypoint()
+    elif not any(isinstance(f, _AfterImport) and f.name == "timm" for f in sys.meta_path):
+        if importlib.util.find_spec("timm") is not None:
+            sys.meta_path.insert(0, _AfterImport("timm", _register_entrypoint))

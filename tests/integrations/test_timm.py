@@ -362,3 +362,19 @@ def test_efficientnet_lite0_real_weights(tmp_path):
     # the file holds what is accounted plus the BatchNorm running statistics (folded in the paper's accounting)
     stats = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k.endswith(("running_mean", "running_var")))
     assert report.compressed_bits / 8 < report.file_bytes < report.compressed_bits / 8 + stats + 64 * 1024
+
+
+@pytest.mark.parametrize("order", ["hf_vq first", "timm first"])
+def test_entrypoint_registered_whatever_the_import_order(order):
+    """`import hf_vq` does not import timm (over a second), yet timm finds the "hf_vq" entrypoint either way."""
+    import subprocess
+    import sys
+
+    first, second = ("hf_vq", "timm") if order == "hf_vq first" else ("timm", "hf_vq")
+    script = (f"import sys; import {first}; print('timm imported by hf_vq:', 'timm' in sys.modules); "
+              f"import {second}; import timm; print('registered:', timm.is_model('hf_vq'))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "registered: True" in proc.stdout
+    if order == "hf_vq first":
+        assert "timm imported by hf_vq: False" in proc.stdout
