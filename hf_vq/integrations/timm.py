@@ -37,7 +37,6 @@ block size does not divide (e.g. a squeeze-excite conv reading 6 channels) stay 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import importlib.abc
 import importlib.util
