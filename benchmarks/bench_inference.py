@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference from codes: per-layer latency against dense fp32 and AQLM's CPU kernel, end-to-end models.
+"""Inference from codes: per-layer latency against dense fp32 and AQLM's CPU kernel, end-to-end models, loading.
 
 Everything runs on the CPU with `torch.set_num_threads(2)` (numba kernels follow torch's thread count).
 Timings interleave the methods round by round (same conditions for each) and report the median and the
@@ -13,8 +13,9 @@ best round; the machine may be shared, so the *median of interleaved rounds* is 
    default threads its kernel returns wrong outputs (REFERENCE §3; its max error is recorded here).
 2. **End to end**: all-MiniLM-L6-v2 (k=256, d=4 linears and embeddings) and EfficientNet-Lite0 (timm,
    k=256, pointwise d=4, 3×3 d=9) compressed vs dense, batch 1 and 8.
-
-Loading time and memory are measured by `benchmarks/bench_load.py` (phase by phase, fresh processes).
+3. **Loading**: `from_pretrained` of compressed vs dense MiniLM, wall time phase by phase and the memory
+   the load adds, each in a fresh child process (`benchmarks/bench_load.py`, which also runs alone; both
+   write `results/load.{json,md}`).
 
     .venv/bin/python benchmarks/bench_inference.py           # writes benchmarks/results/inference.{json,md,png}
     .venv/bin/python benchmarks/bench_inference.py --quick   # fewer rounds, first shape only (smoke run)
@@ -42,6 +43,7 @@ import torch
 
 torch.set_num_threads(2)
 
+import bench_load  # noqa: E402
 from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
 
 import hf_vq  # noqa: E402
@@ -311,6 +313,11 @@ def _markdown(data: dict) -> str:
     lines += ["", "## Bars", ""]
     for bar in data["bars"]:
         lines.append(f"- {bar['name']}: **{'met' if bar['met'] else 'NOT met'}** ({bar['detail']})")
+    if data.get("loading"):
+        ld = data["loading"]
+        lines += ["", f"## Loading all-MiniLM-L6-v2 with `AutoModel.from_pretrained` (fresh child process each, "
+                  f"median of {ld['pairs']} alternating pairs, ms; memory: peak RSS during the load over its start, MB)",
+                  "", *bench_load.table(ld)]
     if data.get("models"):
         lines += ["", "## End to end (fp32, `torch.no_grad()`)", "",
                   "| model | input | scheme | dense fp32 | hf_vq | hf_vq, cache_decoded=True |", "|---|---|---|---|---|---|"]
@@ -322,7 +329,7 @@ def _markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _bars(layers: list[dict]) -> list[dict]:
+def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
     bars = []
     row = next((r for r in layers if (r["in_features"], r["out_features"], r["batch"], r["M"], r["d"]) == (4096, 4096, 1, 1, 8)), None)
     if row is not None:
@@ -333,7 +340,16 @@ def _bars(layers: list[dict]) -> list[dict]:
         bars.append({"name": "same layer: hf_vq <= AQLM CPU kernel (1x8g8, correct configuration)",
                      "met": aqlm is not None and ours <= aqlm,
                      "detail": f"{ours:.3f} ms vs {aqlm:.3f} ms, {aqlm / ours:.2f}x" if aqlm else row["aqlm"].get("error", "n/a")})
-
+    if loading:
+        default = loading[bench_load.MODES[0][0]]  # transformers' default thread-pool loading
+        d, c = default["dense"], default["compressed"]
+        bars.append({"name": "compressed MiniLM from_pretrained wall time <= dense (default loading, paired median)",
+                     "met": default["paired_difference_ms"] <= 0,
+                     "detail": f"{c['from_pretrained']} ms vs {d['from_pretrained']} ms, paired median "
+                               f"{default['paired_difference_ms']:+} ms"})
+        bars.append({"name": "compressed MiniLM from_pretrained peak memory <= dense",
+                     "met": c["peak RSS over start (MB)"] <= d["peak RSS over start (MB)"],
+                     "detail": f"{c['peak RSS over start (MB)']} MB vs {d['peak RSS over start (MB)']} MB added"})
     return bars
 
 
@@ -342,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: first shape, few rounds, no models")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds per method (default 15)")
     parser.add_argument("--no-aqlm", action="store_true")
-    parser.add_argument("--skip", action="append", default=[], choices=["layers", "models"])
+    parser.add_argument("--load-pairs", type=int, default=15, help="alternating dense/compressed load pairs (default 15)")
+    parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
     parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
                         "does not depend on them)")
     parser.add_argument("--out", default=str(OUT))
@@ -365,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[1:2] if args.quick else SHAPES
     data["layers"] = [] if "layers" in args.skip else bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
     data["models"] = [] if args.quick or "models" in args.skip else bench_models(max(5, rounds // 2), args.n_iter)
-    data["bars"] = _bars(data["layers"])
+    skip_loading = args.quick or "loading" in args.skip
+    data["loading"] = None if skip_loading else {"pairs": args.load_pairs, **bench_load.run(args.load_pairs)}
+    data["bars"] = _bars(data["layers"], data["loading"])
     out = Path(args.out)
     write(out, data, _markdown(data))
+    if data["loading"]:  # the same figures as bench_load.py writes, next to this report
+        load = {"machine": data["machine"], **data["loading"]}
+        write(out.with_name("load"), load, bench_load.markdown(load))
     if data["layers"]:
         _plot(data["layers"], out.with_suffix(".png"))
     return 0

@@ -103,6 +103,9 @@ def run(pairs: int) -> dict:
                          for name, runs in samples.items()}
             diffs = [c["from_pretrained"] - d["from_pretrained"] for d, c in zip(samples["dense"], samples["compressed"])]
             out[mode]["paired_difference_ms"] = round(1e3 * statistics.median(diffs), 2)
+            q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else (diffs[0],) * 3
+            out[mode]["paired_difference_iqr_ms"] = [round(1e3 * q1, 2), round(1e3 * q3, 2)]
+            out[mode]["paired_differences_ms"] = [round(1e3 * x, 2) for x in diffs]
             print(f"[{mode}] {out[mode]}", flush=True)
     return out
 
@@ -115,8 +118,14 @@ def markdown(data: dict) -> str:
              "imported before the clock starts. Compressed: k=256, d=4 (`VQConfig(k=256, permute=False)`), "
              f"{data['tensors']['compressed']} tensors in model.safetensors vs {data['tensors']['dense']} dense "
              f"({data['file_mb']['compressed']} MB vs {data['file_mb']['dense']} MB). Memory: the peak RSS during `from_pretrained` over the "
-             "RSS at its start, in MB.\n",
-             "| mode | checkpoint | from_pretrained | transformers per-key loader | hf_vq before loading | "
+             "RSS at its start, in MB.\n", *table(data),
+             "\n```bash\n.venv/bin/python benchmarks/bench_load.py\n```\n"]
+    return "\n".join(lines)
+
+
+def table(data: dict) -> list[str]:
+    """The Markdown table of a `run` result (also part of bench_inference's report)."""
+    lines = ["| mode | checkpoint | from_pretrained | transformers per-key loader | hf_vq before loading | "
              "hf_vq after loading | peak RSS over start |",
              "|---|---|---|---|---|---|---|"]
     for mode, _ in MODES:
@@ -125,10 +134,10 @@ def markdown(data: dict) -> str:
             lines.append(f"| {mode} | {name} | {r['from_pretrained']} | {r['transformers per-key loader']} "
                          f"| {r.get('hf_vq before loading', '')} | {r.get('hf_vq after loading', '')} "
                          f"| {r['peak RSS over start (MB)']} |")
-        lines.append(f"| {mode} | **compressed − dense (paired median)** | **{data[mode]['paired_difference_ms']}** "
-                     "| | | | |")
-    lines.append("\n```bash\n.venv/bin/python benchmarks/bench_load.py\n```\n")
-    return "\n".join(lines)
+        q1, q3 = data[mode]["paired_difference_iqr_ms"]
+        lines.append(f"| {mode} | **compressed − dense (paired median; quartiles)** | **{data[mode]['paired_difference_ms']}** "
+                     f"({q1} to {q3}) | | | | |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
