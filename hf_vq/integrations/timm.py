@@ -521,16 +521,25 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _LoaderThen(importlib.abc.Loader):
-    """`loader`, then `callback()` once the module has executed (a failing callback is logged, not raised)."""
+class _LoaderThen:
+    """`loader`, then `callback()` once the module has executed (a failing callback is logged, not raised).
 
-    def __init__(self, loader: importlib.abc.Loader, callback) -> None:
+    After executing, the module's `__loader__` and `__spec__.loader` are the original loader again, so resource
+    lookups (`importlib.resources`, `pkgutil.get_data`) never see this wrapper; until then it delegates to it."""
+
+    def __init__(self, loader: Any, callback) -> None:
         self.loader, self.callback = loader, callback
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
         self.loader.exec_module(module)
         try:
             self.callback()
