@@ -37,7 +37,7 @@ With `weights` (one non-negative weight per subvector entry, `[n, d]` like the d
 moment of the input channel it multiplies, so the error is measured as the layer's outputs see it. The
 distance is `-2 (w*x) c^T + w (c*c)^T` plus a per-point constant: one inner-product search of the
 queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; a calibrated
-compression's k-means takes 3-4x as long, "k-means s" in benchmarks/results/permute.md).
+compression's k-means takes 2.7-4.2x as long, "k-means s" in benchmarks/results/permute.md).
 A codeword's coordinate `t` moves to the weighted mean of its members' coordinate `t` (the plain mean
 where all their weights are zero). Annealing and subsampling keep their unweighted statistics. A weighted run
 also keeps `[w*x, w]` and the weighted sums per point: about 2.5x the memory of a plain one (counted, d = 4).
@@ -148,9 +148,8 @@ def _nearest_weighted(
     codebook `[k, d]` float32.
 
     `sum_t w_t (x_t - c_t)^2 = base - q . [2c, -c*c]`, so the nearest codeword is the largest inner
-    product: a chunked GEMM + max in torch (faiss's inner-product search, tried ad hoc, was no faster and
-    erratic on two threads, its OpenMP pool competing with torch's). Returns codes `[n]` int64 and weighted
-    squared distances `[n]` float32."""
+    product: a chunked GEMM + max in torch (no faiss here: its OpenMP pool would compete with torch's threads).
+    Returns codes `[n]` int64 and weighted squared distances `[n]` float32."""
     n = q.shape[0]
     k = codebook.shape[0]
     db_t = torch.cat([2 * codebook, -codebook.pow(2)], 1).t().contiguous()  # [2d, k]

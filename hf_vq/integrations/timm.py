@@ -554,5 +554,4 @@ def register() -> None:
     if "timm" in sys.modules:
         _register_entrypoint()
     elif not any(isinstance(f, _AfterImport) and f.name == "timm" for f in sys.meta_path):
-        if importlib.util.find_spec("timm") is not None:
-            sys.meta_path.insert(0, _AfterImport("timm", _register_entrypoint))
+        sys.meta_path.insert(0, _AfterImport("timm", _register_entrypoint))  # without timm installed: never fires

@@ -100,6 +100,7 @@ class HfVQQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.base_model: str | None = None
         self.fidelity: dict[str, Any] | None = None
+        self._vq_hidden = None  # handle of the state-dict hook hiding the VQ tensors hf_vq reads itself
 
     # ------------------------------------------------------------------ abstract API
     def is_serializable(self, **kwargs: Any) -> bool:
@@ -147,9 +148,8 @@ class HfVQQuantizer(HfQuantizer):
         config = self.quantization_config = _fit_layout(model, self.quantization_config)
         build_skeleton_(model, config)
         # one pattern per kind of key (transformers compiles and tries every pattern on every unexpected key)
-        names = _names_pattern(config.modules)
-        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0]), rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$"}
-        self._vq_hidden = None
+        unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0])}
+        suffixes = {_GUARD_SUFFIX[1:]}  # of the compressed modules' keys transformers should not report
         if checkpoint_files:
             device = _single_device(device_map)
             keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
@@ -169,9 +169,8 @@ class HfVQQuantizer(HfQuantizer):
                 # ... and are "unexpected" to it: a pattern by suffix (one listing every key takes longer to compile
                 # than loading the tensors); the keys hf_vq does not read are dropped heads, reported by `_fit_layout`
                 unexpected.add(rf"(?:^|\.)(?:{CODES}|{CODEBOOKS}|{SHARED_CODEBOOKS}\w*)$")
-                suffixes = sorted({key.rpartition(".")[2] for key in companions} | {_GUARD_SUFFIX[1:]})
-                unexpected.discard(rf"^(?:{names}){re.escape(_GUARD_SUFFIX)}$")  # one alternation of the names
-                unexpected.add(rf"^(?:{names})\.(?:{'|'.join(suffixes)})$")
+                suffixes |= {key.rpartition(".")[2] for key in companions}
+        unexpected.add(rf"^(?:{_names_pattern(config.modules)})\.(?:{'|'.join(sorted(suffixes))})$")
         _tie_(model, config)
         for name in config.modules:
             # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
@@ -184,9 +183,9 @@ class HfVQQuantizer(HfQuantizer):
         """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
         if self.pre_quantized:
             config = self.quantization_config
-            hidden, self._vq_hidden = getattr(self, "_vq_hidden", None), None
-            if hidden is not None:
-                hidden.remove()
+            if self._vq_hidden is not None:
+                self._vq_hidden.remove()
+                self._vq_hidden = None
             attach_(model, config)  # re-ties: every member of a shared set holds the one loaded parameter
             _check_loaded(model, config)
         else:
@@ -560,8 +559,7 @@ def _single_device(device_map: Any) -> torch.device | None:
     devices = {str(torch.device(d) if isinstance(d, int) and not isinstance(d, bool) else d) for d in device_map.values()}
     if len(devices) != 1 or devices & {"disk", "auto", "balanced", "balanced_low_0", "sequential"}:
         return None
-    device = devices.pop()
-    return torch.device(f"cuda:{device}" if device.isdigit() else device)
+    return torch.device(devices.pop())
 
 
 def _drop_keys(keys: set[str]):

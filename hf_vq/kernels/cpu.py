@@ -127,7 +127,8 @@ def lut_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _tile(rows: int) -> int:
-    """Output rows per thread task: 256 (the best of ad-hoc sweeps on 2 cores), fewer when that leaves threads idle."""
+    """Output rows per thread task: at most 256 (each lookup-table row is reused across them), fewer when that
+    leaves threads idle."""
     threads = numba.get_num_threads() if HAS_NUMBA else 1
     return max(16, min(256, -(-rows // (2 * threads))))
 
