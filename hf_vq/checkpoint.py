@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +124,51 @@ def save_weights(model: nn.Module, folder: str | os.PathLike, *, metadata: dict[
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into CPU tensors, with a clear error for a missing, truncated or corrupt file."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_weights(path: str | os.PathLike, keys: Container[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (those in `keys`, default all) as CPU tensors, without copying them.
+
+    A compressed checkpoint is mostly small tensors, which `safe_open` copies one call at a time: here the file is
+    mapped once, privately (copy-on-write: pages are read from the page cache when first touched, writes stay in
+    this process), and each tensor wraps its own slice of the map (separate storages, so savers never take them
+    for tied tensors). Files this reader cannot wrap (a dtype it does not know, a big-endian machine) are read
+    with `safetensors.safe_open`.
+
+    Raises:
+        [`CheckpointError`]: if the file is missing, truncated or corrupted.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the folder is not a complete hf_vq checkpoint (expected {WEIGHTS_NAME}).")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        with open(path, "rb") as f:
+            total, size = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
+            if not 0 < size <= total - 8:
+                raise ValueError(f"a header of {size} bytes does not fit a file of {total} bytes")
+            header = json.loads(f.read(size))
+            # private (copy-on-write) map: pages come from the page cache when first touched, writes stay in memory
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))[8 + size:]
+        got = len(data)
+        header.pop("__metadata__", None)
+        wanted = [key for key in header if keys is None or key in keys]
+        if sys.byteorder != "little" or any(header[key]["dtype"] not in _SAFETENSORS_DTYPES for key in wanted):
+            with safe_open(str(path), framework="pt") as g:
+                return {key: g.get_tensor(key) for key in wanted}
+        out = {}
+        for key in wanted:
+            info = header[key]
+            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            count = math.prod(info["shape"])
+            if not 0 <= start <= end <= got or end - start != count * dtype.itemsize:
+                raise ValueError(f"tensor {key!r} lies outside the file's {got} data bytes")
+            flat = torch.frombuffer(data[start:end], dtype=dtype) if count else torch.empty(0, dtype=dtype)
+            out[key] = flat.view(info["shape"])
+        return out
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(
             f"{path} is truncated or corrupted ({err}). Re-download it or save the model again."
         ) from None

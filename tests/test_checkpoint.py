@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_vq import CheckpointError, VQConfig, checkpoint_size_report, load_compressed_, quantize_, size_report
-from hf_vq.checkpoint import WEIGHTS_NAME
+from hf_vq.checkpoint import WEIGHTS_NAME, load_weights
 from hf_vq.integrations import timm as vq_timm
 
 CFG = VQConfig(n_iter=5)
@@ -145,3 +145,24 @@ def test_crash_mid_save_leaves_previous_folder_intact(saved, tmp_path, monkeypat
         vq_timm.save_compressed(model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]  # no temporary folder left behind
+
+
+def test_load_weights_reads_every_dtype_into_separate_tensors(tmp_path):
+    """One read per file; each tensor its own storage (savers must not take them for tied tensors)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "codes": torch.randint(0, 255, (5, 3), dtype=torch.uint8),
+               "i64": torch.tensor([3, -1]), "flag": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    got = load_weights(tmp_path / "t.safetensors")
+    assert got.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    storages = [t.untyped_storage().data_ptr() for t in got.values() if t.numel()]
+    assert len(set(storages)) == len(storages)
+    got["f32"].add_(1)  # writable, and only its own slice changes
+    assert torch.equal(got["f16"], tensors["f16"])
+    assert load_weights(tmp_path / "t.safetensors", keys={"i64"}).keys() == {"i64"}
+    save_file(got, tmp_path / "again.safetensors")  # safetensors refuses tensors sharing memory
+    assert torch.equal(load_file(tmp_path / "again.safetensors")["f32"], tensors["f32"] + 1)

@@ -6,7 +6,7 @@
   compresses them in place with [`hf_vq.quantize_`] (data-free k-means, progress bar per layer);
 * `AutoModel.from_pretrained(compressed)` rebuilds the VQ modules on the meta device from the layout
   in config.json ([`hf_vq.build_skeleton_`]) and loads codes and codebooks, nothing recomputed (on one
-  device hf_vq reads the compressed modules' tensors itself, see [`load_vq_tensors_`]);
+  device hf_vq reads the checkpoint itself, see [`load_tensors_`]);
 * `save_pretrained` / `push_to_hub` write config.json with the full `quantization_config`, safetensors
   (codebooks in fp16, tied modules once, sharded when large) and hf_vq's model card;
 * `model.dequantize()` returns the dense model; `Trainer` fine-tunes the codebooks (codes stay frozen).
@@ -31,6 +31,7 @@ The algorithms live in `hf_vq.quantize` / `hf_vq.codec`; this module only adapts
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -50,13 +51,13 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from ..checkpoint import CODEBOOKS, CODES, CheckpointError, expected_shapes, is_shared_codebooks_key
+from ..checkpoint import CODEBOOKS, CODES, CheckpointError, expected_shapes, is_shared_codebooks_key, load_weights
 from ..codec.packing import bits_for
 from ..config import SHARED_CODEBOOKS, VQConfig, shared_codebooks_key
 from ..nn import CodesError, VQModuleMixin
 
 __all__ = ["QUANT_METHOD", "GUARD_NOTE_KEY", "HfVQQuantizer", "register", "attach_", "detach_",
-           "check_checkpoint_files", "load_vq_tensors_"]
+           "check_checkpoint_files", "load_tensors_"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ GUARD_NOTE_KEY = ("HF_VQ REQUIRED - pip install hf_vq - then import hf_vq before
 _GUARD_SUFFIX = ".weight"
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 # ---------------------------------------------------------------------------------------------- the quantizer
@@ -134,43 +137,48 @@ class HfVQQuantizer(HfQuantizer):
                                              device_map: Any = None, **kwargs: Any) -> nn.Module:
         """Pre-quantized: swap in empty VQ modules (on meta) for codes and codebooks to be loaded into.
 
-        On one device (no `device_map`, or one that puts everything on a single device) hf_vq reads the tensors of
-        the compressed modules (codes, codebooks, biases) itself, here, straight from the safetensors files
-        ([`load_vq_tensors_`]), and keeps them out of the state dict transformers loads: transformers' loader costs
-        about as much per tensor however small the tensor. With a multi-device or offloading `device_map`, or fp32
-        modules kept in a half-precision model (`_keep_in_fp32_modules`), they load through transformers like
-        every other tensor.
+        On one device (no `device_map`, or one that puts everything on a single device) hf_vq reads the checkpoint
+        itself, here, straight from the safetensors files ([`load_tensors_`]): codes, codebooks and every other
+        tensor stored under the model's own name and shape, which it keeps out of the state dict transformers loads
+        (transformers' loader costs about as much per tensor however small the tensor, and a compressed checkpoint
+        is mostly small tensors). Tied weights, tensors the file stores under another shape or dtype, and
+        everything with a multi-device or offloading `device_map`, under tensor parallelism, or with fp32 modules
+        kept in a half-precision model (`_keep_in_fp32_modules`) load through transformers as usual.
         """
         if not self.pre_quantized:
             return model  # dense weights load as usual; they are compressed after loading
+        with _without_torch_function():  # transformers calls this under its meta-device mode; devices are explicit here
+            return self._build_and_read(model, checkpoint_files, device_map)
+
+    def _build_and_read(self, model: nn.Module, checkpoint_files: list[str] | None, device_map: Any) -> nn.Module:
         from ..quantize import build_skeleton_
 
         config = self.quantization_config = _fit_layout(model, self.quantization_config)
         build_skeleton_(model, config)
         # one pattern per kind of key (transformers compiles and tries every pattern on every unexpected key)
         unexpected = {"^" + re.escape(GUARD_NOTE_KEY.split(" - ")[0])}
-        suffixes = {_GUARD_SUFFIX[1:]}  # of the compressed modules' keys transformers should not report
         if checkpoint_files:
             device = _single_device(device_map)
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                device = None  # tensor parallelism shards tensors in transformers' loader
             keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
             if device is not None and keep_fp32 and getattr(model, "dtype", torch.float32) != torch.float32:
                 device = None  # transformers' per-pattern dtype plan decides these tensors' dtypes
-            companions = _companions(model, config) if device is not None else None
+            model_keys = model.state_dict(keep_vars=True)
+            others = _readable_tensors(model, config, model_keys) if device is not None else None
             known = {key for name in config.layouts for key in (f"{name}.{CODES}", f"{name}.{CODEBOOKS}")}
-            known |= set(companions or ())
-            sources = check_checkpoint_files(checkpoint_files, config, companions=companions,
-                                             rename=_checkpoint_key_renamer(model, self, known))
+            sources, foreign = check_checkpoint_files(checkpoint_files, config, others=others,
+                                                      rename=_checkpoint_key_renamer(model, self, known | set(model_keys)))
             if device is not None:
-                load_vq_tensors_(model, sources, device)
-                # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists: the
-                # VQ tensors stay out of it until the weights are loaded ...
+                load_tensors_(model, sources, device)
+                # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists:
+                # what hf_vq read stays out of it until the weights are loaded ...
                 register = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
                 self._vq_hidden = register(_drop_keys(set(sources)))  # older torch: only the private name
-                # ... and are "unexpected" to it: a pattern by suffix (one listing every key takes longer to compile
-                # than loading the tensors); the keys hf_vq does not read are dropped heads, reported by `_fit_layout`
-                unexpected.add(rf"(?:^|\.)(?:{CODES}|{CODEBOOKS}|{SHARED_CODEBOOKS}\w*)$")
-                suffixes |= {key.rpartition(".")[2] for key in companions}
-        unexpected.add(rf"^(?:{_names_pattern(config.modules)})\.(?:{'|'.join(sorted(suffixes))})$")
+                # ... and is "unexpected" to it: every key but those the model has no tensor for (a dropped head,
+                # reported as usual); one short pattern, whatever the number of keys hf_vq read
+                unexpected.add(f"^(?!(?:{'|'.join(map(re.escape, sorted(foreign)))})$)" if foreign else "^")
+        unexpected.add(rf"^(?:{_names_pattern(config.modules)}){re.escape(_GUARD_SUFFIX)}$")
         _tie_(model, config)
         for name in config.modules:
             # codes and codebooks come from the checkpoint, never from `_init_weights` (which would decode
@@ -445,7 +453,8 @@ def _names_pattern(names: Any) -> str:
 
 
 def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
-                           companions: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[str, str]]:
+                           others: dict[str, torch.Tensor] | None = None
+                           ) -> tuple[dict[str, tuple[str, str]], set[str]]:
     """Check, from the safetensors headers only, that every compressed module has its codes and codebooks.
 
     Args:
@@ -453,19 +462,22 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
         config ([`VQConfig`]): the quantization config with the per-module layout.
         rename (`Callable[[str], str]`, *optional*): maps a key as stored to the model's name for it
             (transformers renames legacy keys, e.g. ViT's, and adds or strips `base_model_prefix`).
-        companions (`dict[str, tuple[int, ...]]`, *optional*): other float tensors of the compressed modules
-            (their biases), model key -> expected shape: located too when stored, and their shape checked.
+        others (`dict[str, torch.Tensor]`, *optional*): the model's other tensors to locate too, model key ->
+            its empty (meta) tensor. One stored with that shape and a matching dtype (float for float, the same
+            otherwise) is located; one of a compressed module (its bias) stored otherwise is an error; any other
+            is left out (transformers loads it, or reports the mismatch).
 
     Returns:
-        `dict[str, tuple[str, str]]`: for every stored VQ tensor (codes, own codebooks, shared sets) and every
-        stored companion, the model's key -> (file, key as stored).
+        `tuple[dict[str, tuple[str, str]], set[str]]`: for every stored VQ tensor (codes, own codebooks, shared
+        sets) and every located tensor of `others`, the model's key -> (file, key as stored); and the stored
+        keys (as the model would name them) that are neither, nor hf_vq's guard tensors.
 
     Raises:
         [`CheckpointError`]: naming the missing or misshapen tensor, its module and the fix.
     """
     from safetensors import SafetensorError, safe_open
 
-    companions = companions or {}
+    others = others or {}
     entries: list[tuple[str, str, tuple[int, ...], str]] = []  # (stored key, dtype, shape, file)
     for file in files:
         if not str(file).endswith(".safetensors"):
@@ -482,17 +494,19 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
             raise CheckpointError(f"{file} is truncated or corrupted ({err}); re-download it or save the model again.") from None
     header: dict[str, tuple[str, tuple[int, ...], str, str]] = {}  # model key -> (dtype, shape, file, stored key)
     renamed = False  # whether the checkpoint names VQ tensors differently from the model (prefix, legacy names)
-    for stored, dtype, shape, file in entries:
-        key = stored
-        if rename is not None and (stored.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(stored)):
-            key = rename(stored)
+    plain = []  # entries of tensors other than codes / codebooks
+    for entry in entries:
+        stored = entry[0]
+        if stored.endswith((f".{CODES}", f".{CODEBOOKS}")) or is_shared_codebooks_key(stored):
+            key = stored if rename is None else rename(stored)
             renamed |= key != stored
-        header[key] = (dtype, shape, file, stored)
-    if renamed and companions:  # then the companions (biases) are named differently too
-        suffixes = tuple({"." + key.rpartition(".")[2] for key in companions})
-        for stored, dtype, shape, file in entries:
-            if stored.endswith(suffixes):
-                header[rename(stored)] = (dtype, shape, file, stored)
+            header[key] = (*entry[1:], stored)
+        else:
+            plain.append(entry)
+    guards = {GUARD_NOTE_KEY} | {name + _GUARD_SUFFIX for name in config.modules}
+    for stored, dtype, shape, file in plain:
+        if stored not in guards:  # then the other tensors are named differently too
+            header[rename(stored) if renamed else stored] = (dtype, shape, file, stored)
     where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
     sources: dict[str, tuple[str, str]] = {}
     for name, layout in config.layouts.items():
@@ -515,37 +529,31 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
                     f"{list(layout.shape)}). The checkpoint does not match its config.json; re-save the model."
                 )
             sources[key] = (file, stored)
-    for key, shape in companions.items():
-        if key in header:
-            dtype, got, file, stored = header[key]
-            if got != shape or dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(
-                    f"{os.path.basename(file)}: tensor {key!r} is {dtype} {list(got)}, expected a float tensor "
-                    f"{list(shape)}. The checkpoint does not match its config.json; re-save the model."
-                )
+    for key, empty in others.items():
+        if key not in header:
+            continue
+        dtype, got, file, stored = header[key]
+        dtypes = _FLOAT_DTYPES if empty.is_floating_point() else {_SAFETENSORS_DTYPES.get(empty.dtype)}
+        if got == tuple(empty.shape) and dtype in dtypes:
             sources[key] = (file, stored)
-    return sources
+        elif key.rpartition(".")[0] in config.modules:
+            raise CheckpointError(
+                f"{os.path.basename(file)}: tensor {key!r} is {dtype} {list(got)}, expected "
+                f"{'a float tensor' if empty.is_floating_point() else dtypes.pop()} {list(empty.shape)} (of compressed "
+                f"module {key.rpartition('.')[0]!r}). The checkpoint does not match its config.json; re-save the model."
+            )
+    return sources, set(header) - set(sources)
 
 
-def _companions(model: nn.Module, config: VQConfig) -> dict[str, tuple[int, ...]]:
-    """The other persistent tensors of the compressed modules (biases), model key -> shape; tied ones excluded
-    (transformers ties them after loading)."""
+def _readable_tensors(model: nn.Module, config: VQConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `model` hf_vq can read itself besides codes and codebooks, model key -> empty tensor, from
+    its `state` (`state_dict(keep_vars=True)`): all but tied weights (transformers ties them after loading)."""
     tied = set()
     for prefix, sub in _pretrained_models(model):
         for target, source in (getattr(sub, "all_tied_weights_keys", None) or {}).items():
             tied |= {f"{prefix}.{target}" if prefix else target, f"{prefix}.{source}" if prefix else source}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    out = {}
-    for name in config.layouts:
-        module = modules[name]
-        own = [(n, t) for n, t in module._parameters.items() if n != CODEBOOKS and t is not None]
-        own += [(n, t) for n, t in module._buffers.items()
-                if n != CODES and t is not None and n not in module._non_persistent_buffers_set]
-        for attr, tensor in own:
-            key = f"{name}.{attr}"
-            if key not in tied and tensor.is_floating_point():
-                out[key] = tuple(tensor.shape)
-    return out
+    vq = {f"{name}.{attr}" for name in config.layouts for attr in (CODES, CODEBOOKS)}
+    return {key: t for key, t in state.items() if key not in tied and key not in vq and not is_shared_codebooks_key(key)}
 
 
 def _single_device(device_map: Any) -> torch.device | None:
@@ -562,6 +570,13 @@ def _single_device(device_map: Any) -> torch.device | None:
     return torch.device(devices.pop())
 
 
+def _without_torch_function():
+    """A context without `__torch_function__` handling: transformers builds the model under a meta-device mode that
+    intercepts every torch call (about 10 us each); the skeleton names its devices itself."""
+    disable = getattr(torch._C, "DisableTorchFunction", None)  # private, stable since torch 1.x; optional
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
 def _drop_keys(keys: set[str]):
     """A state-dict post hook leaving `keys` out of the model's own (top-level) `state_dict()`."""
 
@@ -573,11 +588,12 @@ def _drop_keys(keys: set[str]):
     return hook
 
 
-def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device: torch.device) -> None:
-    """Read codes, codebooks and biases straight from the safetensors files into the (meta) VQ modules of `model`.
+def load_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device: torch.device) -> None:
+    """Read tensors straight from the safetensors files into the (meta) skeleton of `model`, marked as initialised.
 
-    Float tensors take the dtype and `requires_grad` of the module's empty parameter (the model's dtype); codes
-    stay uint8. Tied modules and members of shared sets are (re-)tied afterwards (`_tie_`).
+    Float tensors take the dtype (and parameters their `requires_grad`) of the empty tensor they replace (the
+    dtype the model is loaded in); others (codes, integer buffers) keep their stored dtype. Tied modules and
+    members of shared sets are (re-)tied afterwards (`_tie_`).
 
     Args:
         sources (`dict[str, tuple[str, str]]`): model key -> (file, key as stored), from [`check_checkpoint_files`].
@@ -586,30 +602,28 @@ def load_vq_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], devi
     Raises:
         [`CheckpointError`]: if a file cannot be read.
     """
-    from safetensors import SafetensorError, safe_open
-
     by_file: dict[str, list[tuple[str, str]]] = {}
     for key, (file, stored) in sources.items():
         by_file.setdefault(file, []).append((key, stored))
     modules = dict(model.named_modules(remove_duplicate=False))
     for file, items in by_file.items():
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key, stored in items:
-                    module_name, _, attr = key.rpartition(".")
-                    module = modules[module_name]
-                    tensor = f.get_tensor(stored)
-                    if attr in module._buffers:  # codes: uint8 [rows, packed_bytes]
-                        empty = module._buffers[attr]
-                        tensor = tensor.to(empty.dtype) if empty.is_floating_point() else tensor
-                        module._buffers[attr] = tensor
-                    else:  # codebooks [M, k, d] (shared sets on their holder), bias [rows]
-                        empty = module._parameters[attr]  # on meta: the dtype the model is loaded in
-                        tensor = nn.Parameter(tensor.to(empty.dtype), requires_grad=empty.requires_grad)
-                        module._parameters[attr] = tensor
-                    tensor._is_hf_initialized = True
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{file} cannot be read ({err}); re-download it or save the model again.") from None
+        tensors = load_weights(file, keys={stored for _, stored in items})  # CPU, one read per file
+        for key, stored in items:
+            module_name, _, attr = key.rpartition(".")
+            module = modules[module_name]
+            tensor = tensors[stored] if device.type == "cpu" else tensors[stored].to(device)
+            if attr in module._buffers:  # codes: uint8 [rows, packed_bytes]; running statistics, ...
+                empty = module._buffers[attr]
+                if empty.is_floating_point() and tensor.dtype != empty.dtype:
+                    tensor = tensor.to(empty.dtype)
+                module._buffers[attr] = tensor
+            else:  # codebooks [M, k, d] (shared sets on their holder), biases, norms, embeddings, ...
+                empty = module._parameters[attr]  # on meta: the dtype the model is loaded in
+                if tensor.dtype != empty.dtype:
+                    tensor = tensor.to(empty.dtype)
+                tensor = nn.Parameter(tensor, requires_grad=empty.requires_grad)
+                module._parameters[attr] = tensor
+            tensor._is_hf_initialized = True
 
 
 def _check_loaded(model: nn.Module, config: VQConfig) -> None:

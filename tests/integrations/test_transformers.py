@@ -220,10 +220,10 @@ def test_device_map_auto(compressed):
 
 
 @pytest.mark.parametrize("device_map", [None, "auto"])
-def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
-    """On one device hf_vq reads the compressed modules' tensors itself (codes, codebooks, biases; transformers'
-    per-key loader sees only the others); with a device_map it cannot settle up front ("auto") they go through
-    transformers. Same model either way."""
+def test_who_loads_the_tensors(device_map, compressed, monkeypatch):
+    """On one device hf_vq reads the checkpoint itself (transformers' per-key loader is left the tied weights);
+    with a device_map it cannot settle up front ("auto") everything goes through transformers. Same model either
+    way, nothing missing or unexpected, nothing left hidden."""
     import transformers.core_model_loading as cml
 
     cls, _, model, folder = compressed("gpt2")
@@ -236,18 +236,45 @@ def test_who_loads_the_vq_tensors(device_map, compressed, monkeypatch):
 
     monkeypatch.setattr(cml, "set_param_for_module", recording)
     loaded, info = cls.from_pretrained(folder, device_map=device_map, output_loading_info=True)
-    vq_keys = {f"{name}.{attr}" for name in hf_vq.vq_modules(model) for attr in ("codes", "codebooks", "bias")}
-    by_transformers = vq_keys & set(loaded_by_transformers)
     if device_map is None:
-        assert not by_transformers, sorted(by_transformers)
+        assert not loaded_by_transformers, sorted(loaded_by_transformers)
     else:
-        assert {"transformer.h.0.mlp.c_fc.codes", "transformer.h.0.mlp.c_fc.bias"} <= by_transformers
-        assert "lm_head.codes" not in by_transformers  # tied: stored once, as the embedding's
+        assert {"transformer.h.0.mlp.c_fc.codes", "transformer.h.0.mlp.c_fc.bias", "transformer.ln_f.weight",
+                "transformer.wpe.codebooks"} <= set(loaded_by_transformers)
+        assert "lm_head.codes" not in loaded_by_transformers  # tied: stored once, as the embedding's
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert loaded.state_dict().keys() == model.state_dict().keys()  # nothing left hidden after loading
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
+        assert loaded.state_dict()[key].dtype == tensor.dtype, key
     assert loaded.lm_head.codebooks is loaded.transformer.wte.codebooks
+
+
+def test_one_device_load_reports_what_the_model_lacks(compressed, tmp_path):
+    """hf_vq hides what it reads from transformers' report; a stored tensor the model has no place for is still
+    reported as unexpected, and one the file lacks as missing (and initialised by transformers)."""
+    from safetensors.torch import load_file, save_file
+
+    cls, _, model, folder = compressed("gpt2")
+    bad = _copy(folder, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    tensors["transformer.h.0.extra_head.weight"] = torch.zeros(3)
+    del tensors["transformer.ln_f.bias"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = cls.from_pretrained(bad, output_loading_info=True)
+    assert info["unexpected_keys"] == {"transformer.h.0.extra_head.weight"}, info
+    assert info["missing_keys"] == {"transformer.ln_f.bias"}, info
+    assert loaded.transformer.ln_f.bias.device.type == "cpu" and torch.equal(
+        loaded.transformer.ln_f.bias, torch.zeros_like(loaded.transformer.ln_f.bias))  # LayerNorm bias init: zeros
+    torch.testing.assert_close(loaded.transformer.ln_f.weight, model.transformer.ln_f.weight)
+    # a tensor of the model stored under another shape is left to transformers, which reports it as for a dense model
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"][:5]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cls.from_pretrained(bad)
+    _, info = cls.from_pretrained(bad, output_loading_info=True, ignore_mismatched_sizes=True)
+    assert [key for key, *_ in info["mismatched_keys"]] == ["transformer.ln_f.weight"], info
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
