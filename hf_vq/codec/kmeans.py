@@ -382,6 +382,10 @@ class _Run:
         self.prev_codes: torch.Tensor | None = None
         self.done = False
         self.points_seen = 0
+        if self.n <= k:  # at most k points: each is its own codeword (zero error); spare ones repeat the first
+            unique = torch.unique(self.x, dim=0)  # [u, d]
+            self.codebook = torch.cat([unique, unique[:1].expand(k - len(unique), -1)]).contiguous()  # [k, d]
+            self.done = True
 
     def step(self, i: int) -> None:
         """Iteration i = 1..n_iter: assign (a window of) the clean data, then the (noisy) update."""
@@ -504,7 +508,8 @@ def kmeans(
     noisy members `x + sqrt(1 - i/T) * N(0, 1) * std(x)`, drawn in O(k·d). While that noise is large the
     update reads only a random subsample whose own sampling noise is counted into it (see the module
     docstring); the final iterations use all points and add no noise. Empty clusters are re-seeded
-    farthest-first (each with the point farthest from every codeword placed so far).
+    farthest-first (each with the point farthest from every codeword placed so far). With at most `k`
+    subvectors the codebook is the subvectors themselves (zero error; spare codewords repeat the first).
 
     Args:
         x (`torch.Tensor`): subvectors `[n, d]`, any float dtype, any device.

@@ -196,3 +196,18 @@ def test_cuda_matches_cpu_quality_and_is_deterministic():
     err_cpu = float((x - cb_cpu[codes_cpu]).pow(2).sum())
     err_gpu = float((x - a[0].cpu()[a[1].cpu()]).pow(2).sum())
     assert err_gpu < 1.02 * err_cpu
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_at_most_k_points_are_their_own_codewords(weighted):
+    """A layer with no more subvectors than codewords is stored exactly (k-means noise would only add error)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    x = torch.cat([x, x[:5]])  # 45 points, 40 distinct, k = 45
+    w = torch.rand(45, 2, generator=g) if weighted else None
+    for k in (45, 64):
+        codebook, codes = kmeans(x, k, n_iter=20, seed=0, weights=w)
+        assert codebook.shape == (k, 2) and codes.shape == (45,)
+        assert torch.equal(codebook[codes], x), k
+    codebook, codes = kmeans(x, 39, n_iter=20, seed=0, weights=w)  # one codeword short: an error appears
+    assert not torch.equal(codebook[codes], x)
