@@ -124,9 +124,10 @@ def save_weights(model: nn.Module, folder: str | os.PathLike, *, metadata: dict[
 
 
 # ---------------------------------------------------------------------------------------------- reading
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+#: safetensors' dtype names and the torch dtypes hf_vq reads them as
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def load_weights(path: str | os.PathLike, keys: Container[str] | None = None) -> dict[str, torch.Tensor]:
@@ -155,13 +156,13 @@ def load_weights(path: str | os.PathLike, keys: Container[str] | None = None) ->
         got = len(data)
         header.pop("__metadata__", None)
         wanted = [key for key in header if keys is None or key in keys]
-        if sys.byteorder != "little" or any(header[key]["dtype"] not in _SAFETENSORS_DTYPES for key in wanted):
+        if sys.byteorder != "little" or any(header[key]["dtype"] not in SAFETENSORS_DTYPES for key in wanted):
             with safe_open(str(path), framework="pt") as g:
                 return {key: g.get_tensor(key) for key in wanted}
         out = {}
         for key in wanted:
             info = header[key]
-            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
             count = math.prod(info["shape"])
             if not 0 <= start <= end <= got or end - start != count * dtype.itemsize:
                 raise ValueError(f"tensor {key!r} lies outside the file's {got} data bytes")

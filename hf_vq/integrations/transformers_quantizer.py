@@ -51,7 +51,8 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from ..checkpoint import CODEBOOKS, CODES, CheckpointError, expected_shapes, is_shared_codebooks_key, load_weights
+from ..checkpoint import (CODEBOOKS, CODES, SAFETENSORS_DTYPES, CheckpointError, expected_shapes,
+                          is_shared_codebooks_key, load_weights)
 from ..codec.packing import bits_for
 from ..config import SHARED_CODEBOOKS, VQConfig, shared_codebooks_key
 from ..nn import CodesError, VQModuleMixin
@@ -71,8 +72,7 @@ GUARD_NOTE_KEY = ("HF_VQ REQUIRED - pip install hf_vq - then import hf_vq before
 _GUARD_SUFFIX = ".weight"
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.int64 -> "I64", ...
 
 
 # ---------------------------------------------------------------------------------------------- the quantizer
@@ -533,7 +533,7 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
         if key not in header:
             continue
         dtype, got, file, stored = header[key]
-        dtypes = _FLOAT_DTYPES if empty.is_floating_point() else {_SAFETENSORS_DTYPES.get(empty.dtype)}
+        dtypes = _FLOAT_DTYPES if empty.is_floating_point() else {_DTYPE_NAMES.get(empty.dtype)}
         if got == tuple(empty.shape) and dtype in dtypes:
             sources[key] = (file, stored)
         elif key.rpartition(".")[0] in config.modules:
