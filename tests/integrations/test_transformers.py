@@ -250,6 +250,17 @@ def test_who_loads_the_tensors(device_map, compressed, monkeypatch):
     assert loaded.lm_head.codebooks is loaded.transformer.wte.codebooks
 
 
+def test_save_over_the_folder_it_was_loaded_from(compressed, tmp_path):
+    """The one-device load maps the checkpoint file; saving into the same folder must neither crash nor corrupt."""
+    cls, _, model, folder = compressed("gpt2")
+    same = _copy(folder, tmp_path / "same")
+    loaded = cls.from_pretrained(same)
+    loaded.save_pretrained(same)
+    expected = _logits(model, "gpt2")
+    torch.testing.assert_close(_logits(loaded, "gpt2"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(cls.from_pretrained(same), "gpt2"), expected, rtol=0, atol=0)
+
+
 def test_one_device_load_reports_what_the_model_lacks(compressed, tmp_path):
     """hf_vq hides what it reads from transformers' report; a stored tensor the model has no place for is still
     reported as unexpected, and one the file lacks as missing (and initialised by transformers)."""
