@@ -151,14 +151,14 @@ def load_weights(path: str | os.PathLike, keys: Container[str] | None = None) ->
             if not 0 < size <= total - 8:
                 raise ValueError(f"a header of {size} bytes does not fit a file of {total} bytes")
             header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            wanted = [key for key in header if keys is None or key in keys]
+            if sys.byteorder != "little" or any(header[key]["dtype"] not in SAFETENSORS_DTYPES for key in wanted):
+                with safe_open(str(path), framework="pt") as g:
+                    return {key: g.get_tensor(key) for key in wanted}
             # private (copy-on-write) map: pages come from the page cache when first touched, writes stay in memory
             data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))[8 + size:]
         got = len(data)
-        header.pop("__metadata__", None)
-        wanted = [key for key in header if keys is None or key in keys]
-        if sys.byteorder != "little" or any(header[key]["dtype"] not in SAFETENSORS_DTYPES for key in wanted):
-            with safe_open(str(path), framework="pt") as g:
-                return {key: g.get_tensor(key) for key in wanted}
         out = {}
         for key in wanted:
             info = header[key]

@@ -39,7 +39,7 @@ import re
 import tempfile
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -71,8 +71,8 @@ GUARD_NOTE_KEY = ("HF_VQ REQUIRED - pip install hf_vq - then import hf_vq before
                   "checkpoint loads as random values")
 _GUARD_SUFFIX = ".weight"
 
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.int64 -> "I64", ...
+_FLOAT_DTYPES = {name for name, dtype in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}  # F16, BF16, ...
 
 
 # ---------------------------------------------------------------------------------------------- the quantizer
@@ -164,11 +164,10 @@ class HfVQQuantizer(HfQuantizer):
             keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
             if device is not None and keep_fp32 and getattr(model, "dtype", torch.float32) != torch.float32:
                 device = None  # transformers' per-pattern dtype plan decides these tensors' dtypes
-            model_keys = model.state_dict(keep_vars=True)
-            others = _readable_tensors(model, config, model_keys) if device is not None else None
-            known = {key for name in config.layouts for key in (f"{name}.{CODES}", f"{name}.{CODEBOOKS}")}
+            state = model.state_dict(keep_vars=True)  # on meta: the skeleton's names, shapes and dtypes
+            others = _readable_tensors(model, config, state) if device is not None else None
             sources, foreign = check_checkpoint_files(checkpoint_files, config, others=others,
-                                                      rename=_checkpoint_key_renamer(model, self, known | set(model_keys)))
+                                                      rename=_checkpoint_key_renamer(model, self, state))
             if device is not None:
                 load_tensors_(model, sources, device)
                 # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists:
@@ -414,17 +413,13 @@ def _fit_layout(model: nn.Module, config: VQConfig) -> VQConfig:
     return VQConfig.from_dict({**config.to_dict(), "modules": modules})
 
 
-def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer, known: set[str] | None = None):
+def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer, state: Mapping[str, Any]):
     """Map a checkpoint key to the model's name for it, as transformers' loader does (renamings, prefix).
 
-    Keys that already name a tensor of the model (or are in `known`, model keys the caller has listed) are
-    returned as they are; the model's state dict and transformers' conversion mapping (which costs a few ms
-    to build) are only built for the first key that does not.
+    Keys that already name a tensor of the model (a key of its `state`, `model.state_dict(keep_vars=True)` on
+    meta) are returned as they are; transformers' conversion mapping (which costs a few ms to build) is only
+    built for the first key that does not.
     """
-
-    @functools.cache
-    def meta_state_dict():
-        return model.state_dict()
 
     @functools.cache
     def transformers_rename():
@@ -439,10 +434,9 @@ def _checkpoint_key_renamer(model: nn.Module, quantizer: HfQuantizer, known: set
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         prefix = getattr(model, "base_model_prefix", None)
 
-        return lambda key: rename_source_key(key, renamings, converters, prefix, meta_state_dict())[0]
+        return lambda key: rename_source_key(key, renamings, converters, prefix, state)[0]
 
-    known = known or set()
-    return lambda key: key if key in known or key in meta_state_dict() else transformers_rename()(key)
+    return lambda key: key if key in state else transformers_rename()(key)
 
 
 def _names_pattern(names: Any) -> str:
@@ -505,7 +499,7 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename=None,
             plain.append(entry)
     guards = {GUARD_NOTE_KEY} | {name + _GUARD_SUFFIX for name in config.modules}
     for stored, dtype, shape, file in plain:
-        if stored not in guards:  # then the other tensors are named differently too
+        if stored not in guards:  # renamed VQ keys mean the other tensors are named differently too
             header[rename(stored) if renamed else stored] = (dtype, shape, file, stored)
     where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
     sources: dict[str, tuple[str, str]] = {}
@@ -612,17 +606,14 @@ def load_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device:
             module_name, _, attr = key.rpartition(".")
             module = modules[module_name]
             tensor = tensors[stored] if device.type == "cpu" else tensors[stored].to(device)
-            if attr in module._buffers:  # codes: uint8 [rows, packed_bytes]; running statistics, ...
-                empty = module._buffers[attr]
-                if empty.is_floating_point() and tensor.dtype != empty.dtype:
-                    tensor = tensor.to(empty.dtype)
+            is_buffer = attr in module._buffers  # codes uint8 [rows, packed_bytes], running statistics, ...
+            empty = module._buffers[attr] if is_buffer else module._parameters[attr]  # on meta, in the load dtype
+            if empty.is_floating_point() and tensor.dtype != empty.dtype:
+                tensor = tensor.to(empty.dtype)
+            if is_buffer:
                 module._buffers[attr] = tensor
             else:  # codebooks [M, k, d] (shared sets on their holder), biases, norms, embeddings, ...
-                empty = module._parameters[attr]  # on meta: the dtype the model is loaded in
-                if tensor.dtype != empty.dtype:
-                    tensor = tensor.to(empty.dtype)
-                tensor = nn.Parameter(tensor, requires_grad=empty.requires_grad)
-                module._parameters[attr] = tensor
+                tensor = module._parameters[attr] = nn.Parameter(tensor, requires_grad=empty.requires_grad)
             tensor._is_hf_initialized = True
 
 
