@@ -37,11 +37,13 @@ objective numpy ends at.
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -185,13 +187,29 @@ def numpy_sls(w: np.ndarray, d: int, iters: int, seed: int = 0) -> tuple[float, 
     return float(current), time.perf_counter() - start
 
 
-def speed(numpy_iters: int) -> dict:
-    from transformers import AutoModel
+SPEED_TENSOR = "encoder.layer.0.output.dense.weight"
 
-    w = AutoModel.from_pretrained(minilm_path()).encoder.layer[0].output.dense.weight.detach()  # [384, 1536]
-    target, numpy_s = numpy_sls(w.double().numpy(), 4, numpy_iters)
+
+def speed(numpy_iters: int, weights: str | None = None, numpy_from: str | None = None) -> dict:
+    """Paper-style numpy search vs hf_vq's on MiniLM's first MLP space; `weights`: a safetensors file holding
+    `SPEED_TENSOR` (default: the fixture's model.safetensors; a copy of the one tensor travels to a GPU machine);
+    `numpy_from`: an earlier result JSON whose numpy search (objective and seconds) is reused instead of
+    running it again (a GPU machine's time is short; the JSON records where the figures came from)."""
+    from safetensors import safe_open
+
+    with safe_open(weights or str(minilm_path() / "model.safetensors"), framework="pt") as f:
+        name = next(n for n in f.keys() if n.endswith(SPEED_TENSOR))
+        w = f.get_tensor(name).float()  # [384, 1536]
+    if numpy_from:
+        earlier = json.loads(Path(numpy_from).read_text())
+        target, numpy_s, numpy_iters = (earlier["speed"][key] for key in ("numpy_objective", "numpy_seconds", "numpy_iters"))
+    else:
+        target, numpy_s = numpy_sls(w.double().numpy(), 4, numpy_iters)
     out = {"space": "encoder.layer.0 MLP hidden (P=1536, output.dense [384, 1536], d=4)",
            "numpy_iters": numpy_iters, "numpy_objective": round(target, 5), "numpy_seconds": round(numpy_s, 2)}
+    if numpy_from:
+        out["numpy_from"] = {"file": Path(numpy_from).name, "device": earlier["machine"]["device"],
+                             "date": earlier["machine"]["date"]}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         term = [ObjectiveTerm(w.to(dev)[:, :, None], 4)]
@@ -259,7 +277,11 @@ def markdown(data: dict) -> str:
                               if key in res[method])
             lines.append(f"| {model} | **{method} vs {baseline}: error reduction** | | **{cut['total_rel_error']:.2f} %** "
                          f"| **{cut['activation_rel_error']:.2f} %** | {shift} | | |")
-    lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
+    if not data["models"]:  # a speed-only run (--only speed): no fidelity tables
+        lines = ["# PQF permutation search speed\n", f"Machine: {m['device']}, {m['torch_threads']} torch threads, "
+                 f"torch {m['torch']}, {m['date']}.\n"]
+    else:
+        lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
     for model, res in data["models"].items():
         for method in BASELINE:
             lines += [f"### {model}, {method}\n", "| space | P | children | identity | greedy | after | swaps |",
@@ -275,8 +297,10 @@ def markdown(data: dict) -> str:
                 lines.append("\nRefused: " + "; ".join(f"{sp['name']} ({sp['reasons'][0]})" for sp in refused) + "\n")
     sp = data.get("speed")
     if sp:
+        origin = (f" (from {sp['numpy_from']['file']}, run on {sp['numpy_from']['device']} {sp['numpy_from']['date']})"
+                  if "numpy_from" in sp else "")
         lines += ["\n## Search speed\n", f"{sp['space']}. Paper-style numpy search: {sp['numpy_iters']} single-swap "
-                  f"proposals, objective {sp['numpy_objective']} in {sp['numpy_seconds']} s.\n",
+                  f"proposals, objective {sp['numpy_objective']} in {sp['numpy_seconds']} s{origin}.\n",
                   "| device | steps to reach numpy's objective | proposals | seconds | speed-up | 1000 steps: objective (s) |",
                   "|---|---|---|---|---|---|"]
         for dev in ("cpu", "cuda"):
@@ -287,7 +311,9 @@ def markdown(data: dict) -> str:
                                  f"| {f['objective']} ({f['seconds']}) |")
                 else:
                     lines.append(f"| {dev} | not reached | | | | {f['objective']} ({f['seconds']}) |")
-    lines.append("\n```bash\n.venv/bin/python benchmarks/bench_permute.py\n```\n")
+    command = "python benchmarks/bench_permute.py" + (
+        f" --only speed --weights FILE --numpy-from {sp['numpy_from']['file']}" if sp and "numpy_from" in sp else "")
+    lines.append(f"\n```bash\n{command}\n```\n")
     return "\n".join(lines)
 
 
@@ -299,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="k-means seeds per method (default 12; 5 for MiniLM)")
     parser.add_argument("--only", choices=["minilm", "lite0", "speed"], action="append")
     parser.add_argument("--out", default=str(RESULTS / "permute"))
+    parser.add_argument("--weights", default=None, help=f"safetensors file with {SPEED_TENSOR} for --only speed")
+    parser.add_argument("--numpy-from", default=None, help="reuse the numpy search of this earlier result JSON")
     args = parser.parse_args(argv)
     iters = args.iters or (100 if args.quick else hf_vq.VQConfig().permute_iters)
     n_iter = args.n_iter or (20 if args.quick else 100)
@@ -311,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         data["models"]["EfficientNet-Lite0 (d=2)"] = lite0(iters, n_iter, 2, seeds)
         data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4, seeds)
     if "speed" in only:
-        data["speed"] = speed(500 if args.quick else 10_000)
+        data["speed"] = speed(500 if args.quick else 10_000, args.weights, args.numpy_from)
     write(args.out, data, markdown(data))
     return 0
 

@@ -8,8 +8,11 @@ codebooks `[M, k, d]`. Three ways, chosen per call by [`vq_matmul`]:
 * **lut** (CPU): the lookup-table matmul of `cpu.lut_matmul`: dot products of each input block with the
   k codewords, then a gather-and-sum by codes; never materialises `W`. Chosen by a cost model measured
   on 2 cores (`cpu.lut_is_faster`): at 4096×4096, k = 256, d = 8 up to 52 input rows;
-* **triton** (CUDA): the Triton kernel of `triton_vq.triton_vq_matmul` for up to `TRITON_MAX_BATCH`
-  input rows.
+* **triton** (CUDA): the Triton GEMV kernel of `triton_vq.triton_vq_matmul` (one program per input row)
+  for up to `TRITON_MAX_BATCH` input rows. Whether it beats decode (Triton) + cuBLAS depends on the GPU,
+  the layer shape and the batch, so the first call of each (layer shape, dtype, batch rounded up to a power
+  of two) times both once, GPU time only, and keeps the faster (`cuda_choices()` lists the choices); under
+  CUDA-graph capture an unmeasured shape takes the GEMV kernel for one input row, else decode.
 
 The fast kernels are inference only: they run when no gradient is needed (under `torch.no_grad()` /
 `torch.inference_mode()`, or when neither the input nor the codebooks require grad). Fine-tuning the
@@ -28,14 +31,18 @@ import torch
 
 from . import cpu
 from .cpu import HAS_NUMBA, fast_decode, lut_codes, lut_is_faster, lut_matmul
-from .triton_vq import HAS_TRITON, triton_vq_matmul
+from .triton_vq import HAS_TRITON, triton_decode, triton_vq_matmul
 
-__all__ = ["HAS_NUMBA", "HAS_TRITON", "TRITON_MAX_BATCH", "kernel_mode", "needs_grad", "select_path", "vq_matmul",
-           "decode_matrix", "fast_decode", "lut_codes", "lut_matmul", "triton_vq_matmul"]
+__all__ = ["HAS_NUMBA", "HAS_TRITON", "TRITON_MAX_BATCH", "cuda_choices", "kernel_mode", "needs_grad", "select_path",
+           "vq_matmul", "decode_matrix", "fast_decode", "lut_codes", "lut_matmul", "triton_decode",
+           "triton_vq_matmul"]
 
-#: Largest number of input rows sent to the Triton kernel (beyond it, decode + cuBLAS). Not measured
-#: (no GPU in the session that wrote it): a GEMV-oriented kernel's usual range.
+#: Largest number of input rows for which the GEMV kernel is a candidate (beyond it, decode + cuBLAS; on an
+#: H200 the kernel won only at batch 1, benchmarks/results/gpu_kernels.md).
 TRITON_MAX_BATCH = 16
+
+# (codes shape, codes dtype, codebooks shape, input dtype, device, batch bucket) -> "gemv" | "decode"
+_CUDA_CHOICE: dict[tuple, str] = {}
 
 _MODES = ("auto", "decode", "lut")
 _state = threading.local()
@@ -109,9 +116,52 @@ def select_path(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, b
             return "lut"
         return "lut" if lut_is_faster(batch, rows, n_blocks, n_books, k, d, weight_is_decoded=weight_is_cached) else "decode"
     if x.device.type == "cuda" and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        if mode == "lut" or batch <= TRITON_MAX_BATCH:
+        if mode == "lut":
             return "triton"
+        if batch <= TRITON_MAX_BATCH:
+            return "decode" if _cuda_choice(x.reshape(-1, x.shape[-1]), codes, codebooks) == "decode" else "triton"
     return "decode"
+
+
+def _bucket(batch: int) -> int:
+    return 1 << max(0, (batch - 1).bit_length())
+
+
+def _gpu_ms(fn: Callable[[], torch.Tensor], calls: int = 10) -> float:
+    """GPU milliseconds per call of `fn`: the calls are queued behind a ~2 ms GPU sleep, so the CUDA events
+    around them time the GPU's work only, not Python's launch overhead."""
+    fn()  # compile / autotune
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(4_000_000)  # cycles
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _cuda_choice(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> str:
+    """The faster CUDA path for this layer shape and batch bucket, timed on first use (see module doc)."""
+    key = (tuple(codes.shape), codes.dtype, tuple(codebooks.shape), x2d.dtype, x2d.device, _bucket(x2d.shape[0]))
+    choice = _CUDA_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        return "gemv" if x2d.shape[0] == 1 else "decode"  # no timing inside a graph capture
+    books = codebooks.detach()
+    with torch.no_grad(), torch.cuda.device(x2d.device):
+        gemv = min(_gpu_ms(lambda: triton_vq_matmul(x2d, codes, books)) for _ in range(2))
+        decode = min(_gpu_ms(lambda: torch.nn.functional.linear(x2d, triton_decode(codes, books))) for _ in range(2))
+    choice = _CUDA_CHOICE[key] = "gemv" if gemv <= decode else "decode"
+    return choice
+
+
+def cuda_choices() -> dict[tuple, str]:
+    """The CUDA paths chosen so far: (codes shape, codes dtype, codebooks shape, input dtype, device, batch
+    bucket) -> `"gemv"` or `"decode"`."""
+    return dict(_CUDA_CHOICE)
 
 
 def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -159,4 +209,6 @@ def decode_matrix(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
         return decode(codes, codebooks)
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return decode(codes, codebooks)
+    if codes.device.type == "cuda" and HAS_TRITON and codebooks.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return triton_decode(codes, codebooks)
     return fast_decode(codes, codebooks)

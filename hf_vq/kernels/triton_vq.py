@@ -1,25 +1,35 @@
-"""GPU kernel (Triton): VQ GEMV / small-batch GEMM straight from the unpacked codes.
+"""GPU kernels (Triton): VQ GEMV straight from the unpacked codes, and decoding on the GPU.
 
-One program computes a tile `out[BLOCK_B, BLOCK_R]`. For each chunk of `BLOCK_J` input blocks it
+**GEMV** (`_vq_gemv_kernel`, `triton_vq_matmul`): one program per (tile of `BLOCK_R` output rows, input row).
+It decodes the weight tile by tile in registers, from the codes `[rows, n_blocks, M]` and the codebooks
+`[M, k, d]` (a few KB: they stay in L1 after the first touch); the dense weight never exists in global
+memory. For each chunk of `BLOCK_J` input blocks a program
 
-1. loads the codes of its rows `[BLOCK_R, BLOCK_J]` (uint8 or int32) for each of the M codebooks,
-2. gathers the codewords `[BLOCK_R, BLOCK_J, D_PAD]` from the codebook (a few KB: it stays in L1 /
-   shared cache after the first touch; never a dense weight in global memory) and sums the M of them,
-3. loads the matching input tile `[BLOCK_B, BLOCK_J, D_PAD]`, flattens both to `[.., BLOCK_J*D_PAD]`
-   and accumulates `x @ w.T` with `tl.dot` in float32.
+1. loads the codes `[BLOCK_R, BLOCK_J]` (uint8 or int32) of each of the M codebooks,
+2. gathers the codewords `[BLOCK_R, BLOCK_J, D_PAD]` and sums the M of them (float32),
+3. multiplies them with the input chunk `[BLOCK_J, D_PAD]` and accumulates on the CUDA cores (float32).
 
-`d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes on both sides
-of the dot product, so padding adds nothing. Inference only (no backward).
+**Decode** (`_vq_decode_kernel`, `triton_decode`): the same tile decode, written out as the weight matrix, for
+the decode + cuBLAS path of larger batches (`F.embedding` decoding was 10x slower on an H200).
 
-Not run in the session that wrote it (no GPU); checked on CPU with Triton's interpreter
-(`TRITON_INTERPRET=1`, see tests/nn/test_kernels.py).
+`d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes. The GEMV tile sizes
+and warps are tuned by `triton.autotune` on first use for each layer shape (a few seconds once per shape and
+process), from a short list around what won on an H200 (benchmarks/results/gpu_kernels.md). Under Triton's
+CPU interpreter (`TRITON_INTERPRET=1`, used by the tests) or with `HF_VQ_TRITON_AUTOTUNE=0` the fixed
+`GEMV_DEFAULT` runs instead. Inference only (no backward).
+
+Tried on the H200 and dropped (never faster than the paths kept): a tensor-core variant (`tl.dot` on
+decoded tiles, 16+ input rows per program; 3-10x slower than decode + cuBLAS at batch 8-64) and a lookup-table
+GEMV (`tl.dot` of the input with every codeword, then `tl.gather` by code; never chosen by the autotuner).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["HAS_TRITON", "triton_vq_matmul"]
+__all__ = ["GEMV_DEFAULT", "HAS_TRITON", "triton_decode", "triton_vq_matmul"]
 
 try:
     import triton
@@ -32,62 +42,130 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     HAS_TRITON = False
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _vq_matmul_kernel(
-        x_ptr, codes_ptr, books_ptr, out_ptr,
-        n_batch, n_rows, n_blocks,
-        stride_xb, stride_codes_r, stride_ob,
-        M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ):  # pragma: no cover - compiled by triton
-        pid_r = tl.program_id(0)
-        pid_b = tl.program_id(1)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-        offs_t = tl.arange(0, D_PAD)  # [D_PAD]
-        row_ok = offs_r < n_rows  # [BLOCK_R]
-        batch_ok = offs_b < n_batch  # [BLOCK_B]
-        lane_ok = offs_t < D  # [D_PAD]
-        acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-        for j0 in range(0, n_blocks, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
-            block_ok = offs_j < n_blocks  # [BLOCK_J]
-            # input tile [BLOCK_B, BLOCK_J, D_PAD]
-            x_cols = offs_j[None, :, None] * D + offs_t[None, None, :]
-            x_mask = batch_ok[:, None, None] & block_ok[None, :, None] & lane_ok[None, None, :]
-            x_tile = tl.load(x_ptr + offs_b[:, None, None] * stride_xb + x_cols, mask=x_mask, other=0.0)
-            # weight tile [BLOCK_R, BLOCK_J, D_PAD]: sum of the M codewords of each block
-            code_mask = row_ok[:, None] & block_ok[None, :]  # [BLOCK_R, BLOCK_J]
-            w_mask = code_mask[:, :, None] & lane_ok[None, None, :]
-            w_tile = tl.zeros((BLOCK_R, BLOCK_J, D_PAD), dtype=tl.float32)
-            for m in tl.static_range(M):
-                code_ptrs = codes_ptr + offs_r[:, None] * stride_codes_r + offs_j[None, :] * M + m
-                code = tl.load(code_ptrs, mask=code_mask, other=0).to(tl.int32)  # [BLOCK_R, BLOCK_J]
-                word_ptrs = books_ptr + (m * K + code)[:, :, None] * D + offs_t[None, None, :]
-                w_tile += tl.load(word_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-            x_flat = tl.reshape(x_tile, (BLOCK_B, BLOCK_J * D_PAD))  # [BLOCK_B, BLOCK_J*D_PAD]
-            w_flat = tl.reshape(w_tile.to(x_tile.dtype), (BLOCK_R, BLOCK_J * D_PAD))  # [BLOCK_R, BLOCK_J*D_PAD]
-            acc = tl.dot(x_flat, tl.trans(w_flat), acc, input_precision=INPUT_PRECISION)  # [BLOCK_B, BLOCK_R]
-        out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=batch_ok[:, None] & row_ok[None, :])
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _block_j(args: dict) -> int:
+    """Input blocks per chunk: `BLOCK_JD` input columns, at least one block."""
+    return max(1, args["BLOCK_JD"] // args["D_PAD"])
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
+                     M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):  # pragma: no cover
+        """The weight tile `[BLOCK_R, BLOCK_J, D_PAD]` (float32): the sum of the M codewords of each block."""
+        code_ptrs = codes_ptr + offs_r[:, None] * stride_codes_r + offs_j[None, :] * M  # [BLOCK_R, BLOCK_J]
+        if MASKED:
+            code = tl.load(code_ptrs, mask=code_mask, other=0).to(tl.int32)
+            w = tl.load(books_ptr + code[:, :, None] * D + offs_t[None, None, :], mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            code = tl.load(code_ptrs).to(tl.int32)
+            w = tl.load(books_ptr + code[:, :, None] * D + offs_t[None, None, :]).to(tl.float32)
+        for m in tl.static_range(1, M):
+            if MASKED:
+                code = tl.load(code_ptrs + m, mask=code_mask, other=0).to(tl.int32)
+                w += tl.load(books_ptr + (m * K + code)[:, :, None] * D + offs_t[None, None, :], mask=w_mask,
+                             other=0.0).to(tl.float32)
+            else:
+                code = tl.load(code_ptrs + m).to(tl.int32)
+                w += tl.load(books_ptr + (m * K + code)[:, :, None] * D + offs_t[None, None, :]).to(tl.float32)
+        return w
+
+    @triton.jit
+    def _vq_gemv_kernel(
+        x_ptr, codes_ptr, books_ptr, out_ptr,
+        n_rows, n_blocks,
+        stride_xb, stride_codes_r, stride_ob,
+        M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_JD: tl.constexpr, BLOCK_J: tl.constexpr, MASKED: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton
+        pid_r = tl.program_id(0)
+        b = tl.program_id(1)  # one input row per program
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        offs_t = tl.arange(0, D_PAD)  # [D_PAD]
+        row_ok = offs_r < n_rows  # [BLOCK_R]
+        lane_ok = offs_t < D  # [D_PAD]
+        x_row = x_ptr + b * stride_xb
+        acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
+        for j0 in range(0, n_blocks, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+            block_ok = offs_j < n_blocks  # [BLOCK_J]
+            code_mask = row_ok[:, None] & block_ok[None, :]  # [BLOCK_R, BLOCK_J]
+            w_mask = code_mask[:, :, None] & lane_ok[None, None, :]  # [BLOCK_R, BLOCK_J, D_PAD]
+            x_ptrs = x_row + offs_j[:, None] * D + offs_t[None, :]  # [BLOCK_J, D_PAD]
+            if MASKED:
+                x_tile = tl.load(x_ptrs, mask=block_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)
+            else:
+                x_tile = tl.load(x_ptrs).to(tl.float32)
+            w = _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
+                             M, K, D, MASKED)  # [BLOCK_R, BLOCK_J, D_PAD]
+            acc += tl.sum(w * x_tile[None, :, :], axis=2)  # [BLOCK_R, BLOCK_J]
+        out = tl.sum(acc, axis=1)  # [BLOCK_R]
+        tl.store(out_ptr + b * stride_ob + offs_r, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _vq_decode_kernel(
+        codes_ptr, books_ptr, out_ptr, n_rows, n_blocks, stride_codes_r, stride_or,
+        M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+        offs_t = tl.arange(0, D_PAD)  # [D_PAD]
+        code_mask = (offs_r < n_rows)[:, None] & (offs_j < n_blocks)[None, :]  # [BLOCK_R, BLOCK_J]
+        w_mask = code_mask[:, :, None] & (offs_t < D)[None, None, :]  # [BLOCK_R, BLOCK_J, D_PAD]
+        w = _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
+                         M, K, D, True)  # [BLOCK_R, BLOCK_J, D_PAD]
+        out_ptrs = out_ptr + offs_r[:, None, None] * stride_or + offs_j[None, :, None] * D + offs_t[None, None, :]
+        tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=w_mask)
+
+    def _masked(args: dict) -> bool:
+        """Masks are needed unless the row tiles, block chunks and lanes divide the shapes exactly."""
+        return not (args["n_rows"] % args["BLOCK_R"] == 0 and args["n_blocks"] % _block_j(args) == 0
+                    and args["D"] == args["D_PAD"])
+
+    _HEURISTICS = {"BLOCK_J": _block_j, "MASKED": _masked}
+
+    # (BLOCK_R, BLOCK_JD, num_warps): row tile, input columns per chunk, warps per program. Around the
+    # winners on an H200 (small row tiles, long chunks, 1-2 warps: many programs, many loads in flight).
+    _GEMV_CONFIGS = [(2, 512, 1), (4, 256, 1), (4, 512, 1), (4, 1024, 1), (4, 1024, 2), (8, 256, 2),
+                     (8, 512, 2), (8, 1024, 2), (8, 2048, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4)]
+
+    _gemv_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_R": r, "BLOCK_JD": jd}, num_warps=w) for r, jd, w in _GEMV_CONFIGS],
+        key=["n_rows", "n_blocks"],
+    )(triton.heuristics(_HEURISTICS)(_vq_gemv_kernel))
+    _gemv_fixed = triton.heuristics(_HEURISTICS)(_vq_gemv_kernel)
+
+
+#: Tile configuration used without autotuning (`HF_VQ_TRITON_AUTOTUNE=0`, or Triton's CPU interpreter):
+#: the autotuner's choice for 4096x11008 on an H200 (benchmarks/results/gpu_kernels.md).
+GEMV_DEFAULT = {"BLOCK_R": 8, "BLOCK_JD": 512, "num_warps": 2}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fixed_configs() -> bool:
+    """No autotuning: under the interpreter, or when `HF_VQ_TRITON_AUTOTUNE=0` (fast, deterministic first calls)."""
+    return _interpreting() or os.environ.get("HF_VQ_TRITON_AUTOTUNE", "1") == "0"
+
+
 def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
-                     block_r: int = 64, block_b: int = 16) -> torch.Tensor:
-    """`x @ W.T` for the VQ weight given by `codes` and `codebooks`, with the Triton kernel.
+                     config: dict | None = None) -> torch.Tensor:
+    """`x @ W.T` for the VQ weight given by `codes` and `codebooks`, with the Triton GEMV kernel.
 
     Args:
-        x (`torch.Tensor`): inputs `[B, n_blocks * d]`, float16 / bfloat16 / float32.
+        x (`torch.Tensor`): inputs `[B, n_blocks * d]`, float16 / bfloat16 / float32 (one program per row:
+            meant for a few rows; `hf_vq.kernels` sends larger batches to decode + cuBLAS).
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32), same device as `x`.
         codebooks (`torch.Tensor`): `[M, k, d]` (cast to the dtype of `x`).
-        block_r (`int`, defaults to 64): output rows per program.
-        block_b (`int`, defaults to 16): input rows per program (`tl.dot` needs at least 16).
+        config (`dict`, *optional*): a fixed tile configuration instead of autotuning, e.g.
+            `{"BLOCK_R": 8, "BLOCK_JD": 512, "num_warps": 2}`.
 
     Returns:
         `torch.Tensor`: `[B, rows]` in the dtype of `x`.
@@ -101,15 +179,37 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     books = codebooks.to(x.dtype).contiguous()  # [M, k, d]
     batch = x.shape[0]
     out = torch.empty(batch, rows, dtype=x.dtype, device=x.device)  # [B, rows]
+    if batch == 0 or rows == 0:
+        return out
+    shape = {"M": n_books, "K": k, "D": d, "D_PAD": max(2, _next_pow2(d))}
+    args = (x, codes, books, out, rows, n_blocks, x.stride(0), codes.stride(0), out.stride(0))
+    if config is not None or _fixed_configs():
+        meta = dict(config or GEMV_DEFAULT)
+        _gemv_fixed[(triton.cdiv(rows, meta["BLOCK_R"]), batch)](*args, **shape, **meta)
+    else:
+        _gemv_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), batch)](*args, **shape)
+    return out
+
+
+def triton_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """The weight matrix `[rows, n_blocks * d]` decoded on the GPU (dtype of `codebooks`, summed in float32).
+
+    Args:
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32), on the GPU.
+        codebooks (`torch.Tensor`): `[M, k, d]`, same device.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; install a CUDA build of torch (it ships triton).")
+    rows, n_blocks, n_books = codes.shape
+    _, k, d = codebooks.shape
+    codes = codes.contiguous()  # [rows, n_blocks, M]
+    books = codebooks.contiguous()  # [M, k, d]
+    out = torch.empty(rows, n_blocks * d, dtype=books.dtype, device=books.device)  # [rows, n_blocks*d]
+    if out.numel() == 0:
+        return out
     d_pad = max(2, _next_pow2(d))
-    block_j = max(1, 64 // d_pad)  # the dot's reduction dim BLOCK_J*D_PAD >= 16, usually 64
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(batch, block_b))
-    _vq_matmul_kernel[grid](
-        x, codes, books, out,
-        batch, rows, n_blocks,
-        x.stride(0), codes.stride(0), out.stride(0),
-        M=n_books, K=k, D=d, D_PAD=d_pad,
-        BLOCK_B=block_b, BLOCK_R=block_r, BLOCK_J=block_j,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # exact fp32 products, no TF32
-    )
+    block_j = max(1, 128 // d_pad)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(n_blocks, block_j))
+    _vq_decode_kernel[grid](codes, books, out, rows, n_blocks, codes.stride(0), out.stride(0),
+                            M=n_books, K=k, D=d, D_PAD=d_pad, BLOCK_R=16, BLOCK_J=block_j)
     return out

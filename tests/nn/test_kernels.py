@@ -258,14 +258,21 @@ def test_embedding_forward_unchanged():
 @pytest.mark.parametrize("m,k,d", [(1, 256, 8), (2, 256, 8), (1, 100, 4), (2, 300, 9)],
                          ids=["M1k256d8", "M2k256d8", "M1k100d4", "M2k300d9"])
 @pytest.mark.parametrize("batch", [1, 5, 16])
-def test_triton_matches_decode(dtype, rtol, m, k, d, batch):
+def test_triton_matches_decode(dtype, rtol, m, k, d, batch, monkeypatch):
+    monkeypatch.setenv("HF_VQ_TRITON_AUTOTUNE", "0")  # fixed tiles: one compile per case, not the whole list
     vq = _vq_linear(200, 36 * d, k=k, d=d, m=m, dtype=dtype, device="cuda")
     x = torch.randn(batch, 36 * d, dtype=dtype, device="cuda")
     with torch.no_grad():
-        assert select_path(x, vq.unpacked_codes(), vq.codebooks, vq.bias) == "triton"
-        out = vq(x)
+        chosen = vq(x)  # the measured CUDA choice (any of the three paths)
+        with kernel_mode("lut"):
+            assert select_path(x, vq.unpacked_codes(), vq.codebooks, vq.bias) == "triton"
+            out = vq(x)
+        with kernel_mode("decode"):
+            decoded = vq(x)  # Triton decode + cuBLAS
     assert out.dtype == dtype and out.device.type == "cuda"
-    _assert_close(out.cpu(), _reference(vq, x).cpu(), rtol)
+    for got in (out, chosen, decoded):
+        _assert_close(got.cpu(), _reference(vq, x).cpu(), rtol)
+    assert any(key[0] == (200, 36, m) for key in kernels.cuda_choices())
 
 
 @CUDA
@@ -277,24 +284,70 @@ def test_cuda_large_batch_decodes():
         _assert_close(vq(x).cpu(), _reference(vq, x).cpu(), 1e-5)
 
 
+@CUDA
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("config", [None, {"BLOCK_R": 4, "BLOCK_JD": 1024, "num_warps": 1},
+                                    {"BLOCK_R": 32, "BLOCK_JD": 64, "num_warps": 4}], ids=["default", "long", "tall"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 5e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows,cols,m,k,d", [(256, 1024, 2, 256, 8), (1000, 520, 1, 100, 8), (96, 63, 2, 300, 9)],
+                         ids=["tiles-divide", "ragged-rows-k100", "d9-int32-codes"])
+@pytest.mark.parametrize("batch", [1, 40])
+def test_gemv_kernel_and_decode_match_reference(config, dtype, rtol, rows, cols, m, k, d, batch, monkeypatch):
+    """The GEMV kernel with several tilings at any batch, with tiles that divide the shape (unmasked loads) and
+    ragged ones; the GPU decode bit-identical to the reference summed in float32."""
+    from hf_vq.kernels.triton_vq import triton_decode, triton_vq_matmul
+
+    monkeypatch.setenv("HF_VQ_TRITON_AUTOTUNE", "0")  # fixed tiles: one compile per case, not the whole list
+    vq = _vq_linear(rows, cols, k=k, d=d, m=m, bias=False, dtype=dtype, device="cuda")
+    x = torch.randn(batch, cols, dtype=dtype, device="cuda")
+    out = triton_vq_matmul(x, vq.unpacked_codes(), vq.codebooks, config=config)
+    assert out.shape == (batch, rows) and out.dtype == dtype
+    _assert_close(out.cpu(), _reference(vq, x).cpu(), rtol)
+    weight = triton_decode(vq.unpacked_codes(), vq.codebooks)  # [rows, cols], summed in fp32, rounded once
+    expected = decode(vq.unpacked_codes().cpu(), vq.codebooks.detach().cpu().float()).to(dtype)
+    assert torch.equal(weight.cpu(), expected)
+
+
+@CUDA
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_autotuned_kernel_matches_decode(monkeypatch):
+    """The autotuned GEMV kernel on one real-sized layer, and the measured choice it makes."""
+    from hf_vq.kernels.triton_vq import triton_vq_matmul
+
+    monkeypatch.setenv("HF_VQ_TRITON_AUTOTUNE", "1")
+    vq = _vq_linear(1024, 1024, k=256, d=8, m=2, bias=False, dtype=torch.float16, device="cuda")
+    for batch in (1, 3):
+        x = torch.randn(batch, 1024, dtype=torch.float16, device="cuda")
+        _assert_close(triton_vq_matmul(x, vq.unpacked_codes(), vq.codebooks).cpu(), _reference(vq, x).cpu(), 5e-3)
+        with torch.no_grad():
+            _assert_close(vq(x).cpu(), _reference(vq, x).cpu(), 5e-3)
+    assert {path for key, path in kernels.cuda_choices().items() if key[0] == (1024, 128, 2)} <= {"gemv", "decode"}
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels themselves are tested (CUDA tests)")
 def test_triton_kernel_in_interpreter():
-    """The Triton kernel run by Triton's CPU interpreter (no GPU needed); bf16 `tl.dot` is not emulated there."""
+    """The Triton kernels (GEMV, decode) run by Triton's CPU interpreter (no GPU needed)."""
     script = textwrap.dedent("""
         import torch
         from hf_vq.codec import decode
-        from hf_vq.kernels.triton_vq import triton_vq_matmul
+        from hf_vq.kernels.triton_vq import triton_decode, triton_vq_matmul
         torch.manual_seed(0)
-        for rows, nb, m, k, d, batch, dtype, rtol in [(70, 5, 1, 100, 8, 3, torch.float32, 1e-5),
-                                                      (33, 7, 2, 300, 3, 17, torch.float32, 1e-5),
-                                                      (40, 3, 2, 256, 9, 2, torch.float16, 5e-3)]:
-            codes = torch.randint(0, k, (rows, nb, m)).to(torch.uint8 if k <= 256 else torch.int32)
-            books = torch.randn(m, k, d).to(dtype)
-            x = torch.randn(batch, nb * d).to(dtype)
-            out = triton_vq_matmul(x, codes, books)
-            ref = x.double() @ decode(codes, books.double()).t()
-            err = float((out.double() - ref).abs().max() / ref.abs().max())
-            assert out.shape == (batch, rows) and out.dtype == dtype and err < rtol, (rows, m, k, d, dtype, err)
+        cases = [(70, 5, 1, 100, 8, 3, torch.float32, 1e-5),    # ragged rows, int8 codes, k < 256
+                 (33, 7, 2, 300, 3, 17, torch.float32, 1e-5),   # int32 codes, d padded to 4
+                 (64, 32, 2, 256, 8, 2, torch.float32, 1e-5),   # tiles divide the shape: unmasked loads
+                 (40, 3, 2, 256, 9, 2, torch.float16, 5e-3)]
+        for kw in ({}, {"config": {"BLOCK_R": 4, "BLOCK_JD": 32}}, {"config": {"BLOCK_R": 64, "BLOCK_JD": 256}}):
+            for rows, nb, m, k, d, batch, dtype, rtol in cases:
+                codes = torch.randint(0, k, (rows, nb, m)).to(torch.uint8 if k <= 256 else torch.int32)
+                books = torch.randn(m, k, d).to(dtype)
+                x = torch.randn(batch, nb * d).to(dtype)
+                out = triton_vq_matmul(x, codes, books, **kw)
+                ref = x.double() @ decode(codes, books.double()).t()
+                err = float((out.double() - ref).abs().max() / ref.abs().max())
+                assert out.shape == (batch, rows) and out.dtype == dtype and err < rtol, (kw, rows, m, k, d, err)
+                weight = triton_decode(codes, books)
+                assert torch.equal(weight, decode(codes, books.float()).to(dtype)), (rows, m, k, d)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
