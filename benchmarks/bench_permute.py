@@ -12,7 +12,9 @@ pipelines, each with and without its permutation step:
 Each method permutes once, then k-means runs with several seeds: a sensitive model's fidelity scatters
 with the k-means seed more than with the permutation, so every figure is a mean ± std over seeds.
 
-* all-MiniLM-L6-v2: every encoder linear at k=256, d=4 (embeddings and pooler dense). The residual
+* all-MiniLM-L6-v2: every encoder linear at k=256, d=4 (2 bits/weight), and at d=2 (4 bits/weight, paper
+  pipeline only, 30 k-means seeds: close enough to the dense model for a small effect to show)
+  (embeddings and pooler dense). The residual
   stream is refused (it is `last_hidden_state`, returned to the user); the MLP hidden dims and the
   value/output heads are permuted. Fidelity: cosine of mean-pooled sentence embeddings to the dense
   model on 256 real sentences (gensim's lee_background.cor).
@@ -31,6 +33,7 @@ all subvectors with numpy — against hf_vq's batched incremental search, timed 
 objective numpy ends at.
 
     .venv/bin/python benchmarks/bench_permute.py            # writes benchmarks/results/permute.{json,md}
+    .venv/bin/python benchmarks/bench_permute.py --only minilm-d2 --keep benchmarks/results/permute.json
     .venv/bin/python benchmarks/bench_permute.py --quick    # fewer iterations, numpy baseline 500 swaps
 """
 
@@ -57,10 +60,14 @@ from hf_vq.quantize import _entry_weights
 
 
 # method -> (permutation objective: None / "weights" / "act", weighted k-means)
-METHODS = {"kmeans": (None, False), "permute+kmeans": ("weights", False),
-           "weighted kmeans": (None, True), "permute(act)+weighted kmeans": ("act", True)}
+# method: (permutation objective or None, weighted k-means, search steps per space or None for VQConfig's)
+METHODS = {"kmeans": (None, False, None), "permute+kmeans": ("weights", False, None),
+           "permute+kmeans, 5000 steps": ("weights", False, 5000),
+           "weighted kmeans": (None, True, None), "permute(act)+weighted kmeans": ("act", True, None)}
 # each pipeline's "k-means alone" baseline
-BASELINE = {"permute+kmeans": "kmeans", "permute(act)+weighted kmeans": "weighted kmeans"}
+BASELINE = {"permute+kmeans": "kmeans", "permute+kmeans, 5000 steps": "kmeans",
+            "permute(act)+weighted kmeans": "weighted kmeans"}
+DEFAULT_METHODS = ("kmeans", "permute+kmeans", "weighted kmeans", "permute(act)+weighted kmeans")
 
 
 def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
@@ -92,18 +99,21 @@ def _stats(values: list[float]) -> dict:
             "values": [round(v, 6) for v in values]}
 
 
-def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
+def compare(dense, config, fidelity, calibration, seeds: list[int], methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
     """Each method permutes (or not) once, then k-means runs with every seed on that model.
 
     k-means from different seeds scatters the output fidelity of a sensitive model far more than the
     permutation moves it, so every figure is a mean (and standard deviation) over the seeds.
     """
     out = {}
-    for method, (objective, weighted) in METHODS.items():
+    for method in methods:
+        objective, weighted, steps = METHODS[method]
         base = copy.deepcopy(dense)
         entry: dict = {}
         if objective is not None:
-            report = hf_vq.permute_(base, config, calibration=calibration if objective == "act" else None)
+            search_config = copy.deepcopy(config)
+            search_config.permute_iters = steps or config.permute_iters
+            report = hf_vq.permute_(base, search_config, calibration=calibration if objective == "act" else None)
             entry["permutation_seconds"] = round(report.seconds, 1)
             entry["objective"] = report.objective
             entry["spaces"] = [{"name": s.name, "P": s.size, "repeats": s.repeats, "children": s.children,
@@ -132,7 +142,7 @@ def compare(dense, config, fidelity, calibration, seeds: list[int]) -> dict:
     return out
 
 
-def minilm(iters: int, n_iter: int, seeds: list[int]) -> dict:
+def minilm(iters: int, n_iter: int, seeds: list[int], d: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from hf_vq.evaluate import EVAL_SENTENCES, calibration_batches, embedding_cosine, real_sentences
@@ -146,8 +156,9 @@ def minilm(iters: int, n_iter: int, seeds: list[int]) -> dict:
         r = embedding_cosine(dense, model, tokenizer, evaluation)
         return {"cosine_mean": r["mean_cosine"], "cosine_min": r["min_cosine"]}
 
-    config = hf_vq.VQConfig(k=256, n_iter=n_iter, modules_to_not_convert=["embeddings.*", "pooler.*"], permute_iters=iters)
-    return compare(dense, config, fidelity, calibration, seeds)
+    config = hf_vq.VQConfig(k=256, n_iter=n_iter, modules_to_not_convert=["embeddings.*", "pooler.*"], permute_iters=iters,
+                            block_size={"linear": d})
+    return compare(dense, config, fidelity, calibration, seeds, methods)
 
 
 def lite0(iters: int, n_iter: int, d: int, seeds: list[int]) -> dict:
@@ -249,7 +260,8 @@ def markdown(data: dict) -> str:
              "rows the fidelity column is the change of the mean (pipeline minus its k-means alone) ± its standard "
              "error: a change smaller than about twice its standard error is within the k-means seed scatter.\n",
              "Methods: **kmeans** — no permutation, plain (annealed) k-means; **permute+kmeans** — the paper's "
-             "objective (log-det of the children's weight-subvector covariance), plain k-means; **weighted kmeans** — "
+             "objective (log-det of the children's weight-subvector covariance), plain k-means (**, 5000 steps**: the same "
+             "with a five times longer search, `VQConfig(permute_iters=5000)`); **weighted kmeans** — "
              "no permutation, k-means weighting each weight entry by the second moment of its input channel "
              "(`quantize_(..., calibration=)` with `permute=False`); **permute(act)+weighted kmeans** — what "
              "`quantize_(..., calibration=)` / `hf-vq compress --calibrate` run: the activation-aware permutation "
@@ -257,6 +269,9 @@ def markdown(data: dict) -> str:
              "Each permutation pipeline is compared with its own k-means alone. Calibration data is "
              "disjoint from the evaluation: MiniLM 64 held-out sentences (after the 256 evaluated ones); "
              "EfficientNet-Lite0 32 other random views (seed 1) of the photos whose seed-0 views are evaluated.\n",
+             *([f"Kept from an earlier run of the same code ({', '.join(sorted(data['kept']))}): "
+                f"{next(iter(data['kept'].values()))['file']}, {next(iter(data['kept'].values()))['date']}.\n"]
+               if data.get("kept") else []),
              "Errors: **weight** Σ‖W−Ŵ‖²/Σ‖W‖² over the compressed layers; **activation-weighted** the same with every "
              "entry weighted by the second moment of its input channel on the calibration data (per layer "
              "normalised to mean 1): the error as the layers' outputs see it.\n",
@@ -270,6 +285,8 @@ def markdown(data: dict) -> str:
                          f"| {_pm(r['activation_rel_error'], 5)} | {fid} | {r.get('permutation_seconds', '')} "
                          f"| {r['kmeans_seconds']} |")
         for method, baseline in BASELINE.items():
+            if method not in res:
+                continue
             cut = {key: 100 * (1 - res[method][key]["mean"] / res[baseline][key]["mean"])
                    for key in ("total_rel_error", "activation_rel_error")}
             shift = ", ".join(f"{label} {_shift(res[method][key], res[baseline][key])}" for key, label in
@@ -284,6 +301,8 @@ def markdown(data: dict) -> str:
         lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
     for model, res in data["models"].items():
         for method in BASELINE:
+            if method not in res:
+                continue
             lines += [f"### {model}, {method}\n", "| space | P | children | identity | greedy | after | swaps |",
                       "|---|---|---|---|---|---|---|"]
             for sp in res[method].get("spaces", []):
@@ -323,23 +342,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="search steps per space (default: VQConfig's)")
     parser.add_argument("--n-iter", type=int, default=None, help="k-means iterations (default 100)")
     parser.add_argument("--seeds", type=int, default=None, help="k-means seeds per method (default 12; 5 for MiniLM)")
-    parser.add_argument("--only", choices=["minilm", "lite0", "speed"], action="append")
+    parser.add_argument("--only", choices=["minilm", "minilm-d2", "lite0", "speed"], action="append")
     parser.add_argument("--out", default=str(RESULTS / "permute"))
     parser.add_argument("--weights", default=None, help=f"safetensors file with {SPEED_TENSOR} for --only speed")
     parser.add_argument("--numpy-from", default=None, help="reuse the numpy search of this earlier result JSON")
+    parser.add_argument("--minilm-d2-seeds", type=int, default=30, help="k-means seeds for MiniLM at d=2")
+    parser.add_argument("--keep", default=None, help="an earlier result JSON whose models / speed sections not run "
+                                                     "now are kept (recorded under 'kept')")
     args = parser.parse_args(argv)
     iters = args.iters or (100 if args.quick else hf_vq.VQConfig().permute_iters)
     n_iter = args.n_iter or (20 if args.quick else 100)
-    only = set(args.only or ["minilm", "lite0", "speed"])
+    only = set(args.only or ["minilm", "minilm-d2", "lite0", "speed"])
     seeds = list(range(args.seeds or (2 if args.quick else 12)))
     data = {"machine": machine(), "iters": iters, "n_iter": n_iter, "seeds": seeds, "models": {}}
     if "minilm" in only:
         data["models"]["MiniLM"] = minilm(iters, n_iter, seeds[:5])
+    if "minilm-d2" in only:
+        # 4 bits/weight: the compressed encoder stays close to the dense one (cosine ~0.97), so the permutation's
+        # small effect is measurable with enough k-means seeds; the paper's pipeline only (k-means is fast here)
+        data["models"]["MiniLM (d=2)"] = minilm(iters, n_iter, list(range(args.minilm_d2_seeds)), 2,
+                                                ("kmeans", "permute+kmeans", "permute+kmeans, 5000 steps"))
     if "lite0" in only:
         data["models"]["EfficientNet-Lite0 (d=2)"] = lite0(iters, n_iter, 2, seeds)
         data["models"]["EfficientNet-Lite0 (d=4)"] = lite0(iters, n_iter, 4, seeds)
     if "speed" in only:
         data["speed"] = speed(500 if args.quick else 10_000, args.weights, args.numpy_from)
+    if args.keep:
+        earlier = json.loads(Path(args.keep).read_text())
+        kept = {"file": Path(args.keep).name, "device": earlier["machine"]["device"], "date": earlier["machine"]["date"]}
+        for name, res in earlier.get("models", {}).items():
+            if name not in data["models"]:
+                data["models"][name] = res
+                data.setdefault("kept", {})[name] = kept
+        if "speed" not in data and "speed" in earlier:
+            data["speed"] = earlier["speed"]
+            data.setdefault("kept", {})["speed"] = kept
+    order = ["MiniLM", "MiniLM (d=2)", "EfficientNet-Lite0 (d=2)", "EfficientNet-Lite0 (d=4)"]
+    data["models"] = dict(sorted(data["models"].items(), key=lambda item: order.index(item[0])))
     write(args.out, data, markdown(data))
     return 0
 

@@ -118,7 +118,7 @@ def select_path(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, b
     if x.device.type == "cuda" and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         if mode == "lut":
             return "triton"
-        if batch <= TRITON_MAX_BATCH:
+        if batch <= TRITON_MAX_BATCH and not weight_is_cached:  # a cached weight makes decode + cuBLAS dense
             return "decode" if _cuda_choice(x.reshape(-1, x.shape[-1]), codes, codebooks) == "decode" else "triton"
     return "decode"
 

@@ -10,7 +10,7 @@ memory. For each chunk of `BLOCK_J` input blocks a program
 3. multiplies them with the input chunk `[BLOCK_J, D_PAD]` and accumulates on the CUDA cores (float32).
 
 **Decode** (`_vq_decode_kernel`, `triton_decode`): the same tile decode, written out as the weight matrix, for
-the decode + cuBLAS path of larger batches (`F.embedding` decoding was 10x slower on an H200).
+the decode + cuBLAS path of larger batches (decoding with `F.embedding` was 4-49x slower on an H200).
 
 `d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes. The GEMV tile sizes
 and warps are tuned by `triton.autotune` on first use for each layer shape (a few seconds once per shape and
@@ -19,7 +19,7 @@ CPU interpreter (`TRITON_INTERPRET=1`, used by the tests) or with `HF_VQ_TRITON_
 `GEMV_DEFAULT` runs instead. Inference only (no backward).
 
 Tried on the H200 and dropped (never faster than the paths kept): a tensor-core variant (`tl.dot` on
-decoded tiles, 16+ input rows per program; 3-10x slower than decode + cuBLAS at batch 8-64) and a lookup-table
+decoded tiles, 16+ input rows per program; 3.5-6x slower than decode + cuBLAS at batch 8-64) and a lookup-table
 GEMV (`tl.dot` of the input with every codeword, then `tl.gather` by code; never chosen by the autotuner).
 """
 
