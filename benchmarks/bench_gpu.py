@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS, machine, write
+from _common import RESULTS, layer_plot, machine, random_vq_linear, write
 
 from hf_vq import kernels
 from hf_vq.kernels import triton_vq
@@ -53,13 +53,7 @@ BAR_SHAPE = (4096, 11008)
 
 
 def _random_vq(in_features: int, out_features: int, m: int, k: int, d: int, seed: int) -> VQLinear:
-    gen = torch.Generator().manual_seed(seed)
-    vq = VQLinear.from_float(torch.nn.Linear(in_features, out_features, bias=False, device="meta"), kind="linear",
-                             k=k, d=d, num_codebooks=m, device="cpu", dtype=torch.float32)
-    codes = torch.randint(0, k, (out_features, in_features // d, m), generator=gen)  # [out, n_blocks, M]
-    books = torch.randn(m, k, d, generator=gen) / (d * m) ** 0.5  # [M, k, d]
-    vq.set_codes_(codes, books)
-    return vq.to(device="cuda", dtype=torch.float16).eval().requires_grad_(False)
+    return random_vq_linear(in_features, out_features, m, k, d, seed).to(device="cuda", dtype=torch.float16)
 
 
 def _aqlm_layer(vq: VQLinear):
@@ -173,9 +167,8 @@ def bench_layers(shapes, batches) -> list[dict]:
                             entry["graph_us"][name] = _graph_us(fn)
                         except Exception as err:  # noqa: BLE001 - one failing peer must not lose the others
                             entry["timings"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                choice = kernels.cuda_choices().get((tuple(codes.shape), codes.dtype, tuple(books.shape), x.dtype,
-                                                     x.device, kernels._bucket(b)))
-                entry["hf_vq_path"] = choice or "decode"  # unmeasured: above TRITON_MAX_BATCH
+                # the path VQLinear took (measured on its first call, now cached)
+                entry["hf_vq_path"] = {"triton": "gemv"}.get(kernels.select_path(x, codes, books), "decode")
                 rows.append(entry)
                 print(f"[gpu] {scheme} {in_f}x{out_f} B={b}: " + ", ".join(
                     f"{n} {entry['graph_us'].get(n, t.get('error'))}" for n, t in entry["timings"].items())
@@ -184,13 +177,8 @@ def bench_layers(shapes, batches) -> list[dict]:
 
 
 def _tuned_configs() -> dict:
-    """The tile configuration `triton.autotune` chose for each (kernel, shape key)."""
-    found = {}
-    for name in ("_gemv_tuned",):
-        tuner = getattr(triton_vq, name, None)
-        for key, config in getattr(tuner, "cache", {}).items():
-            found[f"{name.strip('_')} {key}"] = str(config)
-    return found
+    """The tile configuration `triton.autotune` chose for each shape key of the GEMV kernel."""
+    return {f"gemv_tuned {key}": str(config) for key, config in triton_vq._gemv_tuned.cache.items()}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -252,28 +240,9 @@ def markdown(data: dict) -> str:
 
 
 def _plot(layers: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    schemes = list(dict.fromkeys(r["scheme"] for r in layers))
-    fig, axes = plt.subplots(1, len(schemes), figsize=(8 * len(schemes), 4.5), squeeze=False)
-    for ax, scheme in zip(axes[0], schemes):
-        rows = [r for r in layers if r["scheme"] == scheme]
-        labels = [f"{r['in_features']}x{r['out_features']}\nB={r['batch']}" for r in rows]
-        series = {"dense fp16 (cuBLAS)": "dense_fp16", "hf_vq": "hf_vq", "AQLM": "aqlm"}
-        width = 0.8 / len(series)
-        for i, (label, key) in enumerate(series.items()):
-            ys = [r["graph_us"].get(key, float("nan")) for r in rows]
-            ax.bar([j + i * width for j in range(len(rows))], ys, width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=6)
-        ax.set_ylabel("µs per call (GPU time, cold L2)")
-        ax.set_yscale("log")
-        ax.set_title(scheme)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = {label: (lambda r, key=key: r["graph_us"].get(key, float("nan")))
+              for label, key in (("dense fp16 (cuBLAS)", "dense_fp16"), ("hf_vq", "hf_vq"), ("AQLM", "aqlm"))}
+    layer_plot(layers, series, path, ylabel="µs per call (GPU time, cold L2)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ import torch
 torch.set_num_threads(2)
 
 import bench_load  # noqa: E402
-from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
+from _common import RESULTS, efficientnet_lite0_converter, layer_plot, machine, minilm_path, random_vq_linear, write  # noqa: E402
 
 import hf_vq  # noqa: E402
 from hf_vq import kernels  # noqa: E402
@@ -91,16 +91,6 @@ def _inner(dense_ms_guess: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _random_vq(in_features: int, out_features: int, m: int, k: int, d: int, seed: int) -> VQLinear:
-    gen = torch.Generator().manual_seed(seed)
-    vq = VQLinear.from_float(torch.nn.Linear(in_features, out_features, bias=False, device="meta"), kind="linear",
-                             k=k, d=d, num_codebooks=m, device="cpu", dtype=torch.float32)
-    codes = torch.randint(0, k, (out_features, in_features // d, m), generator=gen)  # [out, n_blocks, M]
-    books = torch.randn(m, k, d, generator=gen) / (d * m) ** 0.5  # [M, k, d]
-    vq.set_codes_(codes, books)
-    return vq.eval().requires_grad_(False)
-
-
 _AQLM_CHILD = textwrap.dedent("""
     import json, statistics, sys, time
     import torch
@@ -158,7 +148,7 @@ def bench_layers(shapes, batches, rounds: int, with_aqlm: bool) -> list[dict]:
     rows = []
     for scheme, (m, k, d, aqlm_scheme) in SCHEMES.items():
         for in_f, out_f in shapes:
-            vq = _random_vq(in_f, out_f, m, k, d, seed=in_f + out_f)
+            vq = random_vq_linear(in_f, out_f, m, k, d, seed=in_f + out_f)
             dense = torch.nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
             with torch.no_grad():
                 dense.weight.copy_(vq.weight)
@@ -247,30 +237,12 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- report
 def _plot(layers: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    schemes = list(dict.fromkeys(r["scheme"] for r in layers))
-    fig, axes = plt.subplots(1, len(schemes), figsize=(7 * len(schemes), 4.5), squeeze=False)
-    for ax, scheme in zip(axes[0], schemes):
-        rows = [r for r in layers if r["scheme"] == scheme]
-        labels = [f"{r['in_features']}x{r['out_features']}\nB={r['batch']}" for r in rows]
-        series = {"dense fp32": [r["timings"]["dense_fp32"]["median_ms"] for r in rows],
-                  "hf_vq": [r["timings"]["hf_vq"]["median_ms"] for r in rows],
-                  "AQLM (numba, 1 thread)": [r["aqlm"].get("median_ms", float("nan")) for r in rows]}
-        width = 0.27
-        for i, (name, values) in enumerate(series.items()):
-            ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=name)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("ms per call (median, log scale)")
-        ax.set_title(f"{scheme}: hf_vq {rows[0]['M']}x{rows[0]['k']} d={rows[0]['d']} vs AQLM {rows[0]['aqlm_scheme']}")
-        ax.legend(fontsize=8)
-    fig.suptitle("CPU linear latency, 2 threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = {"dense fp32": lambda r: r["timings"]["dense_fp32"]["median_ms"],
+              "hf_vq": lambda r: r["timings"]["hf_vq"]["median_ms"],
+              "AQLM (numba, 1 thread)": lambda r: r["aqlm"].get("median_ms", float("nan"))}
+    layer_plot(layers, series, path, ylabel="ms per call (median, log scale)", suptitle="CPU linear latency, 2 threads",
+               title=lambda scheme, rows: f"{scheme}: hf_vq {rows[0]['M']}x{rows[0]['k']} d={rows[0]['d']} "
+                                          f"vs AQLM {rows[0]['aqlm_scheme']}")
 
 
 def _fmt(t: dict | None) -> str:
