@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -134,6 +135,14 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_dir: Path):
+    """The folder's tokenizer, loaded once for calibration and evaluation."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
     """`n` real inputs held out from the fidelity evaluation ([`hf_vq.evaluate.calibration_batches`])."""
     try:
@@ -144,9 +153,7 @@ def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
         if model_dir is None or getattr(dense.config, "is_encoder_decoder", False):
             raise SystemExit("hf-vq compress: --calibrate supports encoder and decoder-only text models and timm "
                              "image models; drop --calibrate for this one.")
-        from transformers import AutoTokenizer
-
-        return calibration_batches(n, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+        return calibration_batches(n, tokenizer=_tokenizer(model_dir))
     except ImportError as err:
         raise SystemExit(f"hf-vq compress: --calibrate needs the bundled real data ({err}); "
                          "`pip install hf_vq[fixtures]`.") from None
@@ -155,12 +162,9 @@ def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
 def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
     if library == "transformers" and model_dir is not None and hasattr(dense, "config") and not dense.config.is_encoder_decoder:
         try:
-            from transformers import AutoTokenizer
-
             from .evaluate import EVAL_SENTENCES, embedding_cosine, real_sentences
 
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            result = embedding_cosine(dense, model, tokenizer, real_sentences(EVAL_SENTENCES))
+            result = embedding_cosine(dense, model, _tokenizer(model_dir), real_sentences(EVAL_SENTENCES))
             return {"sentence embedding cosine (mean)": round(result["mean_cosine"], 4),
                     "sentence embedding cosine (min)": round(result["min_cosine"], 4),
                     "sentences (gensim lee_background.cor)": result["n_sentences"]}
