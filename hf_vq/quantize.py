@@ -280,6 +280,7 @@ def quantize_(
         from .permute import input_moments
 
         moments = input_moments(model, [n for n, lay in layouts.items() if lay.tied_to is None], calibration)
+    model.vq_kmeans_weighted = bool(moments)  # for the model card: k-means weighted by the calibration data
     done: dict[str, nn.Module] = {}
     shared: dict[str, nn.Parameter] = {}  # codebook set -> the one Parameter [M, k, d] its modules hold
     units = _encoding_units(layouts)

@@ -360,6 +360,15 @@ def test_cli_calibrate_uses_held_out_real_inputs(tmp_path, capsys):
     assert "activation-aware objective" in capsys.readouterr().out
     card = (out / "README.md").read_text()  # the model card says how it was made
     assert "activation-aware objective" in card and "weighted by the input channels' second moments" in card
+    plain = tmp_path / "plain"  # no permutation: the card still says k-means was weighted by the calibration data
+    assert main(["compress", "mobilenetv3_small_050", "--out", str(plain), "--calibrate", "8", "--n-iter", "2",
+                 "--no-permute", "--no-eval", "--quiet", "-k", "16"]) == 0
+    card = (plain / "README.md").read_text()
+    assert "weighted by the input channels' second moments" in card and "activation-aware" not in card
+    unweighted = tmp_path / "unweighted"
+    assert main(["compress", "mobilenetv3_small_050", "--out", str(unweighted), "--n-iter", "2", "--no-permute",
+                 "--no-eval", "--quiet", "-k", "16"]) == 0
+    assert "second moments" not in (unweighted / "README.md").read_text()
     with pytest.raises(SystemExit, match="positive"):
         main(["compress", "mobilenetv3_small_050", "--out", str(tmp_path / "x"), "--calibrate", "-1"])
 

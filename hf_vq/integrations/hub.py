@@ -104,7 +104,8 @@ def base_model_license(base_model: str | None, source_dir: str | os.PathLike | N
     return None
 
 
-def compression_summary(config: VQConfig | None, size: SizeReport, permutation: Any = None) -> list[tuple[str, str]]:
+def compression_summary(config: VQConfig | None, size: SizeReport, permutation: Any = None,
+                        kmeans_weighted: bool | None = None) -> list[tuple[str, str]]:
     """Rows (field, value) describing how a model was compressed, for cards and reports."""
     layers = [layer for layer in size.layers if layer.compressed_bits]
     compressed_weights = sum(math.prod(layer.shape) for layer in layers)
@@ -134,7 +135,9 @@ def compression_summary(config: VQConfig | None, size: SizeReport, permutation: 
     elif config is not None:
         rows.append(("permutation", "on" if getattr(config, "permute", False) else "off"))
     if config is not None:
-        weighted = getattr(permutation, "objective", None) == "activation-aware" and method == "pq"
+        weighted = kmeans_weighted  # recorded by quantize_; else (a reloaded model) read off the permutation step
+        if weighted is None:
+            weighted = getattr(permutation, "objective", None) == "activation-aware" and method == "pq"
         rows.append(("k-means", f"{'annealed' if config.anneal else 'Lloyd'}, {config.n_iter} iterations"
                                 + (", weighted by the input channels' second moments (calibration data)" if weighted else "")))
     return rows
@@ -158,6 +161,7 @@ def render_model_card(
     fidelity: dict[str, Any] | None = None,
     extra_tags: list[str] | None = None,
     permutation: Any = None,
+    kmeans_weighted: bool | None = None,
     eval_dataset: dict[str, str] | None = None,
     task_type: str | None = None,
     source_dir: str | os.PathLike | None = None,
@@ -180,6 +184,8 @@ def render_model_card(
         fidelity (`dict`, *optional*): agreement with the dense model (cosine, top-1 agreement, KL...).
         extra_tags (`list[str]`, *optional*): more tags.
         permutation ([`~hf_vq.PermutationReport`], *optional*): what the permutation step did.
+        kmeans_weighted (`bool`, *optional*): whether k-means was weighted by calibration data (`quantize_` records
+            it as `model.vq_kmeans_weighted`); when unknown, inferred from the permutation's objective.
         eval_dataset (`dict`, *optional*): `{"name": ..., "type": ..., "split": ...}` of the data the metrics
             were measured on.
         task_type (`str`, *optional*): task of the `model-index` entry (default: image-classification for timm,
@@ -225,7 +231,7 @@ def render_model_card(
         library_name=library_name,
         spec=config_spec or (config.spec if config is not None else "?"),
         size=size,
-        summary=compression_summary(config, size, permutation),
+        summary=compression_summary(config, size, permutation, kmeans_weighted),
         metrics=metrics or {},
         fidelity=fidelity or {},
         finetuning=finetuning or {},

@@ -232,6 +232,7 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
         render_model_card(base_model=base_model, library_name="timm", config=vq_config, size=size_report(model),
                           fidelity=fidelity, repo_id=repo_id, license=license, metrics=metrics,
                           eval_dataset=eval_dataset, permutation=getattr(model, "vq_permutation_report", None),
+                          kmeans_weighted=getattr(model, "vq_kmeans_weighted", None),
                           extra_tags=["timm", "image-classification"]).save(tmp / "README.md")
     return Path(save_directory)
 

@@ -105,6 +105,7 @@ def save_compressed(
         type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size)
         card = render_model_card(base_model=base_model, library_name="transformers", config=config,
                                  size=checkpoint_size_report(tmp), fidelity=fidelity, source_dir=source_dir,
-                                 permutation=getattr(model, "vq_permutation_report", None))
+                                 permutation=getattr(model, "vq_permutation_report", None),
+                                 kmeans_weighted=getattr(model, "vq_kmeans_weighted", None))
         card.save(tmp / "README.md")
     return Path(save_directory)

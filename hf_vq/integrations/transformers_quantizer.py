@@ -660,6 +660,7 @@ def _model_card(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | N
         base_model=quantizer.base_model, library_name="transformers", config=quantizer.quantization_config,
         size=checkpoint_size_report(folder), repo_id=repo_id, fidelity=quantizer.fidelity, extra_tags=tags,
         permutation=getattr(model, "vq_permutation_report", None),
+        kmeans_weighted=getattr(model, "vq_kmeans_weighted", None),
         source_dir=_local_dir(getattr(model.config, "_name_or_path", None)),  # the dense folder: licence lookup
     )
 
