@@ -40,8 +40,8 @@ objective numpy ends at.
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import math
 import statistics
 import sys
@@ -76,12 +76,13 @@ def total_error(dense: torch.nn.Module, config: hf_vq.VQConfig) -> float:
 
 
 def activation_error(base: torch.nn.Module, model: torch.nn.Module, config: hf_vq.VQConfig,
-                     moments: dict[str, torch.Tensor]) -> float:
+                     moments: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """Total relative error with every weight entry weighted by the second moment of its input channel
     (`moments`, measured on `base`, the dense model the codes were learnt from, on the calibration batches):
-    the error as the layers' outputs see it, Σ w (W - Ŵ)² / Σ w W², each layer's weights normalised to mean 1."""
+    the error as the layers' outputs see it, Σ w (W - Ŵ)² / Σ w W², each layer's weights normalised to mean 1;
+    and each layer's share of it (its Σ w (W - Ŵ)² over the same total Σ w W²: the shares add up to the total)."""
     names = [n for n, lay in config.layouts.items() if lay.tied_to is None]
-    num = den = 0.0
+    num, den, by_layer = 0.0, 0.0, {}
     for name in names:
         dense, vq = base.get_submodule(name), model.get_submodule(name)
         cls = type(vq)
@@ -89,9 +90,10 @@ def activation_error(base: torch.nn.Module, model: torch.nn.Module, config: hf_v
         err = (w - cls._weight_to_matrix(vq.weight.detach()).double()).pow(2)  # [rows, cols]
         scale = _entry_weights(dense, cls, config.layouts[name].kind, moments.get(name))
         scale = torch.ones_like(w) if scale is None else scale.double()
-        num += float((scale * err).sum())
+        by_layer[name] = float((scale * err).sum())
+        num += by_layer[name]
         den += float((scale * w.pow(2)).sum())
-    return num / den
+    return num / den, {name: value / den for name, value in by_layer.items()}
 
 
 def _stats(values: list[float]) -> dict:
@@ -129,14 +131,19 @@ def compare(dense, config, fidelity, calibration, seeds: list[int], methods: tup
             run_config = copy.deepcopy(config)
             run_config.permute, run_config.seed = False, seed  # already permuted (or not) above
             filled = hf_vq.quantize_(model, run_config, progress=False, calibration=calibration if weighted else None)
-            runs.append({"seed": seed, "seconds": round(time.perf_counter() - start, 1),
-                         "total_rel_error": total_error(dense, filled),
-                         "activation_rel_error": activation_error(base, model, filled, moments), **fidelity(model)})
+            seconds = round(time.perf_counter() - start, 1)
+            act, by_layer = activation_error(base, model, filled, moments)
+            runs.append({"seed": seed, "seconds": seconds, "total_rel_error": total_error(dense, filled),
+                         "activation_rel_error": act, **fidelity(model)})
             print(f"[{method}] seed {seed}: {runs[-1]}", flush=True)
+            for name, value in by_layer.items():
+                entry.setdefault("activation_error_by_layer", {}).setdefault(name, []).append(value)
         entry["runs"] = runs
         for key in runs[0]:
             if key not in ("seed", "seconds"):
                 entry[key] = _stats([r[key] for r in runs])
+        entry["activation_error_by_layer"] = {name: round(statistics.mean(v), 7)  # mean over the seeds
+                                              for name, v in entry["activation_error_by_layer"].items()}
         entry["kmeans_seconds"] = round(statistics.mean(r["seconds"] for r in runs), 1)
         out[method] = entry
     return out
@@ -201,6 +208,12 @@ def numpy_sls(w: np.ndarray, d: int, iters: int, seed: int = 0) -> tuple[float, 
 SPEED_TENSOR = "encoder.layer.0.output.dense.weight"
 
 
+def _earlier(path: str) -> tuple[dict, dict]:
+    """An earlier result JSON and where it came from (file, device, date), for the sections reused from it."""
+    data = json.loads(Path(path).read_text())
+    return data, {"file": Path(path).name, "device": data["machine"]["device"], "date": data["machine"]["date"]}
+
+
 def speed(numpy_iters: int, weights: str | None = None, numpy_from: str | None = None) -> dict:
     """Paper-style numpy search vs hf_vq's on MiniLM's first MLP space; `weights`: a safetensors file holding
     `SPEED_TENSOR` (default: the fixture's model.safetensors; a copy of the one tensor travels to a GPU machine);
@@ -212,15 +225,14 @@ def speed(numpy_iters: int, weights: str | None = None, numpy_from: str | None =
         name = next(n for n in f.keys() if n.endswith(SPEED_TENSOR))
         w = f.get_tensor(name).float()  # [384, 1536]
     if numpy_from:
-        earlier = json.loads(Path(numpy_from).read_text())
+        earlier, origin = _earlier(numpy_from)
         target, numpy_s, numpy_iters = (earlier["speed"][key] for key in ("numpy_objective", "numpy_seconds", "numpy_iters"))
     else:
         target, numpy_s = numpy_sls(w.double().numpy(), 4, numpy_iters)
     out = {"space": "encoder.layer.0 MLP hidden (P=1536, output.dense [384, 1536], d=4)",
            "numpy_iters": numpy_iters, "numpy_objective": round(target, 5), "numpy_seconds": round(numpy_s, 2)}
     if numpy_from:
-        out["numpy_from"] = {"file": Path(numpy_from).name, "device": earlier["machine"]["device"],
-                             "date": earlier["machine"]["date"]}
+        out["numpy_from"] = origin
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         term = [ObjectiveTerm(w.to(dev)[:, :, None], 4)]
@@ -246,14 +258,47 @@ def _shift(new: dict, old: dict) -> str:
     return f"{new['mean'] - old['mean']:+.4f} ± {se:.4f}"
 
 
+def _kept_by_origin(data: dict) -> dict[str, list[str]]:
+    """The sections reused from earlier runs, grouped by their origin ("file, date")."""
+    out: dict[str, list[str]] = {}
+    for name, origin in data.get("kept", {}).items():
+        out.setdefault(f"{origin['file']}, {origin['date']}", []).append(name)
+    return out
+
+
+def _largest_share(res: dict, method: str, baseline: str) -> str | None:
+    """The layer carrying the largest share of the baseline's activation-weighted error, and its value with `method`."""
+    before, after = (res[m].get("activation_error_by_layer") for m in (baseline, method))
+    if not before or not after:
+        return None
+    name = max(before, key=before.get)
+    total = res[baseline]["activation_rel_error"]["mean"]
+    return (f"`{name}` carries {before[name]:.5f} of {baseline}'s {total:.5f} ({100 * before[name] / total:.0f} %); "
+            f"with {method} {after[name]:.5f}")
+
+
 def _pm(stat: dict, digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def markdown(data: dict) -> str:
     m = data["machine"]
-    lines = [f"# PQF permutation: permute + k-means vs k-means alone\n",
-             f"Machine: {m['device']}, {m['torch_threads']} torch threads, torch {m['torch']}, {m['date']}. "
+    machine_line = f"Machine: {m['device']}, {m['torch_threads']} torch threads, torch {m['torch']}, {m['date']}."
+    if data["models"]:
+        lines = ["# PQF permutation: permute + k-means vs k-means alone\n", *_fidelity_lines(data, machine_line)]
+    else:  # a speed-only run (--only speed)
+        lines = ["# PQF permutation search speed\n", machine_line + "\n"]
+    lines += _speed_lines(data.get("speed"))
+    sp = data.get("speed") or {}
+    command = "python benchmarks/bench_permute.py" + (
+        f" --only speed --weights FILE --numpy-from {sp['numpy_from']['file']}" if "numpy_from" in sp else "")
+    lines.append(f"\n```bash\n{command}\n```\n")
+    return "\n".join(lines)
+
+
+def _fidelity_lines(data: dict, machine_line: str) -> list[str]:
+    """The comparison table, the largest per-layer shares and the per-space objectives."""
+    lines = [machine_line + " "
              f"k = 256, d = 4 (linear / pointwise) unless the row says d=2, {data['n_iter']} k-means iterations, "
              f"{data['iters']} search steps per space. Each method permutes once (search seed 0), then k-means runs "
              f"with each seed listed; figures are mean ± standard deviation over those k-means seeds. In the reduction "
@@ -269,9 +314,8 @@ def markdown(data: dict) -> str:
              "Each permutation pipeline is compared with its own k-means alone. Calibration data is "
              "disjoint from the evaluation: MiniLM 64 held-out sentences (after the 256 evaluated ones); "
              "EfficientNet-Lite0 32 other random views (seed 1) of the photos whose seed-0 views are evaluated.\n",
-             *([f"Kept from an earlier run of the same code ({', '.join(sorted(data['kept']))}): "
-                f"{next(iter(data['kept'].values()))['file']}, {next(iter(data['kept'].values()))['date']}.\n"]
-               if data.get("kept") else []),
+             *[f"Kept from an earlier run of the same code ({', '.join(sorted(names))}): {origin}.\n"
+               for origin, names in _kept_by_origin(data).items()],
              "Errors: **weight** Σ‖W−Ŵ‖²/Σ‖W‖² over the compressed layers; **activation-weighted** the same with every "
              "entry weighted by the second moment of its input channel on the calibration data (per layer "
              "normalised to mean 1): the error as the layers' outputs see it.\n",
@@ -294,11 +338,12 @@ def markdown(data: dict) -> str:
                               if key in res[method])
             lines.append(f"| {model} | **{method} vs {baseline}: error reduction** | | **{cut['total_rel_error']:.2f} %** "
                          f"| **{cut['activation_rel_error']:.2f} %** | {shift} | | |")
-    if not data["models"]:  # a speed-only run (--only speed): no fidelity tables
-        lines = ["# PQF permutation search speed\n", f"Machine: {m['device']}, {m['torch_threads']} torch threads, "
-                 f"torch {m['torch']}, {m['date']}.\n"]
-    else:
-        lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
+    shares = [f"- {model}, {method}: {share}" for model, res in data["models"].items() for method, baseline in
+              BASELINE.items() if method in res and (share := _largest_share(res, method, baseline))]
+    if shares:
+        lines += ["\nLargest single-layer share of the activation-weighted error (per-layer means over the seeds; "
+                  "runs that recorded it):\n", *shares]
+    lines.append("\n## Per channel space (log-det objective of the children's subvector covariance)\n")
     for model, res in data["models"].items():
         for method in BASELINE:
             if method not in res:
@@ -314,7 +359,12 @@ def markdown(data: dict) -> str:
             refused = [sp for sp in res[method].get("spaces", []) if sp["status"] == "refused"]
             if refused:
                 lines.append("\nRefused: " + "; ".join(f"{sp['name']} ({sp['reasons'][0]})" for sp in refused) + "\n")
-    sp = data.get("speed")
+    return lines
+
+
+def _speed_lines(sp: dict | None) -> list[str]:
+    """The search-speed table (numpy baseline vs hf_vq's search per device)."""
+    lines: list[str] = []
     if sp:
         origin = (f" (from {sp['numpy_from']['file']}, run on {sp['numpy_from']['device']} {sp['numpy_from']['date']})"
                   if "numpy_from" in sp else "")
@@ -330,10 +380,9 @@ def markdown(data: dict) -> str:
                                  f"| {f['objective']} ({f['seconds']}) |")
                 else:
                     lines.append(f"| {dev} | not reached | | | | {f['objective']} ({f['seconds']}) |")
-    command = "python benchmarks/bench_permute.py" + (
-        f" --only speed --weights FILE --numpy-from {sp['numpy_from']['file']}" if sp and "numpy_from" in sp else "")
-    lines.append(f"\n```bash\n{command}\n```\n")
-    return "\n".join(lines)
+    return lines
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,15 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in only:
         data["speed"] = speed(500 if args.quick else 10_000, args.weights, args.numpy_from)
     if args.keep:
-        earlier = json.loads(Path(args.keep).read_text())
-        kept = {"file": Path(args.keep).name, "device": earlier["machine"]["device"], "date": earlier["machine"]["date"]}
-        for name, res in earlier.get("models", {}).items():
-            if name not in data["models"]:
-                data["models"][name] = res
-                data.setdefault("kept", {})[name] = kept
-        if "speed" not in data and "speed" in earlier:
-            data["speed"] = earlier["speed"]
-            data.setdefault("kept", {})["speed"] = kept
+        earlier, origin = _earlier(args.keep)
+        sections = {**earlier.get("models", {}), **({"speed": earlier["speed"]} if "speed" in earlier else {})}
+        for name, res in sections.items():
+            if name not in data["models"] and not (name == "speed" and "speed" in data):
+                (data if name == "speed" else data["models"])[name] = res
+                # a section the earlier file itself kept keeps its own origin
+                data.setdefault("kept", {})[name] = earlier.get("kept", {}).get(name, origin)
     order = ["MiniLM", "MiniLM (d=2)", "EfficientNet-Lite0 (d=2)", "EfficientNet-Lite0 (d=4)"]
     data["models"] = dict(sorted(data["models"].items(), key=lambda item: order.index(item[0])))
     write(args.out, data, markdown(data))

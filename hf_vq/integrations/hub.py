@@ -104,6 +104,13 @@ def base_model_license(base_model: str | None, source_dir: str | os.PathLike | N
     return None
 
 
+def compression_record(model: Any) -> dict[str, Any]:
+    """What `quantize_` recorded on `model` about how it ran, as [`render_model_card`] arguments: the permutation
+    report and whether k-means was weighted by calibration data (both absent on a reloaded model)."""
+    return {"permutation": getattr(model, "vq_permutation_report", None),
+            "kmeans_weighted": getattr(model, "vq_kmeans_weighted", None)}
+
+
 def compression_summary(config: VQConfig | None, size: SizeReport, permutation: Any = None,
                         kmeans_weighted: bool | None = None) -> list[tuple[str, str]]:
     """Rows (field, value) describing how a model was compressed, for cards and reports."""

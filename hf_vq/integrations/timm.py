@@ -55,7 +55,7 @@ from torch import nn
 from ..checkpoint import (WEIGHTS_NAME, CheckpointError, atomic_folder, check_state_dict, load_weights, save_weights,
                           size_report)
 from ..config import VQConfig, block_size_key
-from .hub import render_model_card
+from .hub import compression_record, render_model_card
 
 __all__ = ["ARCHITECTURE", "BASE_ARG", "load_dense", "fit_config", "timm_config", "save_compressed", "push_to_hub",
            "base_architecture"]
@@ -231,8 +231,7 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
         license = license or config.get("pretrained_cfg", {}).get("license")  # timm records the weights' licence
         render_model_card(base_model=base_model, library_name="timm", config=vq_config, size=size_report(model),
                           fidelity=fidelity, repo_id=repo_id, license=license, metrics=metrics,
-                          eval_dataset=eval_dataset, permutation=getattr(model, "vq_permutation_report", None),
-                          kmeans_weighted=getattr(model, "vq_kmeans_weighted", None),
+                          eval_dataset=eval_dataset, **compression_record(model),
                           extra_tags=["timm", "image-classification"]).save(tmp / "README.md")
     return Path(save_directory)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_folder, checkpoint_size_report
-from .hub import render_model_card
+from .hub import compression_record, render_model_card
 from .transformers_quantizer import HfVQQuantizer, attach_, register
 
 __all__ = ["HfVQQuantizer", "register", "load_dense", "save_compressed"]
@@ -105,7 +105,6 @@ def save_compressed(
         type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size)
         card = render_model_card(base_model=base_model, library_name="transformers", config=config,
                                  size=checkpoint_size_report(tmp), fidelity=fidelity, source_dir=source_dir,
-                                 permutation=getattr(model, "vq_permutation_report", None),
-                                 kmeans_weighted=getattr(model, "vq_kmeans_weighted", None))
+                                 **compression_record(model))
         card.save(tmp / "README.md")
     return Path(save_directory)

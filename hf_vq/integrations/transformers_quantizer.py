@@ -566,7 +566,7 @@ def _single_device(device_map: Any) -> torch.device | None:
 
 def _without_torch_function():
     """A context without `__torch_function__` handling: transformers builds the model under a meta-device mode that
-    intercepts every torch call (about 10 us each); the skeleton names its devices itself."""
+    intercepts every torch call (a Python round trip each); the skeleton names its devices itself."""
     disable = getattr(torch._C, "DisableTorchFunction", None)  # private, stable since torch 1.x; optional
     return disable() if disable is not None else contextlib.nullcontext()
 
@@ -653,14 +653,13 @@ def _local_dir(ref: Any) -> str | None:
 def _model_card(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | None = None,
                 tags: list[str] | None = None):
     from ..checkpoint import checkpoint_size_report
-    from .hub import render_model_card
+    from .hub import compression_record, render_model_card
 
     quantizer: HfVQQuantizer = model.hf_quantizer
     return render_model_card(
         base_model=quantizer.base_model, library_name="transformers", config=quantizer.quantization_config,
         size=checkpoint_size_report(folder), repo_id=repo_id, fidelity=quantizer.fidelity, extra_tags=tags,
-        permutation=getattr(model, "vq_permutation_report", None),
-        kmeans_weighted=getattr(model, "vq_kmeans_weighted", None),
+        **compression_record(model),
         source_dir=_local_dir(getattr(model.config, "_name_or_path", None)),  # the dense folder: licence lookup
     )
 

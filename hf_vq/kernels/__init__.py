@@ -31,14 +31,14 @@ import torch
 
 from . import cpu
 from .cpu import HAS_NUMBA, fast_decode, lut_codes, lut_is_faster, lut_matmul
-from .triton_vq import HAS_TRITON, triton_decode, triton_vq_matmul
+from .triton_vq import HAS_TRITON, next_pow2, triton_decode, triton_vq_matmul
 
 __all__ = ["HAS_NUMBA", "HAS_TRITON", "TRITON_MAX_BATCH", "cuda_choices", "kernel_mode", "needs_grad", "select_path",
            "vq_matmul", "decode_matrix", "fast_decode", "lut_codes", "lut_matmul", "triton_decode",
            "triton_vq_matmul"]
 
 #: Largest number of input rows for which the GEMV kernel is a candidate (beyond it, decode + cuBLAS; on an
-#: H200 the kernel won only at batch 1, benchmarks/results/gpu_kernels.md).
+#: H200 the kernel won up to 4 rows and lost from 8 on, benchmarks/results/gpu_kernels.md "path" column).
 TRITON_MAX_BATCH = 16
 
 # (codes shape, codes dtype, codebooks shape, input dtype, device, batch bucket) -> "gemv" | "decode"
@@ -123,10 +123,6 @@ def select_path(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, b
     return "decode"
 
 
-def _bucket(batch: int) -> int:
-    return 1 << max(0, (batch - 1).bit_length())
-
-
 def _gpu_ms(fn: Callable[[], torch.Tensor], calls: int = 10) -> float:
     """GPU milliseconds per call of `fn`: the calls are queued behind a ~2 ms GPU sleep, so the CUDA events
     around them time the GPU's work only, not Python's launch overhead."""
@@ -144,7 +140,7 @@ def _gpu_ms(fn: Callable[[], torch.Tensor], calls: int = 10) -> float:
 
 def _cuda_choice(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> str:
     """The faster CUDA path for this layer shape and batch bucket, timed on first use (see module doc)."""
-    key = (tuple(codes.shape), codes.dtype, tuple(codebooks.shape), x2d.dtype, x2d.device, _bucket(x2d.shape[0]))
+    key = (tuple(codes.shape), codes.dtype, tuple(codebooks.shape), x2d.dtype, x2d.device, next_pow2(x2d.shape[0]))
     choice = _CUDA_CHOICE.get(key)
     if choice is not None:
         return choice

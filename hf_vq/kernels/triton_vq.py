@@ -10,7 +10,8 @@ memory. For each chunk of `BLOCK_J` input blocks a program
 3. multiplies them with the input chunk `[BLOCK_J, D_PAD]` and accumulates on the CUDA cores (float32).
 
 **Decode** (`_vq_decode_kernel`, `triton_decode`): the same tile decode, written out as the weight matrix, for
-the decode + cuBLAS path of larger batches (decoding with `F.embedding` was 4-49x slower on an H200).
+the decode + cuBLAS path of larger batches (it replaced `F.embedding` lookups, much slower on an H200 in a
+development run whose results were not kept).
 
 `d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes. The GEMV tile sizes
 and warps are tuned by `triton.autotune` on first use for each layer shape (a few seconds once per shape and
@@ -18,9 +19,9 @@ process), from a short list around what won on an H200 (benchmarks/results/gpu_k
 CPU interpreter (`TRITON_INTERPRET=1`, used by the tests) or with `HF_VQ_TRITON_AUTOTUNE=0` the fixed
 `GEMV_DEFAULT` runs instead. Inference only (no backward).
 
-Tried on the H200 and dropped (never faster than the paths kept): a tensor-core variant (`tl.dot` on
-decoded tiles, 16+ input rows per program; 3.5-6x slower than decode + cuBLAS at batch 8-64) and a lookup-table
-GEMV (`tl.dot` of the input with every codeword, then `tl.gather` by code; never chosen by the autotuner).
+Tried on the H200 and dropped, never faster than the paths kept in development runs whose results were not
+kept: a tensor-core variant (`tl.dot` on decoded tiles, 16+ input rows per program) and a lookup-table GEMV
+(`tl.dot` of the input with every codeword, then `tl.gather` by code; never chosen by the autotuner).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 
 import torch
 
-__all__ = ["GEMV_DEFAULT", "HAS_TRITON", "triton_decode", "triton_vq_matmul"]
+__all__ = ["GEMV_DEFAULT", "HAS_TRITON", "next_pow2", "triton_decode", "triton_vq_matmul"]
 
 try:
     import triton
@@ -42,8 +43,19 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     HAS_TRITON = False
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= `n` (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _lanes(d: int) -> int:
+    """Lanes per block in the kernels: `d` padded to a power of two, at least 2."""
+    return max(2, next_pow2(d))
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; install a CUDA build of torch (it ships triton).")
 
 
 def _block_j(args: dict) -> int:
@@ -130,7 +142,7 @@ if HAS_TRITON:
     _HEURISTICS = {"BLOCK_J": _block_j, "MASKED": _masked}
 
     # (BLOCK_R, BLOCK_JD, num_warps): row tile, input columns per chunk, warps per program. Around the
-    # winners on an H200 (small row tiles, long chunks, 1-2 warps: many programs, many loads in flight).
+    # winners on an H200 (small row tiles, long chunks, few warps: many programs, many loads in flight).
     _GEMV_CONFIGS = [(2, 512, 1), (4, 256, 1), (4, 512, 1), (4, 1024, 1), (4, 1024, 2), (8, 256, 2),
                      (8, 512, 2), (8, 1024, 2), (8, 2048, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4)]
 
@@ -170,8 +182,7 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     Returns:
         `torch.Tensor`: `[B, rows]` in the dtype of `x`.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; install a CUDA build of torch (it ships triton).")
+    _require_triton()
     rows, n_blocks, n_books = codes.shape
     _, k, d = codebooks.shape
     x = x.contiguous()  # [B, n_blocks*d]
@@ -181,7 +192,7 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     out = torch.empty(batch, rows, dtype=x.dtype, device=x.device)  # [B, rows]
     if batch == 0 or rows == 0:
         return out
-    shape = {"M": n_books, "K": k, "D": d, "D_PAD": max(2, _next_pow2(d))}
+    shape = {"M": n_books, "K": k, "D": d, "D_PAD": _lanes(d)}
     args = (x, codes, books, out, rows, n_blocks, x.stride(0), codes.stride(0), out.stride(0))
     if config is not None or _fixed_configs():
         meta = dict(config or GEMV_DEFAULT)
@@ -198,8 +209,7 @@ def triton_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32), on the GPU.
         codebooks (`torch.Tensor`): `[M, k, d]`, same device.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; install a CUDA build of torch (it ships triton).")
+    _require_triton()
     rows, n_blocks, n_books = codes.shape
     _, k, d = codebooks.shape
     codes = codes.contiguous()  # [rows, n_blocks, M]
@@ -207,7 +217,7 @@ def triton_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n_blocks * d, dtype=books.dtype, device=books.device)  # [rows, n_blocks*d]
     if out.numel() == 0:
         return out
-    d_pad = max(2, _next_pow2(d))
+    d_pad = _lanes(d)
     block_j = max(1, 128 // d_pad)
     grid = (triton.cdiv(rows, 16), triton.cdiv(n_blocks, block_j))
     _vq_decode_kernel[grid](codes, books, out, rows, n_blocks, codes.stride(0), out.stride(0),
