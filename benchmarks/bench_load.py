@@ -33,7 +33,7 @@ _CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(2)
     import hf_vq
-    import hf_vq.integrations.transformers_quantizer as tq
+    import hf_vq.integrations.transformers.quantizer as tq
     import transformers.modeling_utils as mu
     import transformers.models.bert.modeling_bert  # noqa: F401 - imported before the clock, for both
     from transformers import AutoModel

@@ -55,8 +55,8 @@ from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path,
 
 import hf_vq
 from hf_vq.codec.permutation import ObjectiveTerm, search_permutation
-from hf_vq.permute import input_moments
-from hf_vq.quantize import _entry_weights
+from hf_vq.calibrate import input_moments
+from hf_vq.pipeline.encode import entry_weights as _entry_weights
 
 
 # method -> (permutation objective: None / "weights" / "act", weighted k-means)

@@ -46,7 +46,7 @@ import torch
 from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write
 
 import hf_vq
-from hf_vq.checkpoint import size_report
+from hf_vq.serialization import size_report
 
 SHARED = "global"
 

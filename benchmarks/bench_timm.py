@@ -35,7 +35,7 @@ torch.set_num_threads(2)
 import timm  # noqa: E402
 
 import hf_vq  # noqa: E402
-from hf_vq.checkpoint import checkpoint_size_report  # noqa: E402
+from hf_vq.serialization import checkpoint_size_report  # noqa: E402
 from hf_vq.evaluate import REAL_PHOTOS, image_fidelity, real_images  # noqa: E402
 from hf_vq.integrations.timm import fit_config, save_compressed  # noqa: E402
 

@@ -28,8 +28,8 @@ from _common import RESULTS, efficientnet_lite0_converter, machine, write
 import hf_vq
 from hf_vq.evaluate import calibration_batches, image_fidelity, real_images
 from hf_vq.integrations.timm import fit_config
-from hf_vq.permute import input_moments
-from hf_vq.quantize import plan
+from hf_vq.calibrate import input_moments
+from hf_vq.pipeline import plan
 
 VARIANTS = {"kmeans": (None, False), "wkmeans": (None, True), "act-perm+wkmeans": ("act", True),
             "paper-perm+wkmeans": ("paper", True)}

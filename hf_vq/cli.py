@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_size_report, size_report
 from .config import DEFAULT_BLOCK_SIZE, VQConfig
+from .serialization import CheckpointError, checkpoint_size_report
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -73,7 +73,7 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
 @torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
 def _compress(args: argparse.Namespace) -> int:
     from .integrations.hub import detect_library, resolve_model_dir
-    from .quantize import quantize_
+    from .pipeline import quantize_
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -88,9 +88,9 @@ def _compress(args: argparse.Namespace) -> int:
         model_dir, base_model = Path(args.model), args.model
         library = detect_library(model_dir)
     else:
-        import timm
+        from .integrations.timm import is_architecture
 
-        if timm.is_model(args.model):
+        if is_architecture(args.model):
             model_dir, library, base_model = None, "timm", args.model
         else:
             model_dir = resolve_model_dir(args.model)
@@ -112,7 +112,8 @@ def _compress(args: argparse.Namespace) -> int:
     dense.eval()
     calibration = _calibration(library, dense, model_dir, args.calibrate) if args.calibrate else None
     model = copy.deepcopy(dense)
-    quantize_(model, config, device=args.device, progress=not args.quiet, calibration=calibration)
+    quantize_(model, config, device=args.device, progress=not args.quiet, calibration=calibration,
+              base_model=base_model)
     seconds = time.perf_counter() - start
     permutation = getattr(model, "vq_permutation_report", None)
     if permutation is not None:
@@ -138,9 +139,9 @@ def _compress(args: argparse.Namespace) -> int:
 @functools.lru_cache(maxsize=2)
 def _tokenizer(model_dir: Path):
     """The folder's tokenizer, loaded once for calibration and evaluation."""
-    from transformers import AutoTokenizer
+    from .integrations.transformers.tools import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return load_tokenizer(model_dir)
 
 
 def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .finetune.losses import mean_pool
+
 __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "real_photos", "real_images",
            "image_fidelity", "EVAL_SENTENCES", "calibration_batches"]
 
@@ -32,15 +34,6 @@ def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
                 if len(sentences) >= n:
                     return sentences
     return sentences
-
-
-def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Sentence embeddings `[batch, hidden]`: mean of `last_hidden_state [batch, seq, hidden]` over the mask
-    `[batch, seq]` (over every token when it is None)."""
-    if attention_mask is None:
-        return last_hidden_state.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # [batch, seq, 1]
-    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
 @torch.no_grad()
@@ -103,11 +96,10 @@ def real_images(n: int = 128, *, model: nn.Module | None = None, data_config: di
     `data_config` instead of `model` to choose the preprocessing.
     """
     from PIL import ImageOps
-    from timm.data import create_transform, resolve_data_config
 
-    if data_config is None:
-        data_config = resolve_data_config({}, model=model) if model is not None else resolve_data_config({"img_size": 224})
-    transform = create_transform(**data_config, is_training=False)
+    from .integrations.timm import eval_transform
+
+    transform, _ = eval_transform(model, data_config=data_config)
     photos = real_photos()
     gen = torch.Generator().manual_seed(seed)
     views = []

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_vq import CheckpointError, VQConfig, checkpoint_size_report, load_compressed_, quantize_, size_report
-from hf_vq.checkpoint import WEIGHTS_NAME, load_weights
+from hf_vq.serialization import WEIGHTS_NAME, load_weights
 from hf_vq.integrations import timm as vq_timm
 
 CFG = VQConfig(n_iter=5)
@@ -134,7 +134,7 @@ def test_crash_mid_save_leaves_previous_folder_intact(saved, tmp_path, monkeypat
     vq_timm.save_compressed(model, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    import hf_vq.integrations.timm as mod
+    import hf_vq.integrations.timm.saving as mod
 
     def crash(*args, **kwargs):
         (args[1] / WEIGHTS_NAME).write_bytes(b"half-written")

@@ -9,7 +9,7 @@ def test_defaults_and_spec():
     cfg = VQConfig()
     # per-layer PQ is described by format 1 (older hf_vq releases still read it); AQ / sharing need the newest
     assert cfg.quant_method == "hf_vq" and cfg.version == 1
-    assert VQConfig(method="aq").version == VQConfig(share="pool").version == FORMAT_VERSION == 2
+    assert VQConfig(method="aq").version == VQConfig(share="pool").version == FORMAT_VERSION == 3
     assert cfg.k == 256 and cfg.block_size["linear"] == 4 and cfg.block_size["conv3x3"] == 9
     assert cfg.spec == "pq-1x8-l4p4c9e4"
 

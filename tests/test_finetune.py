@@ -248,7 +248,7 @@ def test_text_file_hidden_state_distillation(bert_folders, tmp_path):
 
 
 def test_csv_with_labels_is_tokenized(bert_folders):
-    from hf_vq.finetune import _load_raw, _preprocess
+    from hf_vq.finetune.data import load_raw as _load_raw, preprocess as _preprocess
 
     args = FinetuneArguments(train_file=str(bert_folders["root"] / "train.csv"), validation_split_percentage=25)
     train, val = _load_raw(args)
@@ -351,3 +351,21 @@ def test_two_cpu_processes_with_accelerate_launch_and_resume(timm_folders, tmp_p
             assert torch.equal(a[key], vq[key]), f"{key}: codes changed in DDP"
     for key, value in _codebooks(a).items():
         torch.testing.assert_close(value, _codebooks(b)[key], rtol=0, atol=1e-6)
+
+
+def test_plain_text_of_any_suffix_is_training_data(tmp_path):
+    """gensim's `lee_background.cor` (300 news documents, one per line) is plain text: accepted as train_file."""
+    gensim_utils = pytest.importorskip("gensim.test.utils")
+    from hf_vq.finetune.data import load_text_file
+
+    path = gensim_utils.datapath("lee_background.cor")
+    args = FinetuneArguments(train_file=path, validation_file=path)
+    assert args.train_file == path
+    data = load_text_file(path)
+    assert len(data) == 300 and data.column_names == ["text"]
+    empty = tmp_path / "blank.cor"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(ValueError, match=r"FinetuneArguments\.train_file=.*holds no sample"):
+        load_text_file(str(empty))
+    with pytest.raises(ValueError, match=r"FinetuneArguments\.train_file=.*is empty"):
+        FinetuneArguments(train_file=str(tmp_path / "none.txt") if (tmp_path / "none.txt").touch() is None else "")

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import hf_vq
-from hf_vq.permute import default_example_inputs, find_channel_spaces, input_moments, permute_, shard_groups
+from hf_vq.calibrate import input_moments
+from hf_vq.graph import default_example_inputs, find_channel_spaces
+from hf_vq.pipeline import permute_, shard_groups
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -235,7 +237,7 @@ def test_input_moments_match_the_inputs_seen():
 
 def test_activation_aware_objective_scales_columns_by_input_rms():
     """The objective terms are the child's columns times the RMS of its input channels (here: known scales)."""
-    from hf_vq.permute import _objective_terms
+    from hf_vq.pipeline.permute import _objective_terms
 
     model = _randomize_(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)))
     config = hf_vq.VQConfig(block_size={"linear": 4}, k=4)
@@ -282,7 +284,7 @@ def test_entry_weights_follow_the_input_channel_of_each_entry():
     from transformers.pytorch_utils import Conv1D
 
     from hf_vq.nn import vq_class_for
-    from hf_vq.quantize import _entry_weights
+    from hf_vq.pipeline.encode import entry_weights as _entry_weights
 
     def weights(module, kind, second):
         return _entry_weights(module, vq_class_for(type(module)), kind, second)

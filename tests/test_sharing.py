@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 import hf_vq
-from hf_vq.checkpoint import checkpoint_size_report, size_report
+from hf_vq.serialization import checkpoint_size_report, size_report
 from hf_vq.cli import _config_from_args, build_parser
 from hf_vq.codec.packing import bits_for
 from hf_vq.config import shared_codebooks_key
@@ -133,7 +133,7 @@ def test_quantize_shares_one_parameter_and_counts_it_once(method, share):
         assert config.codebook_sets == {}
     else:
         assert len(config.codebook_sets) == 1 and sorted(next(iter(config.codebook_sets.values()))) == ["0", "2", "4"]
-    _check_shared(model, config, list(hf_vq.checkpoint.disk_state_dict(model)))
+    _check_shared(model, config, list(hf_vq.serialization.disk_state_dict(model)))
     report = size_report(model)
     assert sum(layer.compressed_bits for layer in report.layers) == _accounted_bits(config)  # a set split, once
     assert report.compressed_bits == _accounted_bits(config) + sum(
@@ -168,13 +168,13 @@ def test_aq_beats_pq_per_layer_at_equal_bits_on_correlated_weights():
 
 
 def test_permutation_runs_before_aq_encoding(monkeypatch):
-    import hf_vq.permute
-    import hf_vq.quantize
+    import hf_vq.pipeline.encode
+    import hf_vq.pipeline.quantize
 
     calls = []
-    real_permute, real_aq = hf_vq.permute.permute_, hf_vq.quantize.aq_quantize
-    monkeypatch.setattr(hf_vq.permute, "permute_", lambda *a, **k: calls.append("permute") or real_permute(*a, **k))
-    monkeypatch.setattr(hf_vq.quantize, "aq_quantize", lambda *a, **k: calls.append("aq") or real_aq(*a, **k))
+    real_permute, real_aq = hf_vq.pipeline.quantize.permute_, hf_vq.pipeline.encode.aq_quantize
+    monkeypatch.setattr(hf_vq.pipeline.quantize, "permute_", lambda *a, **k: calls.append("permute") or real_permute(*a, **k))
+    monkeypatch.setattr(hf_vq.pipeline.encode, "aq_quantize", lambda *a, **k: calls.append("aq") or real_aq(*a, **k))
     model = _mlp()
     dense = copy.deepcopy(model)
     config = _config("aq", "global", permute=True, permute_iters=20)

@@ -1,6 +1,11 @@
-"""Compressed modules. They know nothing of the Hub or of checkpoints on disk."""
+"""Compressed modules, their registry, and the model-level wiring of codebook sets and tied modules. They know
+nothing of the Hub or of checkpoints on disk."""
 
 from .base import CodesError, VQModuleMixin
-from .layers import VQConv1D, VQConv2d, VQEmbedding, VQLinear, layer_kind, vq_class_for
+from .layers import VQConv2d, VQEmbedding, VQLinear, layer_kind, register_vq_class, vq_class_for
+from .model import build_skeleton_, register_shared_, shared_codebooks_owner, vq_modules
+from .trainable import mark_trainable_
 
-__all__ = ["CodesError", "VQModuleMixin", "VQConv1D", "VQConv2d", "VQEmbedding", "VQLinear", "layer_kind", "vq_class_for"]
+__all__ = ["CodesError", "VQModuleMixin", "VQConv2d", "VQEmbedding", "VQLinear", "layer_kind", "register_vq_class",
+           "vq_class_for", "build_skeleton_", "register_shared_", "shared_codebooks_owner", "vq_modules",
+           "mark_trainable_"]

@@ -6,6 +6,7 @@ parameter is replaced by
 * `codes`: a frozen uint8 **buffer** `[rows, packed_bytes]` holding the bit-packed integer codes
   (`[rows, n_blocks, num_codebooks]` once unpacked), exactly as it is stored on disk;
 * `codebooks`: a trainable **parameter** `[num_codebooks, k, d]`;
+* optionally `scales`: a trainable **parameter** `[rows]`, one per output channel (`Ŵ = diag(scales)·decode`);
 
 and `weight` becomes a property that decodes them (see [`VQModuleMixin.decode_weight`]). Keeping the
 float class as a base means subclasses with their own `forward` (timm's `Conv2dSame`, transformers'
@@ -52,6 +53,7 @@ class VQModuleMixin:
     num_codebooks: int
     codes: torch.Tensor  # uint8 [rows, packed_bytes]
     codebooks: nn.Parameter  # [num_codebooks, k, d]
+    scales: nn.Parameter | None  # [rows], or None (no per-output-channel scales)
     codebook_set: str | None = None  # name of the shared codebook set `codebooks` is, None: the module's own
 
     # ------------------------------------------------------------------ layout of the weight
@@ -76,7 +78,7 @@ class VQModuleMixin:
 
     # ------------------------------------------------------------------ construction
     def _init_vq(self, *, kind: str, weight_shape: tuple[int, ...], k: int, d: int, num_codebooks: int,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, scales: bool = False) -> None:
         rows, cols = self.matrix_shape(weight_shape)
         if cols % d:
             raise ValueError(f"block size d={d} does not divide the row length {cols} of a weight of shape {weight_shape}.")
@@ -95,10 +97,13 @@ class VQModuleMixin:
         )  # uint8 [rows, packed_bytes]
         self.register_parameter(
             "codebooks", nn.Parameter(torch.zeros(num_codebooks, k, d, dtype=dtype, device=device)))  # [M, k, d]
+        self.register_parameter(
+            "scales", nn.Parameter(torch.ones(rows, dtype=dtype, device=device)) if scales else None)  # [rows]
 
     @classmethod
     def from_float(cls, module: nn.Module, *, kind: str, k: int, d: int, num_codebooks: int = 1,
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VQModuleMixin":
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   scales: bool = False) -> "VQModuleMixin":
         """An empty VQ module (zero codes and codebooks) with the attributes of the float `module`.
 
         `module` is not modified; its `weight` may live on the meta device. The VQ class is the
@@ -113,11 +118,12 @@ class VQModuleMixin:
         new._buffers = dict(module._buffers)
         new._modules = dict(module._modules)
         new._init_vq(kind=kind, weight_shape=tuple(weight.shape), k=k, d=d, num_codebooks=num_codebooks,
-                     dtype=dtype, device=device)
+                     dtype=dtype, device=device, scales=scales)
         return new
 
-    def set_codes_(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
-        """Fill the module from unpacked `codes` `[rows, n_blocks, M]` and `codebooks` `[M, k, d]`."""
+    def set_codes_(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """Fill the module from unpacked `codes` `[rows, n_blocks, M]`, `codebooks` `[M, k, d]` and, for a module
+        with scales, `scales` `[rows]`."""
         rows, cols = self.matrix_shape(self.weight_shape)
         expected = (rows, cols // self.d, self.num_codebooks)
         if tuple(codes.shape) != expected:
@@ -126,10 +132,15 @@ class VQModuleMixin:
             raise CodesError(f"codebooks of shape {tuple(codebooks.shape)}, expected {tuple(self.codebooks.shape)}.")
         if codes.numel() and int(codes.max()) >= self.k:
             raise CodesError(f"codes contain {int(codes.max())} >= k={self.k}.")
+        if (scales is None) != (self.scales is None) or (scales is not None and tuple(scales.shape) != (rows,)):
+            raise CodesError(f"scales {None if scales is None else tuple(scales.shape)} do not match the module "
+                             f"({'[' + str(rows) + ']' if self.scales is not None else 'no scales'}).")
         packed = pack_codes(codes.reshape(rows, -1), bits_for(self.k))
         with torch.no_grad():
             self.codes = packed.to(self.codes.device)
             self.codebooks.data = codebooks.to(self.codebooks.device, self.codebooks.dtype).contiguous()
+            if scales is not None:
+                self.scales.data = scales.to(self.scales.device, self.scales.dtype).contiguous()
 
     def share_codebooks_(self, codebooks: nn.Parameter, codebook_set: str | None) -> None:
         """Decode with `codebooks` `[num_codebooks, k, d]`, a parameter other modules hold too (shared set).
@@ -143,6 +154,13 @@ class VQModuleMixin:
         self._parameters["codebooks"] = codebooks  # [num_codebooks, k, d], the shared Parameter itself
         self.codebook_set = codebook_set
         self._weight_cache = None
+
+    def tie_to_(self, owner: "VQModuleMixin") -> None:
+        """Share `owner`'s codes buffer, codebooks and scales (a tied module: input embedding ↔ LM head)."""
+        self._buffers["codes"] = owner._buffers["codes"]  # uint8 [rows, packed_bytes], the same tensor
+        self.share_codebooks_(owner.codebooks, owner.codebook_set)
+        if "scales" in owner._parameters:
+            self._parameters["scales"] = owner._parameters["scales"]  # [rows], the same Parameter
 
     # ------------------------------------------------------------------ decoding
     @property
@@ -189,11 +207,16 @@ class VQModuleMixin:
         runs in hf_vq's numba kernel (same values as [`hf_vq.codec.decode`], see `hf_vq.kernels`).
         """
         use_cache = self.cache_decoded and not (torch.is_grad_enabled() and self.codebooks.requires_grad)
+        scales = self.scales
         if use_cache:
-            key = (self.codebooks.data_ptr(), self.codebooks._version, self.codes._version, self.codebooks.dtype)
+            key = (self.codebooks.data_ptr(), self.codebooks._version, self.codes._version, self.codebooks.dtype,
+                   None if scales is None else (scales.data_ptr(), scales._version))
             if self._weight_cache is not None and self._weight_cache[0] == key:
                 return self._weight_cache[1]
-        weight = self._matrix_to_weight(decode_matrix(self.unpacked_codes(), self.codebooks))
+        matrix = decode_matrix(self.unpacked_codes(), self.codebooks)  # [rows, cols]
+        if scales is not None:
+            matrix = matrix * scales.to(matrix.dtype)[:, None]
+        weight = self._matrix_to_weight(matrix)
         if use_cache:
             self._weight_cache = (key, weight)
         else:
@@ -218,8 +241,16 @@ class VQModuleMixin:
             `torch.Tensor` or `None`: `[..., rows]`, or `None` when decode + the float forward is the better path.
         """
         cached = self.cache_decoded and self._weight_cache is not None
-        return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached,
-                         codes_t=self.lut_codes)
+        scales = self.scales
+        if scales is None:
+            return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached,
+                             codes_t=self.lut_codes)
+        out = vq_matmul(input, self.unpacked_codes(), self.codebooks, None, weight_is_cached=cached,
+                        codes_t=self.lut_codes)  # [..., rows] without the scales
+        if out is None:
+            return None
+        out = out * scales.to(out.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
 
     # ------------------------------------------------------------------ conversion back
     def dequantize(self) -> nn.Module:
@@ -228,7 +259,8 @@ class VQModuleMixin:
         dense.__class__ = next(c for c in type(self).__mro__ if not issubclass(c, VQModuleMixin) and issubclass(c, nn.Module))
         with torch.no_grad():
             weight = nn.Parameter(self.decode_weight().detach().clone())
-        dense._parameters = {"weight": weight, **{n: p for n, p in self._parameters.items() if n != "codebooks"}}
+        dense._parameters = {"weight": weight, **{n: p for n, p in self._parameters.items()
+                                                  if n not in ("codebooks", "scales")}}
         dense._buffers = {n: b for n, b in self._buffers.items() if n != "codes"}
         dense._modules = dict(self._modules)
         for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_lut_codes_cache", "_weight_cache",
@@ -242,6 +274,7 @@ class VQModuleMixin:
         A shared codebook set (`codebook_set` not None) is not counted here: it belongs to the model once."""
         rows, cols = self.matrix_shape(self.weight_shape)
         own = 0 if self.codebook_set is not None else self.codebooks.numel() * 16
+        own += 0 if self.scales is None else rows * 16
         return rows * (cols // self.d) * self.num_codebooks * self.bits + own
 
     def extra_repr(self) -> str:

@@ -1,19 +1,19 @@
-"""The compressed layers: `VQLinear`, `VQConv2d`, `VQConv1D` (GPT-2) and `VQEmbedding`.
+"""The compressed layers: `VQLinear`, `VQConv2d` and `VQEmbedding`, and the registry float class -> VQ class.
 
 Each is its float class with the [`VQModuleMixin`] in front; only the weight layout (and, for the
-embedding, a forward that decodes just the looked-up rows) is specific.
+embedding, a forward that decodes just the looked-up rows) is specific. Integrations register VQ classes for
+their libraries' own layers ([`register_vq_class`]; transformers' GPT-2 `Conv1D` -> `VQConv1D`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..codec.pq import decode
 from .base import VQModuleMixin
 
-__all__ = ["VQLinear", "VQConv2d", "VQConv1D", "VQEmbedding", "vq_class_for", "layer_kind"]
+__all__ = ["VQLinear", "VQConv2d", "VQEmbedding", "vq_class_for", "layer_kind", "register_vq_class"]
 
 
 class VQLinear(VQModuleMixin, nn.Linear):
@@ -54,6 +54,8 @@ class VQEmbedding(VQModuleMixin, nn.Embedding):
             return super().forward(input)
         codes = self.unpacked_codes()[input]  # [*input.shape, n_blocks, M]
         rows = decode(codes.reshape(-1, *codes.shape[-2:]), self.codebooks)  # [input.numel(), embedding_dim]
+        if self.scales is not None:
+            rows = rows * self.scales[input.reshape(-1)].to(rows.dtype)[:, None]
         return rows.reshape(*input.shape, self.embedding_dim)
 
 
@@ -63,32 +65,24 @@ _REGISTRY: dict[type[nn.Module], type[VQModuleMixin]] = {
     nn.Embedding: VQEmbedding,
 }
 
-try:  # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b
-    from transformers.pytorch_utils import Conv1D
-
-    class VQConv1D(VQModuleMixin, Conv1D):
-        """transformers' `Conv1D` (GPT-2) with a vector-quantized weight `[in, out]`; blocks run along `in`."""
-
-        float_class = Conv1D
-
-        @staticmethod
-        def _weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
-            return weight.t()  # [out, in]
-
-        def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
-            return matrix.t()  # [in, out]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.fast_matmul(x, self.bias)  # [..., out] (x @ W + b with W = matrix.T) or None
-            return super().forward(x) if out is None else out
-
-    _REGISTRY[Conv1D] = VQConv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    VQConv1D = None  # type: ignore[assignment,misc]
-
 _SUBCLASSES: dict[type[nn.Module], type[VQModuleMixin]] = {}
 #: VQ classes whose `forward` is the fast matmul (`VQModuleMixin.fast_matmul`) rather than a float forward.
-_FAST_MATMUL = {cls for cls in (VQLinear, VQConv1D) if cls is not None}
+_FAST_MATMUL: set[type[VQModuleMixin]] = {VQLinear}
+
+
+def register_vq_class(float_cls: type[nn.Module], vq_cls: type[VQModuleMixin], *, fast_matmul: bool = False) -> None:
+    """Compress modules of `float_cls` (and its subclasses) with `vq_cls` (idempotent).
+
+    Args:
+        float_cls: the float module class (e.g. transformers' `Conv1D`).
+        vq_cls: its VQ class, `class VQX(VQModuleMixin, float_cls)` with `float_class = float_cls` and `default_kind` (its layer kind, e.g. "conv1d").
+        fast_matmul: `vq_cls.forward` is the fast matmul from codes (then subclasses with their own forward keep it).
+    """
+    _REGISTRY[float_cls] = vq_cls
+    if fast_matmul:
+        _FAST_MATMUL.add(vq_cls)
+    for cls in [c for c in _SUBCLASSES if issubclass(c, float_cls)]:
+        del _SUBCLASSES[cls]  # rebuilt on next use with the new base
 
 
 def vq_class_for(float_cls: type[nn.Module]) -> type[VQModuleMixin] | None:
@@ -125,4 +119,4 @@ def layer_kind(module: nn.Module) -> str | None:
         if (kh, kw) == (1, 1):
             return "conv1x1"
         return "conv3x3" if (kh, kw) == (3, 3) else "conv"
-    return "conv1d" if VQConv1D is not None and isinstance(module, VQConv1D.float_class) else "linear"
+    return getattr(vq_class_for(type(module)), "default_kind", "linear")

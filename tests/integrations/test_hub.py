@@ -145,7 +145,7 @@ def test_model_card_on_the_hub(timm_model, hub):
 
 
 def test_model_card_licence_from_the_dense_folder(tmp_path):
-    from hf_vq.integrations.hub import render_model_card
+    from hf_vq.integrations.cards import render_model_card
 
     dense = tmp_path / "dense"
     dense.mkdir()

@@ -17,7 +17,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import hf_vq  # noqa: E402  registers the "hf_vq" timm entrypoint
-from hf_vq.checkpoint import CheckpointError, checkpoint_size_report  # noqa: E402
+from hf_vq.serialization import CheckpointError, checkpoint_size_report  # noqa: E402
 from hf_vq.integrations.timm import fit_config, save_compressed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_vq
 from hf_vq import CheckpointError, VQConfig
-from hf_vq.integrations.transformers_quantizer import GUARD_NOTE_KEY, HfVQQuantizer
+from hf_vq.integrations.transformers import GUARD_NOTE_KEY, HfVQQuantizer
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -301,7 +301,7 @@ def test_load_on_the_gpu(device_map, compressed):
 
 
 def test_single_device_rule():
-    from hf_vq.integrations.transformers_quantizer import _single_device
+    from hf_vq.integrations.transformers.loading import single_device as _single_device
 
     assert _single_device(None) == torch.device("cpu")
     assert _single_device({"": torch.device("cpu")}) == torch.device("cpu")

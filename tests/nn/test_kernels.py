@@ -18,7 +18,8 @@ from transformers.pytorch_utils import Conv1D
 from hf_vq import kernels
 from hf_vq.codec import decode
 from hf_vq.kernels import cpu, kernel_mode, select_path
-from hf_vq.nn import VQConv1D, VQEmbedding, VQLinear, vq_class_for
+from hf_vq import VQConv1D
+from hf_vq.nn import VQEmbedding, VQLinear, vq_class_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,172 +1,44 @@
 """`VQConfig`: the quantization config of hf_vq, validated at construction.
 
-The config has two halves:
+The config has three parts:
 
 * the **scheme** chosen by the user (method, codewords per codebook `k`, block sizes per layer
-  kind, k-means settings, which modules stay dense, per-module overrides);
-* the **layout** filled in by [`hf_vq.quantize_`]: for every compressed module its kind, weight
-  shape, `k`, `d`, number of codebooks and, when codebooks are shared across layers, the name of its
-  codebook set. The layout is what lets a loader rebuild every VQ
-  module (on the meta device) without recomputing anything.
+  kind, which modules stay dense, per-module overrides);
+* the **recipe** ([`Recipe`]: k-means iterations, annealing, seed, permutation search steps), which is
+  not written into config.json (loading never needs it; the model card and the weights' metadata record it);
+* the **layout** filled in by [`hf_vq.quantize_`]: for every compressed module its [`LayerLayout`] (kind,
+  weight shape, method, `k`, `d`, number of codebooks, scales, shared codebook set). The layout is what lets a
+  loader rebuild every VQ module (on the meta device) without recomputing anything.
 
-It subclasses transformers' `QuantizationConfigMixin` so that it can be passed as
-`from_pretrained(..., quantization_config=VQConfig(...))` and is written into config.json.
+After [`hf_vq.quantize_`], `config.record` is the [`CompressionRecord`]: base model, licence, calibration,
+permutation, fidelity.
+
+`VQConfig` has the interface of transformers' `QuantizationConfigMixin` (`from_dict`, `to_dict`,
+`to_json_string`, `to_json_file`, `update`), so it is passed as
+`from_pretrained(..., quantization_config=VQConfig(...))` and written into config.json; the transformers
+integration registers a `QuantizationConfigMixin` subclass of it, so this module does not import transformers.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
+import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from .layout import (DEFAULT_BLOCK_SIZE, FORMAT_VERSION, METHODS, SHARE_SCOPES, SHARING_VERSION, LayerLayout,
+                     check_k)
+from .record import RECIPE_FIELDS, CompressionRecord, Recipe
 
-__all__ = ["FORMAT_VERSION", "LayerLayout", "VQConfig", "DEFAULT_BLOCK_SIZE", "LAYER_KINDS", "METHODS", "SHARE_SCOPES",
-           "block_size_key", "shared_codebooks_key"]
-
-#: Newest version of the on-disk format this release reads and writes. Loaders refuse newer versions.
-#: 1: product quantization, one codebook set per module. 2: adds `method="aq"` (additive quantization,
-#: `num_codebooks` > 1) and codebooks shared across modules (`share`, per-module `codebook_set`, stored once
-#: as `vq_shared_codebooks_<set>`). A config records the oldest version that describes it (1 for per-layer
-#: PQ, so such checkpoints stay readable by older hf_vq releases); version-1 configs load unchanged.
-FORMAT_VERSION = 2
-#: The first format version that knows additive quantization and shared codebooks.
-_SHARING_VERSION = 2
-
-#: Layer kinds that hf_vq knows how to compress, with the paper's default block size `d`.
-#: A block size of 0 leaves that kind dense.
-DEFAULT_BLOCK_SIZE: dict[str, int] = {
-    "linear": 4,  # nn.Linear and transformers' Conv1D (GPT-2); paper: 4 (small) or 8 (large blocks)
-    "conv1x1": 4,  # pointwise convolutions; paper: 4 or 8
-    "conv3x3": 9,  # 3x3 convolutions; paper: 9 (one kernel) or 18 (two adjacent input channels)
-    "conv": 0,  # other kernel sizes (5x5, 7x7, ...): 0 = dense; otherwise a multiple of kh*kw
-    "depthwise": 0,  # depthwise / grouped convs with one input channel per group: dense by default
-    "embedding": 4,  # nn.Embedding rows
-}
-#: Every layer kind a layout may name; transformers' Conv1D (weight stored [in, out]) uses the linear block size.
-LAYER_KINDS = (*DEFAULT_BLOCK_SIZE, "conv1d")
-
-
-def block_size_key(kind: str) -> str:
-    """The `VQConfig.block_size` key that applies to a layer kind."""
-    return "linear" if kind == "conv1d" else kind
-
-#: `"pq"`: product quantization (one k-means codebook, PQF). `"aq"`: additive quantization (sum of M codewords).
-METHODS = ("pq", "aq")
-#: Codebook sharing scopes: one set per module, per pool of modules with the same d, or for the whole network.
-SHARE_SCOPES = ("layer", "pool", "global")
-MIN_K, MAX_K = 2, 65_536
-#: Name prefix of the parameters holding shared codebook sets in a compressed model (registered directly on
-#: the model, not on a child module, so that containers such as `nn.Sequential` never see them), and so of
-#: their keys in `model.safetensors`: `vq_shared_codebooks_<set>`, stored once.
-SHARED_CODEBOOKS = "vq_shared_codebooks_"
-
-
-def shared_codebooks_key(codebook_set: str) -> str:
-    """Parameter name (on [`hf_vq.quantize.shared_codebooks_owner`]) of a shared codebook set `[M, k, d]`."""
-    return f"{SHARED_CODEBOOKS}{codebook_set}"
-
+__all__ = ["VQConfig"]
 
 # Keys accepted in a per-module override.
-_OVERRIDE_KEYS = {"k", "d", "skip"}
-_LAYOUT_KEYS = {"kind", "shape", "k", "d", "num_codebooks", "rel_error", "tied_to", "codebook_set"}
-_SET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OVERRIDE_KEYS = {"k", "d", "skip", "method", "num_codebooks", "scales"}
 
 
-@dataclass(frozen=True)
-class LayerLayout:
-    """How one module was compressed: enough to rebuild it without recomputing anything.
-
-    Args:
-        kind (`str`): one of [`LAYER_KINDS`] (`"conv3x3"`, `"linear"`, ...).
-        shape (`tuple[int, ...]`): shape of the dense weight, in the module's own layout.
-        k (`int`): codewords per codebook (after clamping).
-        d (`int`): block size, the length of a subvector.
-        num_codebooks (`int`): codebooks summed per subvector (1 for product quantization).
-        rel_error (`float`, *optional*): relative weight error `‖W−Ŵ‖²/‖W‖²` measured at quantization.
-        tied_to (`str`, *optional*): name of the module whose codes and codebooks this one shares
-            (tied input/output embeddings); stored once on disk.
-        codebook_set (`str`, *optional*): name of the shared codebook set this module decodes with
-            (`"global"`, or `"d4"` for the pool of modules with d = 4); stored once on disk as
-            `vq_shared_codebooks_<codebook_set>`. `None`: the module has its own codebooks.
-    """
-
-    kind: str
-    shape: tuple[int, ...]
-    k: int
-    d: int
-    num_codebooks: int = 1
-    rel_error: float | None = None
-    tied_to: str | None = None
-    codebook_set: str | None = None
-
-    @property
-    def bits(self) -> int:
-        """Bits per code on disk: `ceil(log2(k))`."""
-        return max(1, (self.k - 1).bit_length())
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """`(rows, cols)` of the matrix whose rows are cut into subvectors (Conv1D weights are stored transposed)."""
-        if self.kind == "conv1d":
-            return self.shape[1], self.shape[0]
-        return self.shape[0], math.prod(self.shape) // self.shape[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "shape": list(self.shape), "k": self.k, "d": self.d,
-               "num_codebooks": self.num_codebooks}
-        if self.rel_error is not None:
-            out["rel_error"] = round(float(self.rel_error), 6)
-        if self.tied_to is not None:
-            out["tied_to"] = self.tied_to
-        if self.codebook_set is not None:
-            out["codebook_set"] = self.codebook_set
-        return out
-
-    @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any]) -> "LayerLayout":
-        unknown = set(data) - _LAYOUT_KEYS
-        if unknown:
-            raise ValueError(
-                f"quantization_config.modules[{name!r}] has unknown keys {sorted(unknown)}; "
-                f"expected a subset of {sorted(_LAYOUT_KEYS)}. Was it written by a newer hf_vq?"
-            )
-        try:
-            layout = cls(kind=data["kind"], shape=tuple(int(s) for s in data["shape"]), k=int(data["k"]),
-                         d=int(data["d"]), num_codebooks=int(data.get("num_codebooks", 1)),
-                         rel_error=data.get("rel_error"), tied_to=data.get("tied_to"),
-                         codebook_set=data.get("codebook_set"))
-        except KeyError as err:
-            raise ValueError(
-                f"quantization_config.modules[{name!r}] lacks the key {err.args[0]!r}; every compressed "
-                "module needs 'kind', 'shape', 'k' and 'd'. The config.json is incomplete or corrupted."
-            ) from None
-        if layout.kind not in LAYER_KINDS:
-            raise ValueError(f"quantization_config.modules[{name!r}].kind={layout.kind!r} is not one of {LAYER_KINDS}.")
-        _check_k(layout.k, f"modules[{name!r}].k")
-        if layout.d < 1:
-            raise ValueError(f"quantization_config.modules[{name!r}].d={layout.d} must be a positive integer.")
-        if layout.num_codebooks < 1:
-            raise ValueError(f"quantization_config.modules[{name!r}].num_codebooks={layout.num_codebooks} must be >= 1.")
-        if layout.codebook_set is not None and not (isinstance(layout.codebook_set, str)
-                                                    and _SET_NAME.match(layout.codebook_set)):
-            raise ValueError(f"quantization_config.modules[{name!r}].codebook_set={layout.codebook_set!r} must be an "
-                             "identifier such as 'global' or 'd4'.")
-        return layout
-
-
-def _check_k(k: Any, field: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not MIN_K <= k <= MAX_K:
-        raise ValueError(
-            f"VQConfig.{field}={k!r} is out of range: use an integer number of codewords from {MIN_K} to {MAX_K:,} "
-            "(256 = 8 bits per code is the paper's default)."
-        )
-
-
-class VQConfig(QuantizationConfigMixin):
+class VQConfig:
     """Configuration of hf_vq's vector quantization.
 
     Args:
@@ -226,15 +98,23 @@ class VQConfig(QuantizationConfigMixin):
             Compress the classifier / LM head (found with `get_classifier()` or `get_output_embeddings()`).
         overrides (`dict[str, dict]`, *optional*):
             Per-module settings by glob pattern, e.g. `{"fc": {"k": 1024}, "layer4.*": {"d": 18}, "x": {"skip": True}}`.
-            Later patterns win.
+            Later patterns win. Each module may also take its own `method` (`"pq"` / `"aq"`), `num_codebooks` and
+            `scales` (format 3): `{"*.attention.*": {"method": "aq", "num_codebooks": 2, "d": 8}}`.
+        scales (`bool`, defaults to `False`):
+            Per-output-channel scales for every compressed module (`Ŵ = diag(s)·decode(codes)`, `s` fp16 `[rows]`,
+            format 3): rows are normalised before their subvectors are quantized and the scales fitted after, so
+            rows of very different norms share one codebook well. Costs 16 bits per output channel.
         modules (`dict[str, dict]`, *optional*):
             The layout written by [`hf_vq.quantize_`]: per compressed module its kind, shape, k, d and
             num_codebooks. Empty before quantization.
         version (`int`, *optional*):
-            Version of the checkpoint format; by default the oldest that describes the config: 1 for
-            per-layer product quantization (readable by every hf_vq release), 2 for `method="aq"` or shared
-            codebooks. Configs from a format newer than [`FORMAT_VERSION`] are refused; version-1 configs
-            (written before `method="aq"` and `share` existed) load as per-layer product quantization.
+            Version of the checkpoint format; by default 1 for per-layer product quantization (readable by every
+            hf_vq release) and [`FORMAT_VERSION`] for anything newer (AQ and shared codebooks came with 2, per-module
+            methods and scales with 3). Configs from a format newer than [`FORMAT_VERSION`] are refused; older ones
+            load unchanged (version 1 as per-layer product quantization).
+        n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters:
+            The [`Recipe`] (see there): how codes are computed. Kept in `config.recipe`, recorded in the model card
+            and the weights' metadata, never written into config.json (loading does not need it).
 
     Raises:
         `ValueError`: for an unknown key, an out-of-range value or an unsupported version, naming the field.
@@ -272,6 +152,7 @@ class VQConfig(QuantizationConfigMixin):
         quantize_embeddings: bool = True,
         quantize_head: bool = True,
         overrides: dict[str, dict[str, Any]] | None = None,
+        scales: bool = False,
         modules: dict[str, dict[str, Any]] | None = None,
         version: int | None = None,
         quant_method: str = "hf_vq",
@@ -290,33 +171,79 @@ class VQConfig(QuantizationConfigMixin):
         self.k = k
         self.num_codebooks = (2 if method == "aq" else 1) if num_codebooks is None else num_codebooks
         self.share = share
-        self.block_size = {**DEFAULT_BLOCK_SIZE, **(block_size or {})}
-        self.n_iter = n_iter
-        self.aq_iters = aq_iters
-        self.beam_size = beam_size
-        self.anneal = anneal
-        self.seed = seed
-        self.permute = permute
-        self.permute_iters = permute_iters
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.block_size = {**DEFAULT_BLOCK_SIZE, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
+            else block_size
+        self.recipe = Recipe(n_iter=n_iter, aq_iters=aq_iters, beam_size=beam_size, anneal=anneal, seed=seed,
+                             permute=permute, permute_iters=permute_iters)
+        self.modules_to_not_convert = list(modules_to_not_convert or []) if isinstance(
+            modules_to_not_convert, (list, tuple, type(None))) else modules_to_not_convert
         self.keep_stem_dense = keep_stem_dense
         self.quantize_embeddings = quantize_embeddings
         self.quantize_head = quantize_head
-        self.overrides = copy.deepcopy(dict(overrides or {}))
-        self.modules = copy.deepcopy(dict(modules or {}))
-        # the oldest format that can describe this config (older readers keep loading plain PQ checkpoints)
-        new_features = method != "pq" or share != "layer"
-        self.version = (_SHARING_VERSION if new_features else 1) if version is None else version
+        self.overrides = copy.deepcopy(dict(overrides or {})) if isinstance(overrides, (dict, type(None))) else overrides
+        self.scales = scales
+        self.modules = copy.deepcopy(dict(modules or {})) if isinstance(modules, (dict, type(None))) else modules
+        #: What the compression did (set by `quantize_`, restored by loaders); not part of config.json.
+        self.record: CompressionRecord | None = None
+        self._version = version
         self.post_init()
+
+    # ------------------------------------------------------------------ recipe fields (not written to config.json)
+    def __getattr__(self, name: str) -> Any:
+        recipe = self.__dict__.get("recipe")
+        if name in RECIPE_FIELDS and recipe is not None:
+            return getattr(recipe, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RECIPE_FIELDS:
+            self.recipe = dataclasses.replace(self.recipe, **{name: value})
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def version(self) -> int:
+        """The format version this config is written as: the one given (e.g. read from an older config.json), else
+        1 for per-layer product quantization (readable by every hf_vq release) and the newest, [`FORMAT_VERSION`],
+        for anything that needs a later format (AQ, shared codebooks, per-module methods, scales)."""
+        if self._version is not None:
+            return self._version
+        if self.method != "pq" or self.share != "layer" or self.scales:
+            return FORMAT_VERSION
+        if isinstance(self.overrides, dict) and any(isinstance(o, dict) and {"method", "num_codebooks", "scales"} & set(o)
+                                                     for o in self.overrides.values()):
+            return FORMAT_VERSION
+        if isinstance(self.modules, dict):
+            for data in self.modules.values():
+                if isinstance(data, dict) and ("method" in data or data.get("scales")):
+                    return FORMAT_VERSION
+        return 1
+
+    @version.setter
+    def version(self, value: int | None) -> None:
+        self._version = value
+
+    def replace(self, **changes: Any) -> "VQConfig":
+        """A copy with `changes` applied (scheme, recipe or `modules` fields); recipe and record are kept."""
+        data = {**self.to_dict(), **self.recipe.to_dict(), **changes}
+        if self._version is None and "version" not in changes:
+            data.pop("version")
+        new = type(self)(**data)
+        new.record = copy.deepcopy(self.record)
+        return new
 
     # ------------------------------------------------------------------ validation
     @classmethod
     def _valid_keys(cls) -> set[str]:
         return {"method", "k", "num_codebooks", "share", "aq_iters", "beam_size", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
-                "quantize_embeddings", "quantize_head", "overrides", "modules", "version", "quant_method"}
+                "quantize_embeddings", "quantize_head", "overrides", "scales", "modules", "version", "quant_method"}
 
     def post_init(self) -> None:
         """Validate every field; raise `ValueError` naming the field, the value and the fix."""
+        if self._version is not None and (isinstance(self._version, bool) or not isinstance(self._version, int)):
+            raise ValueError(f"VQConfig.version={self._version!r} must be a positive integer (this release writes "
+                             f"{FORMAT_VERSION}).")
+        self._check_types()
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
             raise ValueError(f"VQConfig.version={self.version!r} must be a positive integer (this release writes {FORMAT_VERSION}).")
         if self.version > FORMAT_VERSION:
@@ -329,7 +256,7 @@ class VQConfig(QuantizationConfigMixin):
                 f"VQConfig.method={self.method!r} is not supported; use 'pq' (product quantization, one codebook) "
                 "or 'aq' (additive quantization, a sum of num_codebooks codewords)."
             )
-        _check_k(self.k, "k")
+        check_k(self.k, "k")
         m = self.num_codebooks
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(
@@ -346,10 +273,10 @@ class VQConfig(QuantizationConfigMixin):
                 f"VQConfig.share={self.share!r} is not a sharing scope; use 'layer' (one codebook set per module), "
                 "'pool' (one per block size d) or 'global' (one for the whole network)."
             )
-        if (self.method != "pq" or self.share != "layer") and self.version < _SHARING_VERSION:
+        if (self.method != "pq" or self.share != "layer") and self.version < SHARING_VERSION:
             raise ValueError(
                 f"VQConfig.version={self.version} predates method='aq' and shared codebooks (format "
-                f"{_SHARING_VERSION}); omit version or pass version={FORMAT_VERSION}."
+                f"{SHARING_VERSION}); omit version or pass version={FORMAT_VERSION}."
             )
         for kind, d in self.block_size.items():
             if kind not in DEFAULT_BLOCK_SIZE:
@@ -365,11 +292,12 @@ class VQConfig(QuantizationConfigMixin):
                 f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must be a multiple of 9 (one 3x3 kernel "
                 "per block = 9, two adjacent input channels = 18) so that blocks never split a kernel."
             )
-        for field, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"VQConfig.{field}={value!r} must be an integer >= {low}.")
-        for field in ("anneal", "permute", "keep_stem_dense", "quantize_embeddings", "quantize_head"):
+        self._check_selection()
+        self._check_modules()
+
+    def _check_selection(self) -> None:
+        """Which modules are compressed: flags, globs and per-module overrides."""
+        for field in ("keep_stem_dense", "quantize_embeddings", "quantize_head", "scales"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"VQConfig.{field}={getattr(self, field)!r} must be True or False.")
         if not all(isinstance(p, str) and p for p in self.modules_to_not_convert):
@@ -383,15 +311,32 @@ class VQConfig(QuantizationConfigMixin):
                     f"VQConfig.overrides[{pattern!r}] has unknown keys {sorted(unknown)}; use {sorted(_OVERRIDE_KEYS)}."
                 )
             if "k" in override:
-                _check_k(override["k"], f"overrides[{pattern!r}].k")
+                check_k(override["k"], f"overrides[{pattern!r}].k")
             if "d" in override and (isinstance(override["d"], bool) or not isinstance(override["d"], int) or override["d"] < 1):
                 raise ValueError(f"VQConfig.overrides[{pattern!r}].d={override['d']!r} must be a positive integer.")
+            for flag in ("skip", "scales"):
+                if flag in override and not isinstance(override[flag], bool):
+                    raise ValueError(f"VQConfig.overrides[{pattern!r}].{flag}={override[flag]!r} must be True or False.")
+            if "method" in override and override["method"] not in METHODS:
+                raise ValueError(f"VQConfig.overrides[{pattern!r}].method={override['method']!r} is not one of {METHODS}.")
+            m = override.get("num_codebooks", 2 if override.get("method") == "aq" else None)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                  or (override.get("method", self.method) == "pq" and m != 1)):
+                raise ValueError(f"VQConfig.overrides[{pattern!r}].num_codebooks={m!r} must be an integer >= 1, and 1 "
+                                 "for method 'pq'.")
+
+    def _check_modules(self) -> None:
+        """The layouts (`modules`), each valid for this format version, shared sets of one shape."""
         sets: dict[str, tuple[int, int, int]] = {}
         for name, data in self.modules.items():
-            layout = LayerLayout.from_dict(name, data)
+            layout = LayerLayout.from_dict(name, data, self.method)
+            if layout.needs_version(self.method) > self.version:
+                raise ValueError(f"quantization_config.modules[{name!r}] uses a per-module method or scales, which "
+                                 f"format version {self.version} does not have; omit version or pass "
+                                 f"version={FORMAT_VERSION}.")
             if layout.codebook_set is None:
                 continue
-            if self.version < _SHARING_VERSION:
+            if self.version < SHARING_VERSION:
                 raise ValueError(f"quantization_config.modules[{name!r}] names a codebook_set, which format version "
                                  f"{self.version} does not have; the config.json is inconsistent.")
             shape = (layout.num_codebooks, layout.k, layout.d)
@@ -401,6 +346,18 @@ class VQConfig(QuantizationConfigMixin):
                     f"[num_codebooks, k, d] = {list(shape)}, but other modules of that set use "
                     f"{list(sets[layout.codebook_set])}; a shared set has one shape. The config.json is corrupted."
                 )
+
+    def _check_types(self) -> None:
+        """Container fields have the right type (a string where a dict belongs is named, not a raw TypeError)."""
+        expected = {"block_size": (dict, "a dict such as {'linear': 8}"),
+                    "modules": (dict, "a dict of module name -> layout (written by hf_vq.quantize_)"),
+                    "overrides": (dict, "a dict of glob pattern -> {'k': ..., 'd': ..., 'skip': ...}"),
+                    "modules_to_not_convert": (list, "a list of glob patterns such as ['classifier']"),
+                    "method": (str, "'pq' or 'aq'"), "share": (str, "'layer', 'pool' or 'global'")}
+        for field, (kind, fix) in expected.items():
+            value = getattr(self, field)
+            if not isinstance(value, kind):
+                raise ValueError(f"VQConfig.{field}={value!r} ({type(value).__name__}) must be {fix}.")
 
     # ------------------------------------------------------------------ layout
     @property
@@ -412,7 +369,7 @@ class VQConfig(QuantizationConfigMixin):
         cached = self.__dict__.get("_layouts_cache")
         if cached is not None and cached[0] == self.modules:
             return dict(cached[1])
-        layouts = {name: LayerLayout.from_dict(name, data) for name, data in self.modules.items()}
+        layouts = {name: LayerLayout.from_dict(name, data, self.method) for name, data in self.modules.items()}
         self.__dict__["_layouts_cache"] = (copy.deepcopy(self.modules), layouts)
         return dict(layouts)
 
@@ -474,6 +431,7 @@ class VQConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """What config.json holds under `quantization_config`: the scheme and the layouts, not the recipe."""
         out = {
             "quant_method": self.quant_method,
             "version": self.version,
@@ -482,13 +440,6 @@ class VQConfig(QuantizationConfigMixin):
             "num_codebooks": self.num_codebooks,
             "share": self.share,
             "block_size": dict(self.block_size),
-            "n_iter": self.n_iter,
-            "aq_iters": self.aq_iters,
-            "beam_size": self.beam_size,
-            "anneal": self.anneal,
-            "seed": self.seed,
-            "permute": self.permute,
-            "permute_iters": self.permute_iters,
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "keep_stem_dense": self.keep_stem_dense,
             "quantize_embeddings": self.quantize_embeddings,
@@ -496,13 +447,53 @@ class VQConfig(QuantizationConfigMixin):
             "overrides": copy.deepcopy(self.overrides),
             "modules": copy.deepcopy(self.modules),
         }
-        if self.version < _SHARING_VERSION:  # a format-1 config: exactly the keys older hf_vq releases accept
-            for key in ("num_codebooks", "share", "aq_iters", "beam_size"):
+        if self.scales:  # format 3 only: older configs keep exactly the keys older releases accept
+            out["scales"] = True
+        if self.version < SHARING_VERSION:  # a format-1 config: exactly the keys older hf_vq releases accept
+            for key in ("num_codebooks", "share"):
                 out.pop(key)
         return out
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A config from its dict (config.json's `quantization_config`), as transformers' mixin does.
+
+        Recipe keys written by older releases (`n_iter`, `anneal`, ...) are accepted and kept as the recipe.
+
+        Raises:
+            `ValueError`: if `config_dict` is not a dict, or a field is invalid (named).
+        """
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"quantization_config is {type(config_dict).__name__} {config_dict!r}, expected a dict "
+                             "(the 'quantization_config' object of config.json). The config.json is corrupted.")
+        config = cls(**config_dict)
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key) and key != "record":
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
     def to_json_string(self, use_diff: bool = True) -> str:  # noqa: ARG002 - same signature as the mixin
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields that exist (transformers' mixin API); returns those that do not."""
+        unused = {}
+        for key, value in kwargs.items():
+            if key in self._valid_keys() - {"quant_method", "version"}:
+                setattr(self, key, value)
+            else:
+                unused[key] = value
+        return unused
 
     def __iter__(self):
         """`dict(config)`: the serialised fields (not internal caches such as the parsed layouts)."""
@@ -510,6 +501,13 @@ class VQConfig(QuantizationConfigMixin):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VQConfig) and self.to_dict() == other.to_dict()
+
+    def __deepcopy__(self, memo: dict) -> "VQConfig":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()
+                             if key != "_layouts_cache"})
+        return new
 
     def __repr__(self) -> str:
         return f"VQConfig(spec={self.spec!r}, n_iter={self.n_iter}, anneal={self.anneal}, modules={len(self.modules)})"

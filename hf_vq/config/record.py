@@ -1,0 +1,123 @@
+"""How a compression was computed ([`Recipe`]) and what came out of it ([`CompressionRecord`]).
+
+Neither is needed to *load* a compressed model, so neither is written into config.json: the recipe and the
+record travel in the safetensors metadata of the weights file (`hf_vq_record`, JSON) and in the model card. A
+reloaded model gets its record back, so provenance (base model, licence, calibration data, permutation, fidelity)
+survives load → fine-tune → save → push by any path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS"]
+
+
+@dataclass
+class Recipe:
+    """Settings of the algorithms that compute codes and codebooks; loading never needs them.
+
+    Args:
+        n_iter (`int`, defaults to 100): k-means iterations (AQ: of each residual k-means of its initialisation).
+        aq_iters (`int`, defaults to 4): AQ alternations of beam-search encoding and least-squares codebook update.
+        beam_size (`int`, defaults to 8): AQ partial sums kept per subvector by the beam search.
+        anneal (`bool`, defaults to `True`): annealed k-means instead of Lloyd's.
+        seed (`int`, defaults to 0): seed of the initialisation and annealing noise.
+        permute (`bool`, defaults to `True`): PQF's channel permutation before quantizing.
+        permute_iters (`int`, defaults to 1000): search steps per channel space.
+    """
+
+    n_iter: int = 100
+    aq_iters: int = 4
+    beam_size: int = 8
+    anneal: bool = True
+    seed: int = 0
+    permute: bool = True
+    permute_iters: int = 1000
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"VQConfig.{name}={value!r} must be an integer >= {low}.")
+        for name in ("anneal", "permute"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VQConfig.{name}={getattr(self, name)!r} must be True or False.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: The recipe's fields, which `VQConfig` also accepts as keyword arguments (and old config.json files carry).
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+@dataclass
+class CompressionRecord:
+    """What a compression did, for model cards, `hf-vq info` and fine-tuning: the result besides the layouts.
+
+    Attributes:
+        base_model (`str`, *optional*): the dense model (Hub id or folder) the weights come from.
+        license (`str`, *optional*): the dense model's licence, inherited by the compressed weights.
+        library (`str`, *optional*): `"transformers"`, `"timm"` or None (a plain `nn.Module`).
+        recipe (`dict`): the [`Recipe`] that ran.
+        permutation (`dict`, *optional*): summary of the permutation step (`traced`, `spaces`, `permuted`,
+            `refused`, `objective`, `reason`), or None when it was off.
+        calibration (`dict`, *optional*): the data the error was measured on (`source`, `samples`, `statistics`);
+            None for the data-free path.
+        kmeans_weighted (`bool`): whether k-means weighted entries by calibration statistics.
+        fidelity (`dict`): agreement with the dense model on held-out inputs (name -> value).
+        finetuning (`dict`, *optional*): how the codebooks were fine-tuned afterwards.
+    """
+
+    base_model: str | None = None
+    license: str | None = None
+    library: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    permutation: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    kmeans_weighted: bool = False
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    finetuning: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CompressionRecord":
+        """A record from its dict; unknown keys (a newer release's) are ignored, malformed values dropped."""
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            if key in ("recipe", "fidelity") and not isinstance(value, dict):
+                continue
+            if key in ("permutation", "calibration", "finetuning") and value is not None and not isinstance(value, dict):
+                continue
+            if key in ("base_model", "license", "library") and value is not None and not isinstance(value, str):
+                continue
+            kwargs[key] = bool(value) if key == "kmeans_weighted" else value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "CompressionRecord | None":
+        """Parse the `hf_vq_record` metadata string; None when absent or not valid JSON."""
+        if not text:
+            return None
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, TypeError):
+            return None
+
+    def provenance(self) -> "CompressionRecord":
+        """A record that keeps only where the weights come from (base model, licence, library)."""
+        return CompressionRecord(base_model=self.base_model, license=self.license, library=self.library)

@@ -1,0 +1,117 @@
+"""The output of a fine-tuning run: a Hub-ready folder whose card and record say how it was fine-tuned."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..integrations.cards import complete_record_, hub_id, render_model_card
+from ..integrations.hub import upload_folder
+from ..serialization import checkpoint_size_report
+from .arguments import FinetuneArguments, FinetuneResult
+
+__all__ = ["card_sections", "save_output"]
+
+
+def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, Any]:
+    """The model-card sections of a fine-tuned model, as keyword arguments of `render_model_card`.
+
+    `metrics`: task metrics after fine-tuning (numbers; the dense teacher's too); `fidelity`: agreement with the
+    dense teacher, after and before; `finetuning`: the data and recipe; `eval_dataset`: what was evaluated on.
+    """
+    m, b = result.metrics, result.metrics_before
+    metrics: dict[str, Any] = {}
+    if "eval_accuracy" in m:
+        metrics["accuracy"] = round(m["eval_accuracy"], 4)
+    fidelity: dict[str, Any] = {}
+    if "teacher_accuracy" in m:
+        fidelity["accuracy of the dense model"] = f"{m['teacher_accuracy']:.4f}"
+    for key, label in (("eval_agreement", "top-1 agreement with the dense model"),
+                       ("eval_kl", "KL divergence to the dense model"),
+                       ("eval_cosine", "embedding cosine to the dense model (mean)"),
+                       ("eval_cosine_min", "embedding cosine to the dense model (min)")):
+        if key in m:
+            text = f"{m[key]:.4f}"
+            if key in b:
+                text += f" (before fine-tuning: {b[key]:.4f})"
+            fidelity[label] = text
+    if "eval_accuracy" in b:
+        fidelity["accuracy before fine-tuning"] = f"{b['eval_accuracy']:.4f}"
+    data = args.dataset_name or args.train_file or args.train_dir or "an in-memory dataset"
+    validation = args.validation_file or args.validation_dir or (args.dataset_name and "its validation/test split")
+    finetuning = {
+        "data": str(data) + (f" (evaluated on {validation})" if validation else ""),
+        "teacher": f"{args.teacher_name_or_path or 'the dense model'} (distillation: "
+                   + ("KL on logits" + (" + cross-entropy" if args.task_weight else "") if "eval_kl" in m
+                      else f"{args.hidden_loss} on the {args.hidden_target} hidden state") + ")",
+        "steps": f"{result.completed_steps} (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
+                 " accumulation per process)",
+        "optimizer": f"AdamW lr {args.learning_rate:g}, {args.lr_scheduler_type} schedule",
+        "trained": "codebooks" + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
+                   + (", dense layers" if args.train_dense else "") + "; codes frozen",
+        "evaluation samples": m.get("eval_samples"),
+    }
+    eval_dataset = None
+    if validation and metrics:
+        name = args.dataset_name or Path(str(validation)).name
+        eval_dataset = {"name": name, "type": args.dataset_name or name,
+                        "split": "validation" if not args.dataset_name else "test"}
+    return {"metrics": metrics, "fidelity": fidelity, "finetuning": finetuning, "eval_dataset": eval_dataset}
+
+
+def save_output(model: nn.Module, args: FinetuneArguments, library: str, result: FinetuneResult, *,
+                student_dir: Path | None, teacher_dir: Path | None) -> None:
+    """Write the Hub-ready folder into `output_dir` (next to `checkpoints/`), with the metrics in the card and the
+    fine-tuning in the record; push when asked."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher_name_or_path
+    config = model.vq_config
+    sections = card_sections(args, result)
+    record = complete_record_(config, base_model=hub_id(teacher), library=library, source_dir=teacher_dir)
+    record.finetuning = sections["finetuning"]
+    record.fidelity = {**record.fidelity, **sections["fidelity"]}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".model-") as tmp:
+        staged = Path(tmp) / "model"
+        if library == "timm":
+            from ..integrations.timm import save_compressed
+
+            save_compressed(model, staged, repo_id=args.hub_model_id)
+        else:
+            from ..integrations.transformers import save_compressed
+
+            save_compressed(model, staged, source_dir=student_dir or teacher_dir)
+        card = render_model_card(library_name=library, config=config, size=checkpoint_size_report(staged),
+                                 repo_id=args.hub_model_id, source_dir=teacher_dir, metrics=sections["metrics"],
+                                 eval_dataset=sections["eval_dataset"],
+                                 extra_tags=["timm", "image-classification"] if library == "timm" else None)
+        if args.dataset_name:
+            card.data.datasets = [args.dataset_name]
+        card.save(staged / "README.md")
+        (staged / "finetune_results.json").write_text(json.dumps(
+            {"args": dataclasses.asdict(args) | {"hub_token": None}, "metrics": result.metrics,
+             "metrics_before": result.metrics_before, "completed_steps": result.completed_steps,
+             "trainable": result.trainable}, indent=2, default=str) + "\n")
+        for path in staged.iterdir():  # move in file by file: checkpoints/ next to the model stays
+            target = out / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        if args.push_to_hub:
+            _push(out, Path(tmp) / "upload", args)
+
+
+def _push(out: Path, upload: Path, args: FinetuneArguments) -> None:
+    """Upload the model files of `out` (not `checkpoints/`) to `args.hub_model_id`."""
+    upload.mkdir()
+    for path in out.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            shutil.copy2(path, upload / path.name)
+    upload_folder(upload, args.hub_model_id, token=args.hub_token, commit_message="hf_vq: fine-tuned codebooks")

@@ -1,0 +1,106 @@
+"""Encoding: learn codebooks and codes for the subvectors of one module or one shared codebook set.
+
+The data-free and diagonal-weighted paths live here (annealed k-means for PQ, residual k-means + beam search for
+AQ, see `hf_vq.codec`); the driver ([`hf_vq.pipeline.quantize_`]) calls [`encode_unit`] once per unit of
+[`encoding_units`].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..calibrate import entry_moments
+from ..codec.aq import aq_quantize
+from ..codec.kmeans import kmeans
+from ..codec.pq import decode, split_blocks
+from ..config import LayerLayout, VQConfig
+from ..nn import VQModuleMixin
+
+__all__ = ["encoding_units", "entry_weights", "encode_unit", "fit_scales"]
+
+
+def encoding_units(layouts: dict[str, LayerLayout]) -> list[tuple[int, str | None, list[str]]]:
+    """What is encoded together: `(index of the first module in the plan, codebook set or None, module names)`.
+
+    One unit per module without a shared set, one per shared set (all its modules' subvectors together);
+    tied modules are left out (they reuse their owner's codes)."""
+    units: list[tuple[int, str | None, list[str]]] = []
+    by_set: dict[str, list[str]] = {}
+    for i, (name, layout) in enumerate(layouts.items()):
+        if layout.tied_to is not None:
+            continue
+        if layout.codebook_set is None:
+            units.append((i, None, [name]))
+        elif layout.codebook_set in by_set:
+            by_set[layout.codebook_set].append(name)
+        else:
+            by_set[layout.codebook_set] = [name]
+            units.append((i, layout.codebook_set, by_set[layout.codebook_set]))
+    return units
+
+
+def entry_weights(module: nn.Module, cls: type[VQModuleMixin], kind: str,
+                   second: torch.Tensor | None) -> torch.Tensor | None:
+    """Weight of every entry of `module`'s matrix view for weighted k-means: the second moment `second`
+    (`[in_channels]`) of the input channel the entry multiplies, normalised to mean 1 over the matrix and
+    floored at 1e-3 (so dead channels still get a nearest codeword). -> `[rows, cols]` float32, or None
+    without moments (embeddings, modules the calibration data did not reach)."""
+    full = entry_moments(module._parameters["weight"], kind, second)  # like the weight
+    if full is None:
+        return None
+    matrix = cls._weight_to_matrix(full).float()  # [rows, cols]
+    mean = matrix.mean()
+    return (matrix / mean).clamp_min(1e-3) if mean > 0 else None
+
+
+def encode_unit(matrices: list[torch.Tensor], layout: LayerLayout, config: VQConfig, *, seed: int,
+                weights: list[torch.Tensor | None] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """Learn one codebook set for the subvectors of `matrices` (`[rows_j, cols_j]` each) and encode them.
+
+    `weights` (per matrix `[rows_j, cols_j]` or None for uniform) makes product quantization run weighted
+    k-means (see [`entry_weights`]). With `layout.scales`, each row is first divided by its RMS and, once encoded,
+    gets the least-squares scale of its decoded row (weighted like k-means).
+
+    Returns:
+        codebooks `[M, k, d]` (float32, rounded to fp16 values), per matrix its codes `[rows_j, cols_j / d, M]`
+        (int64) and its scales `[rows_j]` (fp16 values) or None.
+    """
+    d, k = layout.d, layout.k
+    norms = [m.pow(2).mean(1).sqrt().clamp_min(1e-12) if layout.scales else None for m in matrices]  # [rows_j]
+    scaled = [m if s is None else m / s[:, None] for m, s in zip(matrices, norms)]
+    x = torch.cat([split_blocks(m, d) for m in scaled])  # [n, d], every module's subvectors
+    if layout.method == "pq":
+        w = None if weights is None else torch.cat([  # [n, d] like x
+            split_blocks(torch.ones_like(m) if wj is None else wj.to(m.device), d) for m, wj in zip(matrices, weights)])
+        codebook, flat = kmeans(x, k, n_iter=config.n_iter, anneal=config.anneal, seed=seed, weights=w)  # [k, d], [n]
+        codebooks, flat = codebook[None], flat[:, None]  # [1, k, d], [n, 1]
+    else:
+        codebooks, flat = aq_quantize(x, layout.num_codebooks, k, n_iter=config.n_iter, aq_iters=config.aq_iters,
+                                      beam_size=config.beam_size, anneal=config.anneal, seed=seed)  # [M,k,d], [n,M]
+    codebooks = codebooks.half().float()  # fp16 on disk: the saved model is exactly this one
+    codes, scales, start = [], [], 0
+    for j, m in enumerate(matrices):
+        rows, cols = m.shape
+        n = rows * (cols // d)
+        codes.append(flat[start:start + n].reshape(rows, cols // d, -1))
+        start += n
+        scales.append(None if norms[j] is None else fit_scales(m, decode(codes[-1], codebooks),
+                                                               None if weights is None else weights[j]))
+    return codebooks, codes, scales
+
+
+def fit_scales(matrix: torch.Tensor, decoded: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row least-squares scales `s [rows]` minimising `Σ w (W − diag(s)·Q)²`, rounded to fp16 values.
+
+    Args:
+        matrix (`torch.Tensor`): the dense `W [rows, cols]`.
+        decoded (`torch.Tensor`): the decoded unscaled `Q [rows, cols]`.
+        weights (`torch.Tensor`, *optional*): entry weights `[rows, cols]` (uniform when None).
+    """
+    w = torch.ones_like(matrix) if weights is None else weights.to(matrix.device, matrix.dtype)
+    num = (w * matrix * decoded).sum(1)  # [rows]
+    den = (w * decoded * decoded).sum(1)  # [rows]
+    scales = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
+    return scales.half().float()

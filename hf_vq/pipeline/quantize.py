@@ -1,0 +1,230 @@
+"""The model-level verbs: `quantize_` compresses any `nn.Module` in place; `dequantize_` undoes it.
+
+Everything else — the CLI, `from_pretrained(..., quantization_config=...)`, timm loading, the scripts — calls
+these. The steps: select and plan ([`hf_vq.pipeline.select`]), measure calibration statistics
+([`hf_vq.calibrate`]), permute ([`hf_vq.pipeline.permute`]), encode ([`hf_vq.pipeline.encode`]), swap the VQ
+modules in, and record what happened ([`hf_vq.CompressionRecord`] on the returned config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate import input_moments, permute_moments
+from ..codec.pq import decode, relative_error
+from ..config import SHARED_CODEBOOKS, CompressionRecord, LayerLayout, VQConfig
+from ..nn import VQModuleMixin, register_shared_, shared_codebooks_owner, vq_class_for, vq_modules
+from ..nn.model import vq_from_layout
+from . import hooks
+from .encode import encode_unit, encoding_units, entry_weights
+from .permute import PermutationReport, permute_
+from .select import plan, unmatched_patterns
+
+__all__ = ["quantize_", "dequantize_"]
+
+logger = logging.getLogger(__name__)
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module,
+    config: VQConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    example_inputs: Any = None,
+    calibration: Any = None,
+    base_model: str | None = None,
+) -> VQConfig:
+    """Compress `model` in place with vector quantization: the one verb everything else calls.
+
+    Every selected `nn.Linear`, `nn.Conv2d`, `nn.Embedding` and transformers `Conv1D` is replaced by
+    its VQ counterpart (same class underneath, so `forward` is unchanged) holding packed codes and
+    codebooks learnt on the weight's subvectors: by (annealed) k-means (`method="pq"`) or additive
+    quantization (`method="aq"`). With `config.share` `"pool"`/`"global"` the subvectors of every module of
+    a codebook set are quantized together and the modules hold one shared `nn.Parameter`, registered as
+    `vq_shared_codebooks_<set>` (on the base model of a transformers model).
+
+    Args:
+        model (`nn.Module`): any PyTorch model; its weights must be materialised (not on meta).
+        config (`VQConfig`, *optional*): the scheme; defaults to `VQConfig()` (k=256, paper block sizes).
+        device (`torch.device` or `str`, *optional*): where k-means runs; CUDA when available by default.
+            Compressed modules stay on the device of the weights they replace.
+        progress (`bool`, defaults to `True`): show a progress bar per layer.
+        example_inputs (*optional*): inputs to trace the model with for PQF's permutation step
+            (`config.permute`): a tensor, a tuple, a dict of keyword inputs or `(args, kwargs)`. By default
+            timm's `pretrained_cfg` input size or transformers' main input is used; when the model cannot
+            be traced the permutation is skipped (the record says why, see [`hf_vq.permute_`]).
+        calibration (*optional*): a few batches of real inputs (a tensor, a dict of model inputs, or a list of
+            them). When given, the error is measured as the layers' outputs see it: the permutation search uses
+            the activation-aware objective (each weight column scaled by the RMS of its input channel on these
+            batches) and, with `method="pq"`, k-means is weighted (each weight entry by the second moment of its
+            input channel, which follows the permutation by indexing; see [`hf_vq.codec.kmeans.kmeans`]). The
+            checkpoint format is the same. Without it: the paper's weight-only objective and plain k-means.
+        base_model (`str`, *optional*): the dense model's Hub id or folder, recorded as provenance (model card
+            `base_model`). By default kept from a previous compression of this model (after `dequantize_`).
+
+    Returns:
+        [`VQConfig`]: a copy of `config` whose `modules` holds the layout (k, d, shape, relative error) of every
+        compressed module and whose `record` ([`CompressionRecord`]) says what was done: base model, recipe,
+        permutation, calibration. It is also stored as `model.vq_config` (for transformers models, also
+        `model.config.quantization_config`).
+
+    Raises:
+        `ValueError`: if the model is already compressed, on the meta device, or a block size does not fit a layer.
+
+    Example:
+        ```python
+        >>> import timm, hf_vq
+        >>> model = timm.create_model("resnet18")
+        >>> cfg = hf_vq.quantize_(model, hf_vq.VQConfig(k=256))
+        >>> hf_vq.size_report(model).ratio  # doctest: +SKIP
+        28.9
+        ```
+    """
+    config = VQConfig() if config is None else config
+    _check_model(model)
+    previous = getattr(model, "vq_config", None)  # a dequantized model keeps its provenance
+    layouts = plan(model, config)
+    for pattern in unmatched_patterns(model, config):
+        logger.warning("hf_vq: the pattern %r (modules_to_not_convert / overrides) matches no module of this model.",
+                       pattern)
+    if not layouts:
+        logger.warning("hf_vq: no module of this model matched the config; nothing was compressed.")
+    run_device = torch.device(device) if device is not None else _default_device(model)
+    owners = [n for n, lay in layouts.items() if lay.tied_to is None]
+    moments = input_moments(model, owners, calibration) if calibration is not None and layouts else {}
+    report = None
+    if config.permute and layouts:  # PQF's first step: permute coupled channels (same function, easier subvectors)
+        report = permute_(model, config, example_inputs=example_inputs, layouts=layouts, device=run_device,
+                          moments=moments or None)
+        moments = {n: permute_moments(m, report.input_index[n]) if n in report.input_index else m
+                   for n, m in moments.items()}  # the statistics follow the permutation
+    weighted = moments if any(layouts[n].method == "pq" for n in owners) else {}
+    layouts, done, shared = _encode_all(model, layouts, config, run_device, weighted, progress)
+    for name, vq in done.items():
+        model.set_submodule(name, vq)
+    register_shared_(model, shared)
+    filled = config.replace(modules={n: lay.to_dict(config.method) for n, lay in layouts.items()})
+    filled.record = _record(config, report, calibration, bool(weighted), base_model, previous)
+    model.vq_config = filled
+    _keep_report(model, report)
+    hooks.compressed(model, filled)  # integrations (transformers: save_pretrained / from_pretrained round trip)
+    return filled
+
+
+def _check_model(model: nn.Module) -> None:
+    if vq_modules(model):
+        raise ValueError("The model is already compressed with hf_vq (it holds VQ modules); call dequantize_ first.")
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"quantize_ needs materialised weights, but parameter {meta!r} is on the meta device (an empty model, "
+            "e.g. built with init_empty_weights or device_map='meta'). Load the weights first (from_pretrained "
+            "without device_map='meta', or model.to_empty(...) + load_state_dict)."
+        )
+
+
+def _encode_all(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig, device: torch.device,
+                moments: dict[str, torch.Tensor], progress: bool
+                ) -> tuple[dict[str, LayerLayout], dict[str, nn.Module], dict[str, nn.Parameter]]:
+    """Encode every unit of the plan; returns the layouts with their errors, the new VQ modules by name, and the
+    shared codebook sets (set -> the one `nn.Parameter` `[M, k, d]` its modules hold)."""
+    modules = dict(model.named_modules())
+    layouts = dict(layouts)
+    done: dict[str, nn.Module] = {}
+    shared: dict[str, nn.Parameter] = {}
+    units = encoding_units(layouts)
+    bar = tqdm(units, desc="hf_vq quantize", unit="layer" if config.share == "layer" else "set", disable=not progress)
+    for first, set_name, names in bar:
+        classes = [vq_class_for(type(modules[name])) for name in names]
+        matrices = [cls._weight_to_matrix(modules[name]._parameters["weight"].detach()).to(device, torch.float32)
+                    for cls, name in zip(classes, names)]  # [rows_j, cols_j] each
+        weights = [entry_weights(modules[name], cls, layouts[name].kind, moments.get(name))
+                   for cls, name in zip(classes, names)]
+        codebooks, codes, scales = encode_unit(matrices, layouts[names[0]], config, seed=config.seed + first,
+                                               weights=weights if any(w is not None for w in weights) else None)
+        if set_name is not None:  # [M, k, d]
+            shared[set_name] = nn.Parameter(codebooks.to(modules[names[0]]._parameters["weight"].device))
+        for name, matrix, code, scale in zip(names, matrices, codes, scales):
+            vq = vq_from_layout(modules[name], layouts[name])
+            vq.set_codes_(code, codebooks, scale)
+            if set_name is not None:
+                vq.share_codebooks_(shared[set_name], set_name)
+            decoded = decode(code, codebooks) * (1 if scale is None else scale[:, None])  # [rows, cols]
+            layouts[name] = dataclasses.replace(layouts[name], rel_error=relative_error(matrix, decoded))
+            done[name] = vq
+        bar.set_postfix_str(f"{set_name or names[0]} err={layouts[names[0]].rel_error:.4f}")
+    for name, layout in layouts.items():  # tied modules: the owner's codes buffer and codebooks parameter
+        if layout.tied_to is not None:
+            owner: VQModuleMixin = done[layout.tied_to]
+            vq = vq_from_layout(modules[name], layout)
+            vq.tie_to_(owner)
+            layouts[name] = dataclasses.replace(layout, rel_error=layouts[layout.tied_to].rel_error)
+            done[name] = vq
+    return layouts, done, shared
+
+
+def _record(config: VQConfig, report: PermutationReport | None, calibration: Any, weighted: bool,
+            base_model: str | None, previous: VQConfig | None) -> CompressionRecord:
+    """What this compression did, keeping the provenance of a previous compression of the same weights."""
+    kept = previous.record if previous is not None and previous.record is not None else CompressionRecord()
+    calib = None
+    if calibration is not None:
+        batches = calibration if isinstance(calibration, (list, tuple)) else [calibration]
+        calib = {"batches": len(batches), "statistics": "input second moments per channel"}
+        if config.record is not None and config.record.calibration:  # the caller said what the data is
+            calib = {**config.record.calibration, **calib}
+    return CompressionRecord(
+        base_model=base_model or kept.base_model, license=kept.license, library=kept.library,
+        recipe=config.recipe.to_dict(), permutation=None if report is None else report.summary(),
+        calibration=calib, kmeans_weighted=weighted,
+    )
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every VQ module by a dense module with the decoded weight (in place; returns `model`).
+
+    The model keeps only the provenance of its compression (`model.vq_config` becomes an empty config whose
+    record holds the base model and licence), so compressing it again records the same base model.
+    """
+    dense: dict[int, nn.Module] = {}
+    for name, module in vq_modules(model).items():
+        new = module.dequantize()
+        tied = dense.get(id(module.codes))  # tied modules share their codes buffer (not only a codebook set)
+        if tied is not None and tied.weight.shape == new.weight.shape:
+            new.weight = tied.weight  # keep tied modules tied
+        dense.setdefault(id(module.codes), new)
+        model.set_submodule(name, new)
+    for holder in (model, shared_codebooks_owner(model)):
+        for key in [k for k in holder._parameters if k.startswith(SHARED_CODEBOOKS)]:
+            del holder._parameters[key]
+    previous = getattr(model, "vq_config", None)
+    if previous is not None:
+        emptied = previous.replace(modules={})
+        emptied.record = previous.record.provenance() if previous.record is not None else None
+        model.vq_config = emptied
+    _keep_report(model, None)
+    hooks.restored(model)
+    return model
+
+
+def _keep_report(model: nn.Module, report: PermutationReport | None) -> None:
+    """`model.vq_permutation_report`: the detailed report of the last permutation step, for inspection (cards read
+    the summary in `vq_config.record`); absent when the last compression did not permute."""
+    if report is not None:
+        model.vq_permutation_report = report
+    elif "vq_permutation_report" in model.__dict__:
+        del model.vq_permutation_report
