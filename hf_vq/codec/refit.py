@@ -59,9 +59,7 @@ class _Problem:
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """Adjoint of `decode`: `y [G, R, cols]` -> `[M, k, d]` (sum of the entries each codeword produced)."""
         yr = y.reshape(-1, self.d)  # [rows * nb, d]
-        out = torch.zeros(self.n_books * self.k, self.d, dtype=y.dtype, device=y.device)  # [M·k, d]
-        for m in range(self.n_books):
-            out.index_add_(0, self.flat[:, m], yr)
+        out = sum(_segment_sum(self.flat[:, m], yr, self.n_books * self.k) for m in range(self.n_books))  # [M·k, d]
         return out.reshape(self.n_books, self.k, self.d)
 
     def apply(self, books: torch.Tensor) -> torch.Tensor:
@@ -83,15 +81,33 @@ class _Problem:
         blocks = torch.stack([self.h[:, j:j + d, j:j + d] for j in range(0, self.cols, d)], 1)  # [G, nb, d, d]
         src = self.s.pow(2)[..., None, None] * blocks[:, None]  # [G, R, nb, d, d]
         src = src.reshape(-1, d * d)  # [rows * nb, d·d]
-        pre = torch.zeros(self.n_books * self.k, d * d, dtype=src.dtype, device=src.device)  # [M·k, d·d]
-        for m in range(self.n_books):
-            pre.index_add_(0, self.flat[:, m], src)
+        pre = sum(_segment_sum(self.flat[:, m], src, self.n_books * self.k) for m in range(self.n_books))
         pre = pre.reshape(-1, d, d)  # [M·k, d, d]
         trace = pre.diagonal(dim1=1, dim2=2).sum(-1)  # [M·k]
         used = trace > 0
         mu = ridge * float(trace[used].mean() / d) if bool(used.any()) else ridge
         pre = pre + max(mu, 1e-300) * torch.eye(d, dtype=pre.dtype, device=pre.device)
         return torch.linalg.inv(pre), mu
+
+
+# Elements of one `[size, chunk]` one-hot block of the GPU segment sum.
+_ONEHOT_BLOCK = 1 << 24
+
+
+def _segment_sum(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """`out[i] = Σ_{j: index[j] = i} values[j]`: index `[n]` int64, values `[n, c]` -> `[size, c]` (values' dtype).
+
+    Bit-reproducible on every device: `index_add_` on CPU, a chunked one-hot GEMM in float64 elsewhere (CUDA's
+    `index_add_` adds floats atomically, in a different order on every run)."""
+    if values.device.type == "cpu":
+        return torch.zeros(size, values.shape[1], dtype=values.dtype).index_add_(0, index, values)
+    out = torch.zeros(size, values.shape[1], dtype=torch.float64, device=values.device)  # [size, c]
+    ids = torch.arange(size, device=values.device)[:, None]  # [size, 1]
+    chunk = max(1, _ONEHOT_BLOCK // size)
+    for s in range(0, index.shape[0], chunk):
+        onehot = (index[None, s:s + chunk] == ids).to(torch.float64)  # [size, chunk]
+        out += onehot @ values[s:s + chunk].double()
+    return out.to(values.dtype)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

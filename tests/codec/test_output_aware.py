@@ -205,8 +205,10 @@ def test_encoder_runs_on_cuda_like_on_cpu():
     w, h, _ = _synthetic(128, 64)
     cpu = encode_output_aware(w, h, k=64, d=4, scales=True, kmeans_iters=20)
     gpu = encode_output_aware(w.cuda(), h.cuda(), k=64, d=4, scales=True, kmeans_iters=20)
+    again = encode_output_aware(w.cuda(), h.cuda(), k=64, d=4, scales=True, kmeans_iters=20)
     assert gpu.codes.device.type == "cuda" and gpu.codebooks.device.type == "cuda"
     assert gpu.stats["output_error"] == pytest.approx(cpu.stats["output_error"], rel=0.1)
+    assert torch.equal(gpu.codes, again.codes) and torch.equal(gpu.codebooks, again.codebooks)  # no float atomics
 
 
 # ------------------------------------------------------------------------------- a real layer, real text
