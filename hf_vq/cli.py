@@ -31,14 +31,22 @@ def _default_model_dir() -> Path:
 
 #: Kinds that `-d` sets (3x3 and other kernels need multiples of the kernel area: use --block-size).
 _D_KINDS = ("linear", "conv1x1", "embedding")
+#: The default of `hf-vq compress` with no scheme flag: the calibrated engine with bit allocation to this ratio of
+#: the weights file (chosen from the measured frontier, benchmarks/results/engine.md), per-output-channel scales,
+#: block-wise tuning, on this many held-out calibration inputs.
+DEFAULT_RATIO = 10.0
+DEFAULT_SAMPLES = 256
+DEFAULT_TUNE_STEPS = 0
+_SCHEME_FLAGS = ("spec", "method", "num_codebooks", "k", "d", "block_size", "share")
 
 
 def _config_from_args(args: argparse.Namespace) -> VQConfig:
     """The `VQConfig` of `hf-vq compress`'s options.
 
-    `--method aq` with no `-d` / `--block-size` scales every default block size by M (`--num-codebooks`,
-    default 2), so that it lands at the same bits per weight as the PQ default: M codes of log2(k) bits per
-    M·d weights (k = 256, M = 2: d = 8 for linear layers, 18 for 3x3 convs, 2 bits per weight like PQ's d = 4).
+    With no scheme flag (`--spec`, `--method`, `-k`, `-d`, `--block-size`, `--share`) and no `--data-free` /
+    `--calibrate`, the calibrated engine allocates bits to `--ratio` (default [`DEFAULT_RATIO`]). `--method aq` with
+    no `-d` / `--block-size` scales every default block size by M (`--num-codebooks`, default 2), so that it lands at
+    the same bits per weight as the PQ default: M codes of log2(k) bits per M·d weights.
     """
     block_size = {}
     for item in args.block_size or []:
@@ -50,14 +58,22 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
         if args.d < 1:
             raise ValueError(f"-d {args.d}: the block size must be a positive integer (4 or 8 for linear layers).")
         block_size = {**{kind: args.d for kind in _D_KINDS}, **block_size}
+    explicit = any(getattr(args, flag) is not None for flag in _SCHEME_FLAGS)
+    engine = args.encoder == "output-aware" if args.encoder else not (args.data_free or args.calibrate)
     kwargs = dict(n_iter=args.n_iter, anneal=not args.no_anneal, seed=args.seed,
                   modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings,
-                  permute=not args.no_permute)
+                  permute=not args.no_permute, encoder="output-aware" if engine else "kmeans",
+                  target_ratio=args.ratio if args.ratio is not None or explicit or not engine else DEFAULT_RATIO,
+                  scales=args.scales if args.scales is not None else engine,
+                  tune_steps=args.tune_steps if args.tune_steps is not None else (DEFAULT_TUNE_STEPS if engine else 0))
+    if args.bits is not None:
+        kwargs.update(target_ratio=None, bits_per_weight=args.bits)
     if args.permute_iters is not None:
         kwargs["permute_iters"] = args.permute_iters
     for field in ("share", "aq_iters", "beam_size"):
         if getattr(args, field) is not None:
             kwargs[field] = getattr(args, field)
+    k = args.k if args.k is not None else 256
     if args.spec:
         if args.method is not None or args.num_codebooks is not None:
             raise ValueError("--spec already names the method and the number of codebooks; drop --method / "
@@ -67,38 +83,51 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
     num_codebooks = args.num_codebooks if args.num_codebooks is not None else (2 if method == "aq" else 1)
     if method == "aq" and args.d is None:  # equal rate with the PQ default: d scales with M
         block_size = {kind: d * num_codebooks for kind, d in DEFAULT_BLOCK_SIZE.items() if kind not in block_size} | block_size
-    return VQConfig(method=method, k=args.k, num_codebooks=num_codebooks, block_size=block_size, **kwargs)
+    return VQConfig(method=method, k=k, num_codebooks=num_codebooks, block_size=block_size, **kwargs)
+
+
+def _resolve_model(args: argparse.Namespace) -> tuple[Path | None, str, str]:
+    """`(local folder or None, library, base model)` of the MODEL argument."""
+    from .integrations.hub import detect_library, resolve_model_dir
+
+    if args.model is None:
+        return _default_model_dir(), "transformers", DEFAULT_MODEL
+    if Path(args.model).is_dir():
+        return Path(args.model), detect_library(Path(args.model)), args.model
+    from .integrations.timm import is_architecture
+
+    if is_architecture(args.model):
+        return None, "timm", args.model
+    model_dir = resolve_model_dir(args.model)
+    return model_dir, detect_library(model_dir), args.model
+
+
+def _describe(config: VQConfig, base_model: str, library: str) -> str:
+    extra = f", {config.aq_iters} AQ iterations (beam {config.beam_size})" if config.method == "aq" else ""
+    if config.target_ratio is not None or config.bits_per_weight is not None:
+        target = (f"{config.target_ratio:g}x smaller weights file" if config.target_ratio is not None
+                  else f"{config.bits_per_weight:g} bits per weight")
+        scheme = f"bits allocated per layer to a {target}"
+    else:
+        scheme = config.spec
+    return (f"hf-vq: compressing {base_model} ({library}) with {scheme}, {config.encoder} encoder"
+            f"{', per-channel scales' if config.scales else ''}, {config.n_iter} k-means iterations{extra}")
 
 
 @torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
 def _compress(args: argparse.Namespace) -> int:
-    from .integrations.hub import detect_library, resolve_model_dir
     from .pipeline import quantize_
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace it (atomically).")
+    for flag in ("calibrate", "calibration_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise SystemExit(f"hf-vq compress: --{flag.replace('_', '-')} {getattr(args, flag)}: give a positive "
+                             "number of inputs (e.g. 256).")
     config = _config_from_args(args)
-    if args.calibrate < 0:
-        raise SystemExit(f"hf-vq compress: --calibrate {args.calibrate}: give a positive number of inputs (e.g. 32).")
-
-    if args.model is None:
-        model_dir, library, base_model = _default_model_dir(), "transformers", DEFAULT_MODEL
-    elif Path(args.model).is_dir():
-        model_dir, base_model = Path(args.model), args.model
-        library = detect_library(model_dir)
-    else:
-        from .integrations.timm import is_architecture
-
-        if is_architecture(args.model):
-            model_dir, library, base_model = None, "timm", args.model
-        else:
-            model_dir = resolve_model_dir(args.model)
-            library, base_model = detect_library(model_dir), args.model
-    extra = f", {config.aq_iters} AQ iterations (beam {config.beam_size})" if config.method == "aq" else ""
-    print(f"hf-vq: compressing {base_model} ({library}) with {config.spec}, {config.n_iter} k-means iterations{extra}",
-          flush=True)
-
+    model_dir, library, base_model = _resolve_model(args)
+    print(_describe(config, base_model, library), flush=True)
     start = time.perf_counter()
     if library == "transformers":
         from .integrations import transformers as integration
@@ -110,7 +139,7 @@ def _compress(args: argparse.Namespace) -> int:
         dense = integration.load_dense(str(model_dir) if model_dir else args.model, pretrained=args.pretrained)
         config = integration.fit_config(dense, config)  # depthwise kernels whole, misfit layers dense
     dense.eval()
-    calibration = _calibration(library, dense, model_dir, args.calibrate) if args.calibrate else None
+    calibration = _calibration(args, config, library, dense, model_dir)
     model = copy.deepcopy(dense)
     quantize_(model, config, device=args.device, progress=not args.quiet, calibration=calibration,
               base_model=base_model)
@@ -118,13 +147,11 @@ def _compress(args: argparse.Namespace) -> int:
     permutation = getattr(model, "vq_permutation_report", None)
     if permutation is not None:
         print(permutation, flush=True)
-
     fidelity = {} if args.no_eval else _fidelity(library, dense, model, model_dir)
     if library == "transformers":
         integration.save_compressed(model, out, source_dir=model_dir, base_model=base_model, fidelity=fidelity)
     else:
         integration.save_compressed(model, out, base_model=base_model, fidelity=fidelity)
-
     report = checkpoint_size_report(out)
     print(report.table())
     for key, value in fidelity.items():
@@ -132,7 +159,8 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"wrote {out} in {seconds:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": base_model, "spec": config.spec, "seconds": round(seconds, 2),
-                                               "fidelity": fidelity, **report.to_dict()}, indent=2) + "\n")
+                                               "fidelity": fidelity, "record": model.vq_config.record.to_dict(),
+                                               **report.to_dict()}, indent=2) + "\n")
     return 0
 
 
@@ -144,20 +172,30 @@ def _tokenizer(model_dir: Path):
     return load_tokenizer(model_dir)
 
 
-def _calibration(library: str, dense, model_dir: Path | None, n: int) -> list:
-    """`n` real inputs held out from the fidelity evaluation ([`hf_vq.evaluate.calibration_batches`])."""
-    try:
-        from .evaluate import calibration_batches
+def _calibration(args: argparse.Namespace, config: VQConfig, library: str, dense, model_dir: Path | None) -> list | None:
+    """Calibration batches held out from the fidelity evaluation, or None for the data-free path; what they are is
+    recorded in `config.record` (the model card's calibration line)."""
+    from .config import CompressionRecord
+    from .data import calibration_batches
 
-        if library != "transformers":
-            return calibration_batches(n, model=dense)
-        if model_dir is None or getattr(dense.config, "is_encoder_decoder", False):
-            raise SystemExit("hf-vq compress: --calibrate supports encoder and decoder-only text models and timm "
-                             "image models; drop --calibrate for this one.")
-        return calibration_batches(n, tokenizer=_tokenizer(model_dir))
+    n = args.calibrate or (args.calibration_samples or DEFAULT_SAMPLES)
+    if args.data_free or (not args.calibrate and config.encoder != "output-aware"):
+        return None  # the data-free path (the record's calibration stays None: the card says data-free)
+    if library == "transformers" and (model_dir is None or getattr(dense.config, "is_encoder_decoder", False)):
+        raise SystemExit("hf-vq compress: calibration supports encoder and decoder-only text models and timm image "
+                         "models; use --data-free for this one.")
+    source = args.calibration_data
+    default = "gensim's Wikipedia pages" if library == "transformers" else "scikit-image / matplotlib photos"
+    try:
+        batches = (calibration_batches(n, tokenizer=_tokenizer(model_dir), source=source) if library == "transformers"
+                   else calibration_batches(n, model=dense, source=source))
     except ImportError as err:
-        raise SystemExit(f"hf-vq compress: --calibrate needs the bundled real data ({err}); "
-                         "`pip install hf_vq[fixtures]`.") from None
+        raise SystemExit(f"hf-vq compress: calibration needs the bundled real data ({err}); "
+                         "`pip install hf_vq[fixtures]`, or pass --calibration-data / --data-free.") from None
+    samples = sum(len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in batches)
+    config.record = CompressionRecord(calibration={"source": source or default, "samples": samples,
+                                                   "held out from": "the fidelity evaluation"})
+    return batches
 
 
 def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
@@ -168,13 +206,13 @@ def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
             result = embedding_cosine(dense, model, _tokenizer(model_dir), real_sentences(EVAL_SENTENCES))
             return {"sentence embedding cosine (mean)": round(result["mean_cosine"], 4),
                     "sentence embedding cosine (min)": round(result["min_cosine"], 4),
-                    "sentences (gensim lee_background.cor)": result["n_sentences"]}
+                    "sentences (gensim lee_background.cor, held out)": result["n_sentences"]}
         except (ImportError, OSError, AttributeError, TypeError) as err:
             print(f"hf-vq: output fidelity skipped ({err})", file=sys.stderr)
             return {}
     if library == "timm":
         try:
-            from .evaluate import REAL_PHOTOS, image_fidelity
+            from .evaluate import EVAL_PHOTOS, image_fidelity
 
             result = image_fidelity(dense, model)
         except (ImportError, ValueError) as err:
@@ -182,7 +220,7 @@ def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
             return {}
         return {"top-1 agreement with the dense model": round(result["top1_agreement"], 4),
                 "KL(dense || compressed) mean, nats": round(result["mean_kl"], 5),
-                f"images (crops of {len(REAL_PHOTOS)} scikit-image photos)": result["n_images"]}
+                f"images (crops of {len(EVAL_PHOTOS)} held-out scikit-image photos)": result["n_images"]}
     return {}
 
 
@@ -207,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pq: product quantization (default); aq: additive quantization, a sum of M codewords")
     p.add_argument("--num-codebooks", "-M", type=int, metavar="M",
                    help="aq: codebooks summed per subvector (default 2); pq uses 1")
-    p.add_argument("-k", "--k", type=int, default=256, help="codewords per codebook (2..65536, default 256)")
+    p.add_argument("-k", "--k", type=int, help="codewords per codebook (2..65536, default 256)")
     p.add_argument("-d", type=int, metavar="D",
                    help="block size of linear, pointwise-conv and embedding layers (default 4; with --method aq, "
                         "4*M so that bits per weight match the PQ default); 3x3 convs: --block-size conv3x3=18")
@@ -221,10 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-permute", action="store_true", help="skip PQF's channel permutation before quantizing")
     p.add_argument("--permute-iters", type=int, help="search steps per channel group (default 1000)")
+    p.add_argument("--ratio", type=float, metavar="R",
+                   help=f"bit allocation: a weights file R times smaller than the dense fp32 one (default {DEFAULT_RATIO:g} "
+                        "when no scheme flag is given)")
+    p.add_argument("--bits", type=float, metavar="B", help="bit allocation to B bits per weight of the compressed layers")
+    p.add_argument("--calibration-data", metavar="SOURCE",
+                   help="calibration inputs: a text file (any suffix, one sample per line), a folder of images, or a "
+                        "datasets name/path (default: gensim's Wikipedia pages / bundled photos, never the evaluation's)")
+    p.add_argument("--calibration-samples", type=int, metavar="N",
+                   help=f"calibration inputs to use (default {DEFAULT_SAMPLES})")
+    p.add_argument("--data-free", action="store_true",
+                   help="no calibration data: k-means on the weights (the card says it is data-free)")
+    p.add_argument("--encoder", choices=("output-aware", "kmeans"), help=argparse.SUPPRESS)
+    p.add_argument("--scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-output-channel scales (default: on with calibration data)")
+    p.add_argument("--tune-steps", type=int, metavar="N",
+                   help=f"block-wise tuning steps per block (default {DEFAULT_TUNE_STEPS}; 0 turns it off)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="activation-aware permutation objective and activation-weighted k-means from N real "
-                        "inputs held out from the fidelity evaluation (bundled sentences / photos; needs "
-                        "hf_vq[fixtures]); default: weights only")
+                   help="the earlier calibrated path: activation-aware permutation objective and k-means weighted by "
+                        "input second moments from N held-out inputs (no allocation)")
     p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
     p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
     p.add_argument("--device", help="device for k-means (default: cuda if available)")

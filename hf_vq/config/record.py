@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS"]
+__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS", "ENCODERS"]
+
+#: How codes are computed: data-free / diagonal-weighted k-means, or the calibrated output-aware engine.
+ENCODERS = ("kmeans", "output-aware")
 
 
 @dataclass
@@ -28,6 +32,18 @@ class Recipe:
         seed (`int`, defaults to 0): seed of the initialisation and annealing noise.
         permute (`bool`, defaults to `True`): PQF's channel permutation before quantizing.
         permute_iters (`int`, defaults to 1000): search steps per channel space.
+        encoder (`str`, defaults to `"kmeans"`): how codes are computed. `"kmeans"`: (annealed) k-means on the
+            weights — weighted by the input channels' second moments when calibration data is given; `"output-aware"`:
+            the calibrated engine (block by block on inputs from the already-compressed prefix, GPTQ-style error
+            feedback, codebooks and scales refitted under the layer's output error; needs calibration data).
+        refit_rounds (`int`, defaults to 2): output-aware only: alternations of codebook/scale refit and re-assignment.
+        tune_steps (`int`, defaults to 0): output-aware only: Adam steps of block-wise tuning per block (codebooks,
+            scales, norms, biases trained to match the dense block's outputs; stops early on held-out batches).
+        max_rows (`int`, defaults to 65,536): output-aware only: input rows per batch and layer kept for `XᵀX`.
+        target_ratio (`float`, *optional*): bit allocation: choose each layer's (k, d, scales) so that the weights
+            file is this many times smaller than the dense fp32 one (everything left dense counts).
+        bits_per_weight (`float`, *optional*): bit allocation to an average budget instead: bits per weight of the
+            compressible layers (codebooks and scales included).
     """
 
     n_iter: int = 100
@@ -37,15 +53,32 @@ class Recipe:
     seed: int = 0
     permute: bool = True
     permute_iters: int = 1000
+    encoder: str = "kmeans"
+    refit_rounds: int = 2
+    tune_steps: int = 0
+    max_rows: int = 65_536
+    target_ratio: float | None = None
+    bits_per_weight: float | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1)):
+        for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1),
+                          ("refit_rounds", 0), ("tune_steps", 0), ("max_rows", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"VQConfig.{name}={value!r} must be an integer >= {low}.")
         for name in ("anneal", "permute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VQConfig.{name}={getattr(self, name)!r} must be True or False.")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"VQConfig.encoder={self.encoder!r} is not one of {ENCODERS}.")
+        for name, low in (("target_ratio", 1.0), ("bits_per_weight", 0.0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= low):
+                raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g} (or None).")
+        if self.target_ratio is not None and self.bits_per_weight is not None:
+            raise ValueError("VQConfig: give target_ratio (the whole file) or bits_per_weight (the compressible "
+                             "layers), not both.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +102,7 @@ class CompressionRecord:
         calibration (`dict`, *optional*): the data the error was measured on (`source`, `samples`, `statistics`);
             None for the data-free path.
         kmeans_weighted (`bool`): whether k-means weighted entries by calibration statistics.
+        allocation (`dict`, *optional*): bit allocation: the target, the achieved bits and each layer's choice.
         fidelity (`dict`): agreement with the dense model on held-out inputs (name -> value).
         finetuning (`dict`, *optional*): how the codebooks were fine-tuned afterwards.
     """
@@ -80,6 +114,7 @@ class CompressionRecord:
     permutation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     kmeans_weighted: bool = False
+    allocation: dict[str, Any] | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
     finetuning: dict[str, Any] | None = None
 
@@ -101,7 +136,7 @@ class CompressionRecord:
                 continue
             if key in ("recipe", "fidelity") and not isinstance(value, dict):
                 continue
-            if key in ("permutation", "calibration", "finetuning") and value is not None and not isinstance(value, dict):
+            if key in ("permutation", "calibration", "finetuning", "allocation") and value is not None and not isinstance(value, dict):
                 continue
             if key in ("base_model", "license", "library") and value is not None and not isinstance(value, str):
                 continue

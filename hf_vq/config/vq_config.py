@@ -112,9 +112,16 @@ class VQConfig:
             hf_vq release) and [`FORMAT_VERSION`] for anything newer (AQ and shared codebooks came with 2, per-module
             methods and scales with 3). Configs from a format newer than [`FORMAT_VERSION`] are refused; older ones
             load unchanged (version 1 as per-layer product quantization).
-        n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters:
-            The [`Recipe`] (see there): how codes are computed. Kept in `config.recipe`, recorded in the model card
-            and the weights' metadata, never written into config.json (loading does not need it).
+        n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters, encoder, refit_rounds, tune_steps,
+        max_rows, target_ratio, bits_per_weight:
+            The [`Recipe`] (see there): how codes are computed — including the calibrated engine
+            (`encoder="output-aware"`) and bit allocation to a target size (`target_ratio` / `bits_per_weight`).
+            Kept in `config.recipe`, recorded in the model card and the weights' metadata, never written into
+            config.json (loading does not need it).
+        dataset (*optional*), tokenizer (*optional*):
+            Calibration data for quantize-on-load, as transformers' `GPTQConfig`: a list of texts or a 🤗 Datasets
+            name / local text file, and the tokenizer (object, folder or Hub id; default: the model's own folder).
+            Used by `from_pretrained(..., quantization_config=VQConfig(...))`; never written to config.json.
 
     Raises:
         `ValueError`: for an unknown key, an out-of-range value or an unsupported version, naming the field.
@@ -156,9 +163,12 @@ class VQConfig:
         modules: dict[str, dict[str, Any]] | None = None,
         version: int | None = None,
         quant_method: str = "hf_vq",
+        dataset: Any = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
         # transformers' QuantizationConfigMixin.from_dict calls cls(**d): quant_method is accepted, the rest refused.
+        recipe_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in RECIPE_FIELDS}
         if kwargs:
             raise ValueError(
                 f"VQConfig got unknown keys {sorted(kwargs)}; valid keys are {sorted(self._valid_keys())}. "
@@ -174,7 +184,11 @@ class VQConfig:
         self.block_size = {**DEFAULT_BLOCK_SIZE, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
             else block_size
         self.recipe = Recipe(n_iter=n_iter, aq_iters=aq_iters, beam_size=beam_size, anneal=anneal, seed=seed,
-                             permute=permute, permute_iters=permute_iters)
+                             permute=permute, permute_iters=permute_iters, **recipe_kwargs)
+        #: quantize-on-load calibration (as transformers' `GPTQConfig(dataset=, tokenizer=)`): a list of texts or a
+        #: 🤗 Datasets name, and the tokenizer (or its folder / Hub id). Never written to config.json.
+        self.dataset = dataset
+        self.tokenizer = tokenizer
         self.modules_to_not_convert = list(modules_to_not_convert or []) if isinstance(
             modules_to_not_convert, (list, tuple, type(None))) else modules_to_not_convert
         self.keep_stem_dense = keep_stem_dense
@@ -225,7 +239,7 @@ class VQConfig:
 
     def replace(self, **changes: Any) -> "VQConfig":
         """A copy with `changes` applied (scheme, recipe or `modules` fields); recipe and record are kept."""
-        data = {**self.to_dict(), **self.recipe.to_dict(), **changes}
+        data = {**self.to_dict(), **self.recipe.to_dict(), "dataset": self.dataset, "tokenizer": self.tokenizer, **changes}
         if self._version is None and "version" not in changes:
             data.pop("version")
         new = type(self)(**data)
@@ -235,7 +249,7 @@ class VQConfig:
     # ------------------------------------------------------------------ validation
     @classmethod
     def _valid_keys(cls) -> set[str]:
-        return {"method", "k", "num_codebooks", "share", "aq_iters", "beam_size", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
+        return set(RECIPE_FIELDS) | {"dataset", "tokenizer", "method", "k", "num_codebooks", "share", "aq_iters", "beam_size", "block_size", "n_iter", "anneal", "seed", "permute", "permute_iters", "modules_to_not_convert", "keep_stem_dense",
                 "quantize_embeddings", "quantize_head", "overrides", "scales", "modules", "version", "quant_method"}
 
     def post_init(self) -> None:
@@ -505,8 +519,9 @@ class VQConfig:
     def __deepcopy__(self, memo: dict) -> "VQConfig":
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()
-                             if key != "_layouts_cache"})
+        shallow = ("dataset", "tokenizer")  # calibration objects are shared, never copied
+        new.__dict__.update({key: value if key in shallow else copy.deepcopy(value, memo)
+                             for key, value in self.__dict__.items() if key != "_layouts_cache"})
         return new
 
     def __repr__(self) -> str:

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import input_moments, permute_moments
+from ..calibrate import calibration_batches, input_moments, permute_moments
 from ..codec.pq import decode, relative_error
 from ..config import SHARED_CODEBOOKS, CompressionRecord, LayerLayout, VQConfig
 from ..nn import VQModuleMixin, register_shared_, shared_codebooks_owner, vq_class_for, vq_modules
 from ..nn.model import vq_from_layout
 from . import hooks
+from .allocation import allocate_layouts
+from .calibrated import encode_calibrated
 from .encode import encode_unit, encoding_units, entry_weights
 from .permute import PermutationReport, permute_
 from .select import plan, unmatched_patterns
@@ -97,28 +99,46 @@ def quantize_(
     config = VQConfig() if config is None else config
     _check_model(model)
     previous = getattr(model, "vq_config", None)  # a dequantized model keeps its provenance
+    batches = calibration_batches(calibration) if calibration is not None else None
+    if config.encoder == "output-aware" and batches is None:
+        raise ValueError("VQConfig(encoder='output-aware') measures each layer's error on real inputs: pass "
+                         "calibration= (a few batches of model inputs), or use encoder='kmeans' (data-free).")
     layouts = plan(model, config)
     for pattern in unmatched_patterns(model, config):
         logger.warning("hf_vq: the pattern %r (modules_to_not_convert / overrides) matches no module of this model.",
                        pattern)
+    allocation = None
+    if layouts and (config.target_ratio is not None or config.bits_per_weight is not None):
+        layouts, allocation = allocate_layouts(model, layouts, config, batches)
     if not layouts:
         logger.warning("hf_vq: no module of this model matched the config; nothing was compressed.")
     run_device = torch.device(device) if device is not None else _default_device(model)
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
-    moments = input_moments(model, owners, calibration) if calibration is not None and layouts else {}
+    moments = input_moments(model, owners, batches) if batches is not None and layouts else {}
     report = None
     if config.permute and layouts:  # PQF's first step: permute coupled channels (same function, easier subvectors)
         report = permute_(model, config, example_inputs=example_inputs, layouts=layouts, device=run_device,
                           moments=moments or None)
         moments = {n: permute_moments(m, report.input_index[n]) if n in report.input_index else m
                    for n, m in moments.items()}  # the statistics follow the permutation
-    weighted = moments if any(layouts[n].method == "pq" for n in owners) else {}
-    layouts, done, shared = _encode_all(model, layouts, config, run_device, weighted, progress)
-    for name, vq in done.items():
-        model.set_submodule(name, vq)
+    engine = None
+    if config.encoder == "output-aware" and layouts:
+        layouts, engine = encode_calibrated(model, layouts, config, batches, run_device, progress)
+        weighted = {}
+        shared = {}
+    else:
+        weighted = moments if any(layouts[n].method == "pq" for n in owners) else {}
+        layouts, done, shared = _encode_all(model, layouts, config, run_device, weighted, progress)
+        for name, vq in done.items():
+            model.set_submodule(name, vq)
     register_shared_(model, shared)
     filled = config.replace(modules={n: lay.to_dict(config.method) for n, lay in layouts.items()})
-    filled.record = _record(config, report, calibration, bool(weighted), base_model, previous)
+    filled.record = _record(config, report, batches, bool(weighted), base_model, previous)
+    filled.record.allocation = allocation
+    if engine is not None:
+        filled.record.calibration = {**(filled.record.calibration or {}), "statistics": "XᵀX per layer, block by block "
+                                     "on inputs from the compressed prefix", "encoder": "output-aware",
+                                     "block tuning steps": config.tune_steps}
     model.vq_config = filled
     _keep_report(model, report)
     hooks.compressed(model, filled)  # integrations (transformers: save_pretrained / from_pretrained round trip)
@@ -183,8 +203,7 @@ def _record(config: VQConfig, report: PermutationReport | None, calibration: Any
     kept = previous.record if previous is not None and previous.record is not None else CompressionRecord()
     calib = None
     if calibration is not None:
-        batches = calibration if isinstance(calibration, (list, tuple)) else [calibration]
-        calib = {"batches": len(batches), "statistics": "input second moments per channel"}
+        calib = {"batches": len(calibration), "statistics": "input second moments per channel"}
         if config.record is not None and config.record.calibration:  # the caller said what the data is
             calib = {**config.record.calibration, **calib}
     return CompressionRecord(

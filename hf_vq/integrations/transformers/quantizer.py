@@ -45,6 +45,7 @@ from .loading import (GUARD_NOTE_KEY, GUARD_SUFFIX, check_checkpoint_files, chec
                       drop_keys, fit_layout, load_tensors_, names_pattern, readable_tensors, single_device,
                       without_torch_function)
 from .saving import install_savers_
+from .tools import calibration_from_config
 from .tying import pretrained_models, tie_, untie_
 
 __all__ = ["QUANT_METHOD", "HfVQQuantizer", "register", "attach_", "detach_"]
@@ -184,7 +185,8 @@ class HfVQQuantizer(HfQuantizer):
             check_loaded(model, config)
         else:
             base = getattr(model.config, "name_or_path", None) or None
-            config = quantize_(model, self.quantization_config, progress=True, base_model=base)
+            calibration = calibration_from_config(self.quantization_config, base)
+            config = quantize_(model, self.quantization_config, progress=True, base_model=base, calibration=calibration)
             attach_(model, config)
         return model
 

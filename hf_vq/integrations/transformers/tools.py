@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["is_transformers_model", "load_tokenizer", "load_image_processor", "padding_collator", "get_scheduler"]
+__all__ = ["is_transformers_model", "load_tokenizer", "load_image_processor", "padding_collator", "get_scheduler",
+           "calibration_from_config"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -45,3 +46,34 @@ def get_scheduler(name: str, *, optimizer: Any, num_warmup_steps: int, num_train
 
     return _get_scheduler(name, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
                           num_training_steps=num_training_steps)
+
+
+def calibration_from_config(config: Any, model_ref: str | None, *, batch_size: int = 32, max_length: int = 128,
+                            samples: int = 256) -> list[dict] | None:
+    """Calibration batches for quantize-on-load from `VQConfig(dataset=..., tokenizer=...)`, as transformers'
+    `GPTQConfig` takes them: `dataset` a list of texts, a text file (any suffix) or a 🤗 Datasets name; `tokenizer`
+    an object, or a folder / Hub id (default: the model being loaded). None when no dataset is given.
+
+    Raises:
+        `ValueError`: if a tokenizer cannot be found for a dataset, naming the field and the fix.
+    """
+    dataset = getattr(config, "dataset", None)
+    if dataset is None:
+        return None
+    tokenizer = getattr(config, "tokenizer", None) or model_ref
+    if tokenizer is None:
+        raise ValueError("VQConfig(dataset=...) needs a tokenizer: pass VQConfig(tokenizer=...) (an object, folder "
+                         "or Hub id).")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(dataset, str):
+        from ...calibrate.sources import calibration_texts
+
+        texts = calibration_texts(samples, dataset)
+    elif isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset):
+        texts = list(dataset)
+    else:
+        raise ValueError(f"VQConfig.dataset must be a list of texts, a text file or a 🤗 Datasets name; got "
+                         f"{type(dataset).__name__}.")
+    return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]

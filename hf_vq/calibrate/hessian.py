@@ -1,0 +1,136 @@
+"""Second-order statistics of what each layer sees: `H = XᵀX` of its inputs, in the columns of its matrix view.
+
+For a layer whose weight matrix is `W [rows, cols]` (hf_vq's view: linear `[out, in]`, GPT-2's `Conv1D` transposed,
+convolutions `[out, in/groups · kh · kw]`), the output error of a compressed `Ŵ` on inputs `X [n, cols]` is
+`‖XWᵀ − XŴᵀ‖² = tr(ΔW H ΔWᵀ)` with `H = XᵀX`. [`HessianCollector`] accumulates `H` with forward pre-hooks:
+
+* linear / `Conv1D`: `X` is the input flattened to `[tokens, in]` (padding tokens left out when a token mask is set);
+* convolutions: `X` is the unfolded patches `[positions, in/groups · kh · kw]`, one `H` per group (`[G, cols, cols]`;
+  depthwise convs: one 9×9 or 25×25 `H` per channel);
+* embeddings: the input is an index, so the statistic is how often each row is read (`[num_embeddings]`), the
+  weight of that row's error.
+
+Statistics are float64 sums with their sample counts; they follow an input-channel permutation by indexing
+([`permute_hessian`]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerStatistics", "HessianCollector", "permute_hessian"]
+
+
+@dataclass
+class LayerStatistics:
+    """What one layer saw: `hessian` `[cols, cols]` or `[G, cols, cols]` (sum of `xᵀx`) over `count` input rows, or
+    for an embedding `row_counts` `[num_embeddings]`."""
+
+    hessian: torch.Tensor | None = None
+    row_counts: torch.Tensor | None = None
+    count: int = 0
+
+    def mean_hessian(self) -> torch.Tensor:
+        """`H / count`: the per-sample second moment (scale-free across calibration sizes)."""
+        return self.hessian / max(1, self.count)
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded input patches of a conv, per group: `[G, positions, in/G · kh · kw]`."""
+    padding = module.padding
+    if isinstance(padding, str):  # "same" / "valid"
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size)) if padding == "same" else 0
+    if module.padding_mode != "zeros" and any(padding if isinstance(padding, tuple) else (padding,)):
+        pads = [p for p in reversed(padding) for _ in range(2)]  # F.pad order: last dim first
+        x = F.pad(x, pads, mode=module.padding_mode)
+        padding = 0
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    n, ckk, positions = cols.shape  # [N, C·kh·kw, L], channel-major like the weight's matrix view
+    groups = module.groups
+    cols = cols.view(n, groups, ckk // groups, positions).permute(1, 0, 3, 2)  # [G, N, L, C/G·kh·kw]
+    return cols.reshape(groups, n * positions, ckk // groups)
+
+
+class HessianCollector:
+    """Accumulates [`LayerStatistics`] of named modules over forward passes (install with [`collecting`]).
+
+    Args:
+        modules (`dict[str, nn.Module]`): the layers to watch by name (linear, `Conv1D`, conv, embedding).
+        transposed (`set[str]`, *optional*): names of layers whose weight is stored `[in, out]` (GPT-2's `Conv1D`);
+            only their bookkeeping differs, the input is flattened the same way.
+        max_rows (`int`, *optional*): keep at most this many input rows per batch and layer (a deterministic
+            stride), to bound the cost on large convolutions.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, max_rows: int | None = None) -> None:
+        self.modules = modules
+        self.max_rows = max_rows
+        self.stats: dict[str, LayerStatistics] = {}
+        self.token_mask: torch.Tensor | None = None  # [batch, tokens] bool: rows to keep for sequence inputs
+
+    def _rows(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The input rows of `module` as `[G, n, cols]` (G = 1 except for grouped convs)."""
+        if isinstance(module, nn.Conv2d):
+            return _conv_patches(module, x)
+        if self.token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.token_mask.shape):
+            x = x[self.token_mask.to(x.device)]  # [kept tokens, in]
+        return x.reshape(1, -1, x.shape[-1])
+
+    def _hook(self, name: str, module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor):
+            return
+        stat = self.stats.setdefault(name, LayerStatistics())
+        if isinstance(module, nn.Embedding):
+            ids = x if self.token_mask is None or tuple(x.shape) != tuple(self.token_mask.shape) else x[self.token_mask]
+            counts = torch.bincount(ids.reshape(-1).cpu(), minlength=module.num_embeddings).double()
+            stat.row_counts = counts if stat.row_counts is None else stat.row_counts + counts
+            stat.count += int(ids.numel())
+            return
+        if not x.is_floating_point():
+            return
+        rows = self._rows(name, module, x.detach()).double()  # [G, n, cols]
+        if self.max_rows is not None and rows.shape[1] > self.max_rows:
+            rows = rows[:, :: -(-rows.shape[1] // self.max_rows)]
+        h = rows.transpose(1, 2) @ rows  # [G, cols, cols]
+        stat.hessian = h if stat.hessian is None else stat.hessian + h
+        stat.count += int(rows.shape[1])
+
+    @contextmanager
+    def collecting(self) -> Iterator["HessianCollector"]:
+        """Hooks installed inside the block, removed after (also on errors)."""
+        handles = [module.register_forward_pre_hook(lambda m, i, n=name: self._hook(n, m, i))
+                   for name, module in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def result(self) -> dict[str, LayerStatistics]:
+        """The statistics per layer; a conv's `H` is `[G, cols, cols]`, any other layer's `[cols, cols]`."""
+        out = {}
+        for name, stat in self.stats.items():
+            if stat.hessian is not None and stat.hessian.shape[0] == 1:
+                stat = LayerStatistics(hessian=stat.hessian[0], count=stat.count)
+            out[name] = stat
+        return out
+
+
+def permute_hessian(hessian: torch.Tensor, index: torch.Tensor, taps: int = 1) -> torch.Tensor:
+    """`H` after the input channels were reordered by `index` (`new[c] = old[index[c]]`).
+
+    Args:
+        hessian (`torch.Tensor`): `[cols, cols]` or `[G, cols, cols]`, columns channel-major with `taps` entries per
+            channel (a conv's `kh · kw`).
+        index (`torch.Tensor`): `[channels]` long.
+        taps (`int`, defaults to 1): columns per input channel.
+    """
+    cols = (index.to(hessian.device)[:, None] * taps + torch.arange(taps, device=hessian.device)).reshape(-1)
+    return hessian.index_select(-1, cols).index_select(-2, cols)

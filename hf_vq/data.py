@@ -1,0 +1,167 @@
+"""Real data that ships offline: news sentences and photos the fidelity evaluations use, and the disjoint
+calibration sources (gensim's Wikipedia pages, other photos) — or the user's own (a text file of any suffix, a
+folder of images, a 🤗 Datasets name)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibrate.sources import calibration_texts, wikipedia_sentences
+
+__all__ = ["real_sentences", "wikipedia_sentences", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS", "real_photos",
+           "real_images", "EVAL_SENTENCES", "calibration_texts", "calibration_images", "calibration_batches"]
+
+
+def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
+    """`n` real English sentences from the Lee news corpus that ships with gensim (offline).
+
+    Raises:
+        `ImportError`: if gensim is not installed (`pip install gensim`).
+    """
+    try:
+        from gensim.test.utils import datapath
+    except ImportError as err:
+        raise ImportError("Real test sentences come from gensim's bundled corpora: `pip install gensim`.") from err
+    sentences: list[str] = []
+    with open(datapath("lee_background.cor"), encoding="utf-8", errors="replace") as f:
+        for doc in f:
+            for sentence in doc.replace("?", ".").replace("!", ".").split(". "):
+                sentence = sentence.strip()
+                if len(sentence.split()) >= min_words:
+                    sentences.append(sentence if sentence.endswith(".") else sentence + ".")
+                if len(sentences) >= n:
+                    return sentences
+    return sentences
+
+
+#: Real photographs bundled with scikit-image (no download), by their `skimage.data` name. Grey ones are
+#: replicated to RGB; `motorcycle_left/right` are the two views of `stereo_motorcycle`.
+REAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "camera", "clock",
+               "coins", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon")
+
+
+#: The photos the fidelity evaluations use, and the disjoint ones calibration uses (the two halves of
+#: [`REAL_PHOTOS`]; the stereo motorcycle pair stays on one side), plus matplotlib's bundled Grace Hopper portrait.
+EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "clock", "coins", "hubble_deep_field")
+CALIBRATION_PHOTOS = ("motorcycle_left", "motorcycle_right", "immunohistochemistry", "retina", "brick", "grass",
+                      "gravel", "moon", "grace_hopper")
+
+
+def real_photos(names: tuple[str, ...] = REAL_PHOTOS) -> list:
+    """The named photos (default [`REAL_PHOTOS`]) as RGB `PIL.Image`s (scikit-image's bundled data and
+    matplotlib's `grace_hopper.jpg`, offline).
+
+    Raises:
+        `ImportError`: if scikit-image is not installed (`pip install scikit-image`).
+    """
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise ImportError("Real test images come from scikit-image's bundled photos: `pip install scikit-image`.") from err
+    import numpy as np
+    from PIL import Image
+
+    photos = []
+    for name in names:
+        if name == "grace_hopper":
+            import matplotlib.cbook
+
+            photos.append(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
+            continue
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            array = left if name.endswith("left") else right
+        else:
+            array = getattr(skimage.data, name)()
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        photos.append(Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8)))
+    return photos
+
+
+def real_images(n: int = 128, *, model: nn.Module | None = None, data_config: dict | None = None,
+                seed: int = 0, photos: tuple[str, ...] = REAL_PHOTOS) -> torch.Tensor:
+    """`n` deterministic views of real photos, preprocessed as `model` expects: `[n, C, H, W]` float.
+
+    View `i` is a random crop (10-100% of the photo's area, aspect 3:4 to 4:3, drawn from a generator
+    seeded with `seed`) of photo `i mod len(photos)` of `photos` (default all of [`REAL_PHOTOS`]), mirrored for
+    every other round through the photos, then passed through timm's evaluation transform for `model`
+    (`resolve_data_config` + `create_transform`: resize, centre crop, normalisation). Give
+    `data_config` instead of `model` to choose the preprocessing.
+    """
+    return _crops(real_photos(photos), n, model=model, data_config=data_config, seed=seed)
+
+
+def _crops(photos: list, n: int, *, model: nn.Module | None = None, data_config: dict | None = None,
+           seed: int = 0) -> torch.Tensor:
+    """`n` deterministic random crops of `photos` (round robin, mirrored every other round), preprocessed."""
+    from PIL import ImageOps
+
+    from .integrations.timm import eval_transform
+
+    transform, _ = eval_transform(model, data_config=data_config)
+    gen = torch.Generator().manual_seed(seed)
+    views = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        u = torch.rand(3, generator=gen).tolist()
+        area = w * h * (0.1 + 0.9 * u[0])
+        aspect = math.exp(math.log(3 / 4) + u[1] * (math.log(4 / 3) - math.log(3 / 4)))
+        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        view = photo.crop((x0, y0, x0 + cw, y0 + ch))
+        if (i // len(photos)) % 2 == 1:
+            view = ImageOps.mirror(view)
+        views.append(transform(view))
+    return torch.stack(views)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+#: The fidelity evaluations use the first `EVAL_SENTENCES` sentences of the Lee news corpus and views of
+#: [`EVAL_PHOTOS`]; calibration never does.
+EVAL_SENTENCES = 256
+def calibration_images(n: int, model: nn.Module, source: str | None = None, *, seed: int = 1) -> torch.Tensor:
+    """`n` calibration images preprocessed for `model`, `[n, C, H, W]`: random crops of the images in folder `source`
+    (any depth; jpg / png / ...) or, by default, of [`CALIBRATION_PHOTOS`] (disjoint from the evaluation's photos).
+
+    Raises:
+        `ValueError`: if the folder holds no readable image.
+    """
+    if source is None:
+        return real_images(n, model=model, seed=seed, photos=CALIBRATION_PHOTOS)
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in sorted(Path(source).rglob("*")):
+        if path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"):
+            try:
+                images.append(Image.open(path).convert("RGB"))
+            except (UnidentifiedImageError, OSError):
+                continue
+    if not images:
+        raise ValueError(f"--calibration-data {source!r} holds no readable image (jpg, png, ...).")
+    return _crops(images, n, model=model, seed=seed)
+
+
+def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = None, source: str | None = None,
+                        batch_size: int = 32, max_length: int = 128) -> list:
+    """`n` real inputs that the fidelity evaluations never see, in batches (for `quantize_(..., calibration=)`).
+
+    Text (give `tokenizer`): [`calibration_texts`] (default: sentences of gensim's Wikipedia pages), tokenized
+    (dicts of model inputs). Images (give `model` for its preprocessing): [`calibration_images`] (default: views of
+    [`CALIBRATION_PHOTOS`]), `[batch, C, H, W]` tensors.
+    """
+    if n < 1:
+        raise ValueError(f"calibration_batches needs n >= 1 inputs, got {n}.")
+    if tokenizer is not None:
+        texts = calibration_texts(n, source)
+        return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    return list(calibration_images(n, model, source).split(batch_size))  # [batch, C, H, W] each

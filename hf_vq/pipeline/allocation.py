@@ -1,0 +1,240 @@
+"""Bit allocation to a target size: each layer's (k, d) — or dense — chosen by measured sensitivity.
+
+1. One pass of the calibration batches through the dense model gives every layer's `H = XᵀX` (embeddings: how often
+   each row is read).
+2. For every layer and every option of a small menu ([`MENU`]: 1 to 4 bits per weight, plus dense), a quick
+   Hessian-weighted k-means measures the layer's relative output error `e_l(o)`.
+3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
+   output error into that layer alone and measuring the relative change of the final output (HIGGS's linear
+   model of the loss increase).
+4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ α_l e_l(o_l)` under
+   the budget: `target_ratio` of the whole weights file (every tensor left dense counts, and the safetensors
+   header), or `bits_per_weight` over the compressible layers.
+
+Without calibration data the allocation is data-free: `H = I` (weight error) and `α_l = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibrate import HessianCollector, LayerStatistics, to_device
+from ..codec.allocate import Option, allocate_bits, option_bits
+from ..codec.hessian import output_error
+from ..codec.kmeans import kmeans
+from ..codec.pq import clamp_k, decode, split_blocks
+from ..config import LayerLayout, VQConfig
+from ..nn import vq_class_for
+from .stages import forward_batches
+
+__all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR"]
+
+#: (d, k) options: 1, 1.33, 2, 2.67 and 4 bits per weight (k = 256) and 3 bits with k = 4096.
+MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (3, 256), (4, 4096), (2, 256))
+#: Bytes of safetensors header per stored tensor (its name, dtype, shape and offsets as JSON), measured on hf_vq
+#: checkpoints of MiniLM and EfficientNet-Lite0 (about 90-140), rounded up.
+HEADER_BYTES_PER_TENSOR = 150
+_NOISE = 1e-2  # relative output error of the injected noise (the linear regime of the final output)
+
+
+def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
+                     batches: list[tuple[tuple, dict]] | None) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
+    """Choose each planned layer's (k, d) — or leave it dense — to meet `config.target_ratio` / `bits_per_weight`.
+
+    Returns:
+        `(layouts, record)`: the layouts of the layers that stay compressed (tied modules follow their owner), and
+        the allocation record (target, budget, planned bits, each layer's choice and its measured sensitivity).
+
+    Raises:
+        `ValueError`: if the target cannot be met even at the smallest option of every layer (names the minimum).
+    """
+    owners = [n for n, lay in layouts.items() if lay.tied_to is None]
+    modules = dict(model.named_modules())
+    matrices = {n: vq_class_for(type(modules[n]))._weight_to_matrix(modules[n]._parameters["weight"].detach()).float()
+                for n in owners}  # [rows, cols]
+    stats = _dense_statistics(model, modules, owners, batches) if batches else {}
+    alphas = _sensitivities(model, modules, owners, matrices, stats, batches) if batches else dict.fromkeys(owners, 1.0)
+    options, labels = [], []
+    for name in owners:
+        menu = _menu(layouts[name], matrices[name], stats.get(name), config, alphas[name])
+        options.append([opt for opt, _ in menu])
+        labels.append([choice for _, choice in menu])
+    budget, fixed = _budget(model, layouts, owners, config)
+    try:
+        allocation = allocate_bits(options, budget, fixed_bits=fixed)
+    except ValueError as err:
+        raise ValueError(f"VQConfig(target_ratio={config.target_ratio}, bits_per_weight={config.bits_per_weight}) "
+                         f"cannot be met: {err}") from None
+    chosen = {name: labels[i][c] for i, (name, c) in enumerate(zip(owners, allocation.choices))}
+    out = _apply(layouts, chosen)
+    record = {"target_ratio": config.target_ratio, "bits_per_weight": config.bits_per_weight,
+              "budget_bits": budget, "planned_bits": allocation.bits, "fixed_bits": fixed,
+              "data": "calibration" if batches else "data-free (weight error, equal sensitivity)",
+              "layers": {name: {"choice": "dense" if c is None else f"d{c[0]}k{c[1]}", "sensitivity": alphas[name]}
+                         for name, c in chosen.items()}}
+    return out, record
+
+
+def _apply(layouts: dict[str, LayerLayout], chosen: dict[str, tuple[int, int] | None]) -> dict[str, LayerLayout]:
+    out = {}
+    for name, layout in layouts.items():
+        owner = layout.tied_to or name
+        choice = chosen.get(owner)
+        if choice is None:
+            continue  # left dense (with its tied modules)
+        d, k = choice
+        n_sub = layouts[owner].matrix_shape[0] * (layouts[owner].matrix_shape[1] // d)
+        out[name] = dataclasses.replace(layout, d=d, k=clamp_k(k, n_sub))
+    return out
+
+
+def _dense_statistics(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
+                      batches: list[tuple[tuple, dict]]) -> dict[str, LayerStatistics]:
+    collector = HessianCollector({n: modules[n] for n in owners}, max_rows=16_384)
+
+    def on_batch(kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        collector.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    with collector.collecting():
+        forward_batches(model, batches, on_batch=on_batch)
+    return collector.result()
+
+
+def _hessian(stat: LayerStatistics | None, cols: int, device: torch.device) -> torch.Tensor:
+    if stat is not None and stat.hessian is not None:
+        return stat.mean_hessian().to(device)
+    return torch.eye(cols, dtype=torch.float64, device=device)
+
+
+def _row_weights(stat: LayerStatistics | None, rows: int) -> torch.Tensor | None:
+    if stat is None or stat.row_counts is None:
+        return None
+    counts = stat.row_counts.float()  # [rows]
+    return 1 + counts / counts.mean().clamp_min(1e-12)
+
+
+def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int,
+                 seed: int, max_rows: int = 256) -> float:
+    """Relative output error of a quick Hessian-diagonal-weighted k-means at (d, k), on at most `max_rows` rows
+    (drawn by use for embeddings): an estimate to compare options, not the final error."""
+    rows, cols = matrix.shape
+    gen = torch.Generator().manual_seed(seed)
+    if rows > max_rows:
+        pick = (torch.multinomial(rows_w.float(), max_rows, generator=gen) if rows_w is not None
+                else torch.randperm(rows, generator=gen)[:max_rows]).sort().values
+    else:
+        pick = torch.arange(rows)
+    diag = torch.diagonal(h, dim1=-2, dim2=-1).float()  # [cols] or [G, cols]
+    if diag.dim() == 2:  # grouped conv: each row takes its group's diagonal
+        diag = diag.repeat_interleave(rows // diag.shape[0], dim=0)[pick.to(diag.device)]  # [picked, cols]
+    sub = matrix[pick.to(matrix.device)]  # [picked, cols]
+    w = diag.expand(sub.shape).clamp_min(1e-12)
+    x, wx = split_blocks(sub, d), split_blocks(w, d)  # [n, d]
+    k = clamp_k(k, rows * cols // d)
+    codebook, codes = kmeans(x, min(k, max(2, x.shape[0] // 4)), n_iter=8, seed=seed,
+                             weights=None if rows_w is not None else wx)
+    approx = decode(codes.reshape(sub.shape[0], cols // d, 1), codebook[None])  # [picked, cols]
+    if rows_w is not None:  # an embedding: the rows were drawn by use, so the plain error is the used one
+        return float((sub - approx).pow(2).sum() / sub.pow(2).sum())
+    if h.dim() == 3:
+        h = h[(pick.to(h.device) // (rows // h.shape[0]))] if h.shape[0] > 1 else h
+    return output_error(sub, approx, h)
+
+
+def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | None, config: VQConfig,
+          alpha: float) -> list[tuple[Option, tuple[int, int] | None]]:
+    """The options of one layer: (size, distortion) for each (d, k) of the menu that fits, and dense."""
+    rows, cols = matrix.shape
+    h = _hessian(stat, cols, matrix.device)
+    rows_w = _row_weights(stat, rows)
+    area = 1 if layout.kind in ("linear", "conv1d", "conv1x1", "embedding") else math.prod(layout.shape[2:])
+    out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
+    for d, k in MENU:
+        if layout.kind in ("conv3x3", "conv", "depthwise"):
+            d = d * area // math.gcd(d, area) if d % area else d  # whole kernels per subvector
+        if cols % d or any(c == (d, k) for _, c in out):
+            continue
+        k_eff = clamp_k(k, rows * cols // d)
+        bits = option_bits(rows, cols, d=d, k=k_eff, num_codebooks=1, scales=layout.scales)
+        error = _quick_error(matrix, h, rows_w, d, k, config.seed)
+        out.append((Option(float(bits), alpha * error, f"d{d}k{k_eff}"), (d, k)))
+    return out
+
+
+def _final(out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    """The model's main output as `[n, features]` (padding tokens dropped)."""
+    if not isinstance(out, torch.Tensor):
+        out = out[0] if isinstance(out, (list, tuple)) else next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+        out = out[mask.bool()]
+    return out.reshape(-1, out.shape[-1]).float()
+
+
+def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            out = model(*[to_device(a, device) for a in args], **{k: to_device(v, device) for k, v in kwargs.items()})
+            outs.append(_final(out, kwargs.get("attention_mask")))
+    return outs
+
+
+def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
+                   matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics],
+                   batches: list[tuple[tuple, dict]]) -> dict[str, float]:
+    """`α_l`: relative change of the final output per unit of layer `l`'s relative output error (noise injection on
+    at most two batches; the noise is deterministic per layer)."""
+    probe = batches[:2]
+    was_training = model.training
+    model.eval()
+    reference = _outputs(model, probe)
+    energy = sum(float(r.pow(2).sum()) for r in reference)
+    alphas = {}
+    for i, name in enumerate(owners):
+        weight = modules[name]._parameters["weight"]
+        cls = vq_class_for(type(modules[name]))
+        matrix = matrices[name]
+        noise = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(i)).to(matrix.device)
+        h = _hessian(stats.get(name), matrix.shape[1], matrix.device)
+        rows_w = _row_weights(stats.get(name), matrix.shape[0])
+        if rows_w is not None:  # embeddings: relative weight error, rows weighted by use
+            ratio = float((noise.pow(2).sum(1) * rows_w).sum() / (matrix.pow(2).sum(1) * rows_w).sum())
+        else:
+            ratio = output_error(matrix, matrix + noise, h)  # relative output error of unit noise
+        noise = noise * math.sqrt(_NOISE / max(ratio, 1e-30))
+        original = weight.detach().clone()
+        delta = noise.t() if getattr(cls, "default_kind", None) == "conv1d" else noise.reshape(weight.shape)
+        with torch.no_grad():
+            weight.add_(delta.to(weight.device, weight.dtype))
+        try:
+            changed = _outputs(model, probe)
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        delta = sum(float((c - r).pow(2).sum()) for c, r in zip(changed, reference))
+        alphas[name] = delta / max(energy, 1e-30) / _NOISE
+    model.train(was_training)
+    return alphas
+
+
+def _budget(model: nn.Module, layouts: dict[str, LayerLayout], owners: list[str], config: VQConfig) -> tuple[float, float]:
+    """`(budget bits, fixed bits)`: the whole file's budget and what is not allocated (tensors that stay as they are
+    and the header), or for `bits_per_weight` the compressible layers' budget alone."""
+    compressed_weights = sum(math.prod(layouts[n].shape) for n in owners)
+    if config.bits_per_weight is not None:
+        return config.bits_per_weight * compressed_weights, 0.0
+    state = model.state_dict()
+    compressible = {f"{n}.weight" for n in layouts}
+    dense_bits = sum(t.numel() * 32 for t in state.values() if t.is_floating_point())
+    fixed = sum(t.numel() * t.element_size() * 8 for key, t in state.items() if key not in compressible)
+    # stored tensors: everything else plus codes and codebooks (and scales) per compressed layer
+    n_tensors = len(state) - len(compressible) + 3 * len(owners)
+    fixed += 8 * HEADER_BYTES_PER_TENSOR * n_tensors
+    return dense_bits / config.target_ratio, float(fixed)

@@ -1,0 +1,274 @@
+"""The calibrated engine: block-sequential, output-aware encoding, with block-wise tuning.
+
+Stage by stage ([`hf_vq.pipeline.stages`]) — the layers before the blocks, each block, the layers after — the
+calibration batches run through the *already-compressed* stages before this one; each layer of the stage gets the
+second moment `H = XᵀX` of the inputs it really sees ([`hf_vq.calibrate.HessianCollector`]), and is encoded to
+minimise its output error `tr(ΔW H ΔWᵀ)` ([`hf_vq.codec.encode_output_aware`]: Hessian-weighted k-means init,
+GPTQ-style assignment with error feedback, least-squares refits of codebooks and scales). Embeddings are encoded
+with k-means weighted by how often each row was read. Then the block is tuned: its codebooks, scales, norms and
+biases (codes fixed) are trained to reproduce the dense block's outputs on the same inputs, stopping on a held-out
+share of the batches. The compressed stage then feeds the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate import HessianCollector, LayerStatistics
+from ..codec.kmeans import assign, kmeans
+from ..codec.output_aware import encode_output_aware
+from ..codec.pq import decode, relative_error, split_blocks
+from ..config import LayerLayout, VQConfig
+from ..nn import VQModuleMixin, vq_class_for
+from ..nn.model import vq_from_layout
+from .encode import encode_unit, fit_scales
+from .stages import Stage, forward_batches, plan_stages
+
+__all__ = ["encode_calibrated", "tune_block_"]
+
+logger = logging.getLogger(__name__)
+
+
+def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
+                      batches: list[tuple[tuple, dict]], device: torch.device, progress: bool
+                      ) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
+    """Compress `model`'s planned layers stage by stage, in place (VQ modules swapped in as each stage is done).
+
+    Returns:
+        `(layouts, report)`: the layouts with their weight errors, and per stage what was measured (layers, output
+        errors, tuning).
+
+    Raises:
+        `ValueError`: for shared codebook sets (the output-aware encoder fits one matrix at a time).
+    """
+    if any(lay.codebook_set is not None for lay in layouts.values()):
+        raise ValueError("VQConfig(encoder='output-aware') encodes each layer for its own outputs; it does not take "
+                         "codebooks shared across layers (share='pool'/'global'). Use share='layer', or "
+                         "encoder='kmeans' for shared codebook sets.")
+    layouts = dict(layouts)
+    owners = [n for n, lay in layouts.items() if lay.tied_to is None]
+    stages = plan_stages(model, owners, batches[0])
+    report: dict[str, Any] = {"stages": [], "encoder": "output-aware"}
+    bar = tqdm(total=len(owners), desc="hf_vq quantize (calibrated)", unit="layer", disable=not progress)
+    for stage in stages:
+        stats, captured = _measure(model, stage, batches, config)
+        entry = {"stage": stage.name, "layers": {}}
+        for name in stage.layers:
+            layouts[name], errors = _encode_layer(model, name, layouts[name], stats.get(name), config, device)
+            entry["layers"][name] = errors
+            bar.update(1)
+            bar.set_postfix_str(f"{name} out={errors.get('output_error', float('nan')):.4f}")
+        if captured is not None and config.recipe.tune_steps > 0:
+            entry["tuning"] = tune_block_(model.get_submodule(stage.block), *captured, steps=config.recipe.tune_steps)
+        report["stages"].append(entry)
+    bar.close()
+    _tie_modules(model, layouts)
+    return layouts, report
+
+
+def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], config: VQConfig
+             ) -> tuple[dict[str, LayerStatistics], tuple[list, list] | None]:
+    """Run the batches through the compressed prefix up to the end of `stage`: the statistics of its layers and,
+    for a block to tune, its inputs and its dense outputs per batch."""
+    modules = dict(model.named_modules())
+    collector = HessianCollector({n: modules[n] for n in stage.layers}, max_rows=config.recipe.max_rows)
+    inputs: list[tuple[tuple, dict]] = []
+    outputs: list[torch.Tensor] = []
+    handles = []
+    if stage.block is not None and config.recipe.tune_steps > 0:
+        block = modules[stage.block]
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, k: inputs.append((_detach(a), _detach(k))), with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, a, out: outputs.append(_first_tensor(out).detach())))
+
+    def on_batch(kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        collector.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    try:
+        with collector.collecting():
+            forward_batches(model, batches, last=stage.last, on_batch=on_batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collector.result(), ((inputs, outputs) if inputs else None)
+
+
+def _encode_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStatistics | None, config: VQConfig,
+                  device: torch.device) -> tuple[LayerLayout, dict[str, float]]:
+    """Encode one layer for its outputs (its embedding rows by how often they are read) and swap it in."""
+    module = model.get_submodule(name)
+    cls = vq_class_for(type(module))
+    weight = module._parameters["weight"]
+    matrix = cls._weight_to_matrix(weight.detach()).to(device, torch.float32)  # [rows, cols]
+    seed = config.seed + _stable_index(name)
+    errors: dict[str, float] = {}
+    if stat is not None and stat.hessian is not None:
+        h = stat.mean_hessian().to(device)  # [cols, cols] or [G, cols, cols]
+        result = encode_output_aware(matrix, h, k=layout.k, d=layout.d, num_codebooks=layout.num_codebooks,
+                                     scales=layout.scales, seed=seed, n_iter=config.recipe.refit_rounds,
+                                     kmeans_iters=min(config.n_iter, 50))
+        codebooks, codes, scales = result.codebooks, result.codes, result.scales
+        errors = {"output_error": float(result.stats["output_error"]),
+                  "output_error_init": float(result.stats["output_error_init"])}
+    elif stat is not None and stat.row_counts is not None:  # an embedding: rows weighted by how often they are read
+        codebooks, codes, scales = _encode_rows_by_use(matrix, stat.row_counts.to(device), layout, config, seed)
+    else:  # a layer the calibration data never reached: weights only
+        codebooks, codes_list, scales_list = encode_unit([matrix], layout, config, seed=seed)
+        codes, scales = codes_list[0], scales_list[0]
+    vq = vq_from_layout(module, layout)
+    vq.set_codes_(codes, codebooks.half().float(), scales)
+    with torch.no_grad():
+        decoded = cls._weight_to_matrix(vq.decode_weight().float()).to(device)  # [rows, cols]
+    errors["weight_error"] = relative_error(matrix, decoded)
+    model.set_submodule(name, vq)
+    return dataclasses.replace(layout, rel_error=errors["weight_error"]), errors
+
+
+def _encode_rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: LayerLayout, config: VQConfig,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Encode an embedding table `[rows, cols]` for how its rows are used: k-means fitted on rows drawn with
+    probability proportional to `1 + count / mean(count)` (every row keeps a share; frequent tokens weigh more),
+    then every row assigned to its nearest codewords. Per-row scales (layout.scales) are fitted after.
+
+    Returns:
+        codebooks `[1, k, d]`, codes `[rows, cols / d, 1]`, scales `[rows]` or None.
+    """
+    rows, cols = matrix.shape
+    weight = 1 + counts.float() / counts.float().mean().clamp_min(1e-12)  # [rows]
+    norms = matrix.pow(2).mean(1).sqrt().clamp_min(1e-12) if layout.scales else None  # [rows]
+    table = matrix if norms is None else matrix / norms[:, None]
+    n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))
+    drawn = torch.multinomial(weight, n_draw, replacement=True, generator=torch.Generator().manual_seed(seed))
+    sample = split_blocks(table[drawn.to(matrix.device)], layout.d)  # [n_draw * cols / d, d]
+    codebook, _ = kmeans(sample, layout.k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)  # [k, d]
+    codebook = codebook.half().float()
+    codes = assign(split_blocks(table, layout.d), codebook).reshape(rows, cols // layout.d, 1)  # [rows, cols/d, 1]
+    scales = None if norms is None else fit_scales(matrix, decode(codes, codebook[None]))
+    return codebook[None], codes, scales
+
+
+def _stable_index(name: str) -> int:
+    """A small integer derived from a module name (a per-layer seed offset independent of the plan's order)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % 10_007
+
+
+def _tie_modules(model: nn.Module, layouts: dict[str, LayerLayout]) -> None:
+    for name, layout in layouts.items():
+        if layout.tied_to is not None:
+            vq = vq_from_layout(model.get_submodule(name), layout)
+            vq.tie_to_(model.get_submodule(layout.tied_to))
+            layouts[name] = dataclasses.replace(layout, rel_error=layouts[layout.tied_to].rel_error)
+            model.set_submodule(name, vq)
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        return next(o for o in out if isinstance(o, torch.Tensor))
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple())
+    raise TypeError(f"the block returned {type(out).__name__}, not a tensor or a tuple starting with one")
+
+
+def _block_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """What block-wise tuning trains: codebooks and scales of the block's VQ modules, its norms and biases."""
+    params, seen = [], set()
+    for module in block.modules():
+        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+            "norm" in type(module).__name__.lower()
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            vq_owned = isinstance(module, VQModuleMixin) and pname in ("codebooks", "scales")
+            if vq_owned or is_norm or pname.endswith("bias"):
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+@torch.enable_grad()  # quantize_ runs under no_grad
+def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *, steps: int,
+                lr: float = 1e-4, held_out: float = 0.2) -> dict[str, Any]:
+    """Train `block`'s codebooks, scales, norms and biases (codes fixed) so that its outputs on `inputs` match the
+    dense block's `targets`; stop on the held-out share of the batches. In place; returns the losses.
+
+    The loss is the output's squared error relative to the target's energy. The best state on the held-out batches
+    is kept (so tuning never makes the held-out error worse), and codebooks and scales are rounded to fp16, as
+    stored.
+    """
+    n_val = max(1, round(len(inputs) * held_out)) if len(inputs) > 1 else 0
+    train, val = list(range(len(inputs) - n_val)), list(range(len(inputs) - n_val, len(inputs)))
+    params = _block_parameters(block)
+    if not params or not train:
+        return {"steps": 0}
+    states = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    was_training = block.training
+    block.eval()  # dropout off; BatchNorm statistics stay as they are
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def loss_of(i: int) -> torch.Tensor:
+        args, kwargs = inputs[i]
+        out = _first_tensor(block(*args, **kwargs)).float()
+        target = targets[i].float()
+        return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(i)) for i in (val or train)) / len(val or train)
+
+    best = held_out_loss()
+    history = {"held_out_before": best, "held_out": []}
+    best_state = [p.detach().clone() for p in params]
+    step, stale = 0, 0
+    try:
+        while step < steps and stale < 2:
+            for i in train:
+                optimizer.zero_grad()
+                loss_of(i).backward()
+                optimizer.step()
+                step += 1
+                if step >= steps:
+                    break
+            current = held_out_loss()
+            history["held_out"].append(current)
+            if current < best:
+                best, stale = current, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+    finally:
+        with torch.no_grad():
+            for p, kept in zip(params, best_state):
+                p.copy_(kept)
+            for module in block.modules():
+                if isinstance(module, VQModuleMixin):
+                    module.codebooks.copy_(module.codebooks.half().float())
+                    if module.scales is not None:
+                        module.scales.copy_(module.scales.half().float())
+        for p in block.parameters():
+            p.requires_grad_(states.get(id(p), True))
+        block.train(was_training)
+    history.update(steps=step, held_out_after=held_out_loss())
+    return history

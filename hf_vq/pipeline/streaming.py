@@ -1,0 +1,197 @@
+"""Compressing models larger than memory: one block's dense weights at a time.
+
+[`quantize_streaming_`] takes a model built on the meta device and a `load` function that reads the dense tensors of
+one submodule from disk (the transformers integration reads them from the safetensors shards of a model folder).
+It materialises the layers around the blocks (embeddings, final norm, head), then for each block: reads its
+weights, measures what its layers see (with calibration data: the block's inputs, propagated from the already
+compressed blocks before it), encodes its layers, and swaps the VQ modules in — the dense block is dropped before
+the next is read. Peak memory is the compressed model plus one dense block plus the activations of the calibration
+batches at one block boundary.
+
+Not available here: PQF's permutation (it traces the whole dense model) and bit allocation (it measures every layer
+of the dense model); the recipe records that they were off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate import HessianCollector, calibration_batches, to_device
+from ..codec.pq import decode, relative_error
+from ..config import CompressionRecord, LayerLayout, VQConfig
+from ..nn import register_shared_, vq_class_for
+from ..nn.model import vq_from_layout
+from . import hooks
+from .calibrated import _encode_layer, _first_tensor
+from .encode import encode_unit
+from .select import plan
+from .stages import StageDone, find_blocks
+
+__all__ = ["quantize_streaming_"]
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _materialize_(model: nn.Module, keys: list[str], load: Loader, device: torch.device) -> None:
+    """Read the dense tensors `keys` (model state-dict keys) into `model`, replacing their meta placeholders."""
+    tensors = {k: v.to(device) for k, v in load(keys).items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+
+
+def _keys_under(model: nn.Module, blocks: list[str], block: str | None) -> list[str]:
+    """State-dict keys of `block`, or (None) of everything outside every block."""
+    keys = list(model.state_dict(keep_vars=True))
+    if block is not None:
+        return [k for k in keys if k.startswith(block + ".")]
+    return [k for k in keys if not any(k.startswith(b + ".") for b in blocks)]
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list[tuple[tuple, dict]], device: torch.device
+                  ) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) each calibration batch gives the first block (the model stopped right there)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise StageDone
+
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
+                if "use_cache" in inspect.signature(model.forward).parameters:
+                    kwargs.setdefault("use_cache", False)
+                try:
+                    model(*[to_device(a, device) for a in args], **kwargs)
+                except StageDone:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _with_hidden(inputs: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = inputs
+    if args:
+        return (hidden, *args[1:]), kwargs
+    key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return args, {**kwargs, key: hidden}
+
+
+def _encode_block(model: nn.Module, block_name: str, layouts: dict[str, LayerLayout], config: VQConfig,
+                  inputs: list[tuple[tuple, dict]] | None, device: torch.device) -> tuple[dict[str, dict], list]:
+    """Encode the layers of one (materialised) block; returns their errors and the block's outputs on `inputs`."""
+    block = model.get_submodule(block_name)
+    names = [n for n, lay in layouts.items() if n.startswith(block_name + ".") and lay.tied_to is None]
+    stats = {}
+    if inputs is not None and config.encoder == "output-aware":
+        collector = HessianCollector({n: model.get_submodule(n) for n in names}, max_rows=config.recipe.max_rows)
+        with collector.collecting(), torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        stats = collector.result()
+    errors = {}
+    for name in names:
+        if stats.get(name) is not None:
+            layouts[name], errors[name] = _encode_layer(model, name, layouts[name], stats[name], config, device)
+        else:
+            layouts[name], errors[name] = _encode_plain(model, name, layouts[name], config, device,
+                                                        list(layouts).index(name))
+    outputs = []
+    if inputs is not None:
+        with torch.no_grad():
+            outputs = [_first_tensor(block(*args, **kwargs)) for args, kwargs in inputs]
+    return errors, outputs
+
+
+def _encode_plain(model: nn.Module, name: str, layout: LayerLayout, config: VQConfig, device: torch.device,
+                  seed_offset: int) -> tuple[LayerLayout, dict]:
+    """Weights-only encoding of one layer, seeded as `quantize_` seeds it (its index in the plan): the data-free
+    streaming path gives the same codes as compressing in memory."""
+    module = model.get_submodule(name)
+    cls = vq_class_for(type(module))
+    matrix = cls._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)  # [rows, cols]
+    codebooks, codes, scales = encode_unit([matrix], layout, config, seed=config.seed + seed_offset)
+    vq = vq_from_layout(module, layout)
+    vq.set_codes_(codes[0], codebooks, scales[0])
+    model.set_submodule(name, vq)
+    decoded = decode(codes[0], codebooks) * (1 if scales[0] is None else scales[0][:, None])
+    error = relative_error(matrix, decoded)
+    return dataclasses.replace(layout, rel_error=error), {"weight_error": error}
+
+
+@torch.no_grad()
+def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, calibration: Any = None,
+                        device: torch.device | str | None = None, progress: bool = True,
+                        base_model: str | None = None) -> VQConfig:
+    """Compress a model whose weights are on disk, one block at a time (see the module docstring), in place.
+
+    Args:
+        model (`nn.Module`): the architecture built on the meta device (e.g. under `accelerate.init_empty_weights`).
+        config ([`VQConfig`]): the scheme; `permute` and bit allocation are not available here (turned off).
+        load (`Callable[[list[str]], dict]`): `load(keys)` reads the model's dense tensors `keys` (state-dict keys of
+            the model) from disk, as CPU tensors; keys the files do not hold (tied weights) may be left out.
+        calibration (*optional*): batches of model inputs; with `config.encoder="output-aware"` each block's layers
+            are encoded for the inputs it receives from the compressed blocks before it.
+        device (`torch.device` or `str`, *optional*): where blocks are materialised and encoded (CPU by default).
+        base_model (`str`, *optional*): recorded as the compression's provenance.
+
+    Returns:
+        [`VQConfig`]: the filled config (layouts and record), also `model.vq_config`.
+
+    Raises:
+        `ValueError`: if the model has no repeated blocks to stream, or asks for allocation / the output-aware
+            encoder without calibration data.
+    """
+    device = torch.device(device or "cpu")
+    if config.target_ratio is not None or config.bits_per_weight is not None:
+        raise ValueError("Bit allocation measures every layer of the dense model at once; it is not available when "
+                         "streaming. Give a fixed scheme (block sizes / spec), or compress in memory.")
+    if config.encoder == "output-aware" and calibration is None:
+        raise ValueError("VQConfig(encoder='output-aware') needs calibration batches (calibration=...).")
+    config = config.replace(permute=False)
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ValueError("Streaming compresses one repeated block at a time, but this model has none (no ModuleList "
+                         "of layers); compress it in memory with hf_vq.quantize_.")
+    layouts = plan(model, config)
+    _materialize_(model, _keys_under(model, blocks, None), load, device)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # a tied head left out of the files shares the loaded embedding
+    batches = calibration_batches(calibration) if calibration is not None else None
+    inputs = _block_inputs(model, model.get_submodule(blocks[0]), batches, device) if batches else None
+    report = {}
+    for block_name in tqdm(blocks, desc="hf_vq stream", unit="block", disable=not progress):
+        _materialize_(model, _keys_under(model, blocks, block_name), load, device)
+        report[block_name], outputs = _encode_block(model, block_name, layouts, config, inputs, device)
+        if inputs is not None:
+            inputs = [_with_hidden(x, out) for x, out in zip(inputs, outputs)]
+    outside = [n for n, lay in layouts.items() if lay.tied_to is None and not any(n.startswith(b + ".") for b in blocks)]
+    for name in outside:  # embeddings, head: weights only (their inputs are tokens, or the model's last state)
+        layouts[name], report[name] = _encode_plain(model, name, layouts[name], config, device,
+                                                    list(layouts).index(name))
+    for name, layout in layouts.items():
+        if layout.tied_to is not None:
+            vq = vq_from_layout(model.get_submodule(name), layout)
+            vq.tie_to_(model.get_submodule(layout.tied_to))
+            model.set_submodule(name, vq)
+    register_shared_(model, {})
+    filled = config.replace(modules={n: lay.to_dict(config.method) for n, lay in layouts.items()})
+    filled.record = CompressionRecord(
+        base_model=base_model, recipe={**config.recipe.to_dict(), "streaming": True},
+        calibration=None if batches is None else {"batches": len(batches), "statistics": "XᵀX per layer, block by "
+                                                  "block on inputs propagated through the compressed blocks"})
+    model.vq_config = filled
+    hooks.compressed(model, filled)
+    return filled
