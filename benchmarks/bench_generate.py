@@ -18,7 +18,8 @@ Modes, each `generate(do_sample=False)` of `--new-tokens` tokens after a `--prom
 Reported: tokens/s over the whole call (new tokens / wall time; median of `--repeats` timed calls after one
 untimed call that compiles and lets the kernels be chosen), decode tokens/s (the same difference with a
 1-token call removed: prefill excluded), prefill ms (one forward of `--prefill` tokens, eager), peak memory
-during generation and the weights' size. Rows are written after each measurement (a time limit keeps what was
+during generation (the model's weights plus what the call allocates: KV cache, activations, decoded weights)
+and the weights' size. Rows are written after each measurement (a time limit keeps what was
 measured); a failing row is recorded as an error.
 
     python benchmarks/bench_generate.py --device cuda --out $OUT/generate     # the H200 run (scripts/gpu_checks.sh)
@@ -55,7 +56,7 @@ def build_dense(device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**MODELS[device], torch_dtype=dtype)
+    config = LlamaConfig(**MODELS[device])
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval().requires_grad_(False)
@@ -83,6 +84,17 @@ def compress_(model, layout: tuple[int, int, int], seed: int = 0) -> int:
     return replaced
 
 
+def quantizer_is_compileable() -> bool | None:
+    """Whether transformers may compile models that hf_vq's quantizer manages (`quantize_`, `from_pretrained`)."""
+    try:
+        import hf_vq
+        from hf_vq.integrations.transformers_quantizer import HfVQQuantizer
+
+        return bool(HfVQQuantizer(hf_vq.VQConfig()).is_compileable)
+    except Exception:  # noqa: BLE001 - reported as unknown
+        return None
+
+
 def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -95,7 +107,8 @@ def _sync(device: str) -> None:
 def _generate(model, ids: torch.Tensor, new_tokens: int, mode: str):
     from transformers.generation.configuration_utils import CompileConfig
 
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": model.config.eos_token_id}
     if mode != "eager-dynamic":
         kwargs["cache_implementation"] = "static"
     if mode == "eager-static":
@@ -114,7 +127,9 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, repeats:
     _sync(device)
     first_s = time.perf_counter() - start
     totals, ones = [], []
-    if device == "cuda":
+    if device == "cuda":  # other variants stay resident: count this call's own allocations on top of its weights
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         for count, store in ((new_tokens, totals), (1, ones)):
@@ -125,10 +140,12 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, repeats:
             store.append(time.perf_counter() - start)
     total, one = statistics.median(totals), statistics.median(ones)
     result = {"tokens_per_s": round(new_tokens / total, 2), "first_call_s": round(first_s, 2),
-              "decode_tokens_per_s": round((new_tokens - 1) / max(total - one, 1e-9), 2),
+              "decode_tokens_per_s": round((new_tokens - 1) / (total - one), 2) if total > one else None,
               "generate_s_median": round(total, 4), "tokens": out[0, ids.shape[1]:].tolist()[:8]}
     if device == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        extra = torch.cuda.max_memory_allocated() - resident  # KV cache, activations, decoded weights, workspaces
+        result["peak_memory_gb"] = round((weight_bytes(model) + extra) / 1e9, 3)
+        result["call_memory_gb"] = round(extra / 1e9, 3)
     result["compiled"] = hasattr(model, "_compiled_call") and mode == "compiled-static"
     return result
 
@@ -171,23 +188,31 @@ def markdown(data: dict) -> str:
              "(random codes), embeddings and LM head dense. tok/s = new tokens / wall time of the call (median of "
              f"{s['repeats']}); decode tok/s excludes the prefill (a 1-token call subtracted). Prefill: one eager forward "
              f"of {s['prefill']} tokens. `compiled-static` = transformers' static cache, which compiles the decoding "
-             "step (CUDA graphs on a GPU).\n",
-             "| model | weights GB | mode | tok/s | decode tok/s | vs dense | prefill ms | vs dense | peak GB | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "step (CUDA graphs on a GPU). The compressed models here are built directly (no quantizer attached); models "
+             "made by `quantize_` or loaded by `from_pretrained` carry hf_vq's transformers quantizer, whose "
+             f"`is_compileable` is {data['quantizer_is_compileable']}"
+             + (": transformers then does not compile them and their static-cache generation runs like `eager-static`."
+                if data['quantizer_is_compileable'] is False else ".") + "\n",
+             "| model | weights GB | mode | tok/s | decode tok/s | vs dense | prefill ms | vs dense | peak GB | first call s "
+             "| first 8 tokens = eager's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["mode"]: r for r in data["rows"] if r["variant"] == "dense" and "error" not in r}
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | | {r['mode']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | | {r['mode']} | error: {r['error']} | | | | | | | |")
             continue
         base = dense.get(r["mode"], {})
         if r["mode"] == "prefill":
             ratio = f"{r['prefill_ms'] / base['prefill_ms']:.2f}×" if "prefill_ms" in base else ""
-            lines.append(f"| {r['variant']} | {r['weights_gb']} | prefill | | | | {r['prefill_ms']} | {ratio} | | |")
+            lines.append(f"| {r['variant']} | {r['weights_gb']} | prefill | | | | {r['prefill_ms']} | {ratio} | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if "tokens_per_s" in base else ""
+        eager = next((e for e in data["rows"] if e["variant"] == r["variant"] and e["mode"] == "eager-dynamic"
+                      and "tokens" in e), None)
+        same = "" if eager is None or r["mode"] == "eager-dynamic" else ("yes" if eager["tokens"] == r["tokens"] else "no")
         lines.append(f"| {r['variant']} | {r['weights_gb']} | {r['mode']}{'' if r['compiled'] or 'compiled' not in r['mode'] else ' (NOT compiled)'} "
                      f"| {r['tokens_per_s']} | {r['decode_tokens_per_s']} | {ratio} | | | {r.get('peak_memory_gb', '–')} "
-                     f"| {r['first_call_s']} |")
+                     f"| {r['first_call_s']} | {same} |")
     if data.get("cuda_kernels"):
         lines += ["\n## Kernels the dispatcher chose (key: codes shape, …, batch bucket)\n"]
         lines += [f"- `{k}`: {v}" for k, v in data["cuda_kernels"].items()]
@@ -259,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"machine": machine(), "model_config": MODELS[args.device], "command": " ".join(["python", *sys.argv]),
             "settings": {"dtype": str(dtype).replace("torch.", ""), "prompt": args.prompt, "new_tokens": args.new_tokens,
                          "prefill": args.prefill, "repeats": args.repeats, "threads": torch.get_num_threads()},
-            "rows": []}
+            "quantizer_is_compileable": quantizer_is_compileable(), "rows": []}
     for variant, task in plan(args.variants, args.modes):
         try:
             row = run_task(models, variant, task, args, dense_builder)
@@ -271,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             data["cuda_kernels"] = {str(k): v for k, v in kernels.cuda_kernels().items()}
             data["dispatch_errors"] = {str(k): v for k, v in kernels.cuda_errors().items()}
         print(f"[generate] {row}", flush=True)
-        write(out, data, markdown(data))  # after every row: a time limit keeps what was measured
+        write(out, data, markdown(data), quiet=True)  # after every row: a time limit keeps what was measured
+    print(markdown(data))
     try:
         _plot(data, out.with_suffix(".png"))
     except Exception as err:  # noqa: BLE001 - the numbers are written already

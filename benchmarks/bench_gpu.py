@@ -182,7 +182,8 @@ def bench_row(scheme: str, vq: VQLinear, aqlm, weight: torch.Tensor, batch: int)
     return entry
 
 
-def bench_layers(schemes: list[str], shapes, batches) -> list[dict]:
+def bench_layers(schemes: list[str], shapes, batches, on_row=lambda rows: None) -> list[dict]:
+    """All rows; `on_row(rows)` is called after each one (the caller writes partial results)."""
     rows = []
     for scheme in schemes:
         m, k, d, aqlm_scheme = SCHEMES[scheme]
@@ -197,6 +198,7 @@ def bench_layers(schemes: list[str], shapes, batches) -> list[dict]:
                     print(f"[gpu] {scheme} {in_f}x{out_f} B={batch} failed: {type(err).__name__}: {err}", flush=True)
                     rows.append({"scheme": scheme, "in_features": in_f, "out_features": out_f, "batch": batch,
                                  "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                on_row(rows)
             del vq, weight, aqlm
             torch.cuda.empty_cache()
     return rows
@@ -301,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [BAR_SHAPE] if args.quick else SHAPES
     batches = args.batches or ([1, 16] if args.quick else BATCHES)
     data = {"machine": machine(), "triton": triton.__version__, "aqlm_version": aqlm_version}
-    data["layers"] = bench_layers(schemes, shapes, batches)
-    data["bars"] = bars(data["layers"])
-    data["cuda_kernels"] = {str(key): kernel for key, kernel in kernels.cuda_kernels().items()}
-    data["dispatch_errors"] = {str(key): err for key, err in kernels.cuda_errors().items()}
-    write(args.out, data, markdown(data))
+
+    def update(rows: list[dict], quiet: bool = True) -> None:  # after every row: a time limit keeps what was measured
+        data["layers"] = rows
+        data["bars"] = bars(rows)
+        data["cuda_kernels"] = {str(key): kernel for key, kernel in kernels.cuda_kernels().items()}
+        data["dispatch_errors"] = {str(key): err for key, err in kernels.cuda_errors().items()}
+        write(args.out, data, markdown(data), quiet=quiet)
+
+    update(bench_layers(schemes, shapes, batches, on_row=update), quiet=False)
     try:
         _plot(data["layers"], Path(args.out).with_suffix(".png"))
     except Exception as err:  # noqa: BLE001 - the numbers are written already

@@ -40,7 +40,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, output to the l
 } | tee -a "$SUMMARY"
 
 part smoke 50 $PY scripts/gpu_smoke.py
-part bench_gpu 100 $PY benchmarks/bench_gpu.py --out "$OUT/gpu_kernels" --batches 1 4 16 512
+part bench_gpu 100 $PY benchmarks/bench_gpu.py --out "$OUT/gpu_kernels" --batches 1 16 512
 part bench_generate 140 $PY benchmarks/bench_generate.py --device cuda --out "$OUT/generate_cuda" --repeats 2
 part cuda_tests 55 env HF_VQ_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider \
     tests/nn/test_compile.py tests/nn/test_triton_kernels.py tests/nn/test_kernels.py \
@@ -50,7 +50,7 @@ echo "total $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
 echo
 echo "----- smoke";          grep -a "^SMOKE" "$LOG" | cut -c1-240
 echo "----- per layer (GPU us, cold L2)"
-[ -f "$OUT/gpu_kernels.md" ] && grep -a "^| 2 bits\|^| 1 bit\|^| bar\|yes |\|NO |" "$OUT/gpu_kernels.md" | cut -d'|' -f2-9,13 | cut -c1-220
+[ -f "$OUT/gpu_kernels.md" ] && grep -a "^| 2 bits\|^| 1 bit\|^| bar\|yes |\|NO |" "$OUT/gpu_kernels.md" | cut -d'|' -f2-12,14 | cut -c1-250
 echo "----- generate()"
 [ -f "$OUT/generate_cuda.md" ] && grep -a "^| dense\|^| hf_vq" "$OUT/generate_cuda.md" | cut -c1-200
 echo "----- CUDA tests";     grep -aE "passed|failed|error" "$LOG" | grep -av "^SMOKE" | tail -3

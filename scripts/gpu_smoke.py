@@ -107,7 +107,7 @@ def main() -> int:
 
         layers = []
         for rows, cols in ((1024, 512), (512, 1024)):
-            vq = VQLinear.from_float(torch.nn.Linear(cols, rows, device="meta"), kind="linear", k=256, d=4,
+            vq = VQLinear.from_float(torch.nn.Linear(cols, rows, bias=False, device="meta"), kind="linear", k=256, d=4,
                                      device="cpu", dtype=torch.float32)
             vq.set_codes_(torch.randint(0, 256, (rows, cols // 4, 1)), torch.randn(1, 256, 4) / 2)
             layers += [vq, torch.nn.GELU()]

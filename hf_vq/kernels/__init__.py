@@ -25,6 +25,10 @@ The fast kernels are inference only: they run when no gradient is needed (under 
 therefore always goes through the differentiable reference path.
 
 [`kernel_mode`] forces a path (tests, benchmarks): `"auto"` (default), `"decode"` or `"lut"`.
+
+Memory against speed: the modules keep only codes and codebooks and decode (or run the kernels above) on every
+call. Where memory allows, `module.cache_decoded = True` keeps each decoded weight after its first use: then a
+layer is a dense layer (dense speed, dense memory), on every device.
 """
 
 from __future__ import annotations

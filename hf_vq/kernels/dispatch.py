@@ -64,6 +64,12 @@ def _plain_eager(x: torch.Tensor) -> bool:
 Runner = Callable[..., torch.Tensor]
 
 
+def _check_scales(scales: torch.Tensor | None, codes: torch.Tensor) -> None:
+    """Raise `ValueError` unless `scales` is None or one value per output row (`[rows]`)."""
+    if scales is not None and (scales.dim() != 1 or scales.shape[0] != codes.shape[0]):
+        raise ValueError(f"scales must have shape ({codes.shape[0]},) (one per output row), got {tuple(scales.shape)}.")
+
+
 def _cpu_runner(x2d: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: torch.Tensor | None,
                 scales: torch.Tensor | None, codes_t: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     cached = codes_t() if codes_t is not None and cpu.HAS_NUMBA else None  # only the numba GEMV kernel reads it
@@ -139,6 +145,7 @@ def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
         `torch.Tensor` or `None`: `[..., rows]` in the dtype of `x`; `None` means "decode and call the float
         module's own forward" (with [`decode_matrix`], passing the same `scales`).
     """
+    _check_scales(scales, codes)
     mode = _mode()
     if mode == "decode" or not _plain_eager(x) or needs_grad(x, codebooks, bias, scales):
         return None
@@ -156,6 +163,7 @@ def vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
 def linear_impl(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bias: torch.Tensor | None = None,
                 scales: torch.Tensor | None = None) -> torch.Tensor:
     """The fast kernel when one pays, else decode + `F.linear`, with no autograd (the custom op's body)."""
+    _check_scales(scales, codes)
     mode = _mode()
     kernel = None if mode == "decode" else _fast_kernel(x, codes, codebooks, bias, scales, mode, False)
     if kernel is None:
@@ -184,6 +192,7 @@ def vq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_vq.vq_linear(x, codes, codebooks, bias, scales)
+    _check_scales(scales, codes)
     if needs_grad(x, codebooks, bias, scales) or not _plain_eager(x):
         return F.linear(x, decode_matrix(codes, codebooks, scales=scales), bias)
     return linear_impl(x, codes, codebooks, bias, scales)
@@ -200,6 +209,7 @@ def decode_matrix(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch
     """
     from ..codec.pq import decode
 
+    _check_scales(scales, codes)
     plain = type(codebooks) in (torch.nn.Parameter, torch.Tensor)
     if (needs_grad(codebooks, scales) or not plain or torch.jit.is_scripting() or torch.jit.is_tracing()
             or torch.compiler.is_compiling()):

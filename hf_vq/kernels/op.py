@@ -37,6 +37,9 @@ def _vq_linear_fake(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
     torch._check(codebooks.dim() == 3, lambda: f"codebooks must be [M, k, d], got {codebooks.dim()} dims")
     torch._check(x.shape[-1] == codes.shape[1] * codebooks.shape[2],
                  lambda: f"input has {x.shape[-1]} features, the codes describe {codes.shape[1] * codebooks.shape[2]}")
+    if scales is not None:
+        torch._check(scales.dim() == 1 and scales.shape[0] == codes.shape[0],
+                     lambda: f"scales must have shape ({codes.shape[0]},), got {tuple(scales.shape)}")
     return x.new_empty((*x.shape[:-1], codes.shape[0]))  # [..., rows]
 
 
