@@ -167,11 +167,14 @@ def time_prefill(model, tokens: int, repeats: int, device: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- plan, report
 def plan(variants: list[str], modes: list[str]) -> list[tuple[str, str]]:
-    """(variant, measurement) in priority order: eager and prefill first, then compiled, then the rest."""
+    """(variant, measurement) in priority order, so that a time limit cuts the least important: eager generation
+    of the first two variants, the compressed one compiled (the static-cache case), the dense one compiled, the
+    prefills, the remaining variants, the eager static-cache rows."""
     first, second = variants[:2], variants[2:]
-    tasks = [(v, w) for v in first for w in ("eager-dynamic", "prefill")]
-    tasks += [(v, "compiled-static") for v in first if "compiled-static" in modes]
-    tasks += [(v, w) for v in second for w in ("eager-dynamic", "prefill", "compiled-static")]
+    tasks = [(v, "eager-dynamic") for v in first]
+    tasks += [(v, "compiled-static") for v in reversed(first)]
+    tasks += [(v, "prefill") for v in first]
+    tasks += [(v, w) for v in second for w in ("eager-dynamic", "compiled-static", "prefill")]
     tasks += [(v, "eager-static") for v in variants]
     return [(v, w) for v, w in tasks if w == "prefill" or w in modes]
 
