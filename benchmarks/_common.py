@@ -38,6 +38,12 @@ def machine() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def loadavg() -> list[str] | None:
+    """The 1-, 5- and 15-minute load averages (a shared machine's timings depend on them), or None."""
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else None
+
+
 def random_vq_linear(in_features: int, out_features: int, m: int, k: int, d: int, seed: int):
     """A `VQLinear` (fp32, CPU, inference) with random codes `[out, in/d, m]` and codebooks `[m, k, d]` scaled so
     that its outputs have about unit variance: the per-layer benchmarks' layer."""

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, machine, write
+from _common import RESULTS, loadavg, machine, write
 
 from hf_vq import kernels
 from hf_vq.nn import VQLinear
@@ -186,7 +186,9 @@ def markdown(data: dict) -> str:
              f"with random weights (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
              f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads, "
              f"vocabulary {cfg['vocab_size']}; {data['parameters'] / 1e9:.2f} B parameters), {s['dtype']}, batch 1, "
-             f"{s['prompt']}-token prompt, {s['new_tokens']} new tokens, greedy. hf_vq: every decoder linear a `VQLinear` "
+             f"{s['prompt']}-token prompt, {s['new_tokens']} new tokens, greedy"
+             + (f"; {s['threads']} threads, load average {data['loadavg_start']} at start, {data.get('loadavg_now')} at "
+                "the last row (shared machine)" if m["device"].startswith("cpu") else "") + ". hf_vq: every decoder linear a `VQLinear` "
              "(random codes), embeddings and LM head dense. tok/s = new tokens / wall time of the call (median of "
              f"{s['repeats']}); decode tok/s excludes the prefill (a 1-token call subtracted). Prefill: one eager forward "
              f"of {s['prefill']} tokens. `compiled-static` = transformers' static cache, which compiles the decoding "
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"machine": machine(), "model_config": MODELS[args.device], "command": " ".join(["python", *sys.argv]),
             "settings": {"dtype": str(dtype).replace("torch.", ""), "prompt": args.prompt, "new_tokens": args.new_tokens,
                          "prefill": args.prefill, "repeats": args.repeats, "threads": torch.get_num_threads()},
-            "quantizer_is_compileable": quantizer_is_compileable(), "rows": []}
+            "quantizer_is_compileable": quantizer_is_compileable(), "loadavg_start": loadavg(), "rows": []}
     for variant, task in plan(args.variants, args.modes):
         try:
             row = run_task(models, variant, task, args, dense_builder)
@@ -294,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"variant": variant, "mode": task, "error": f"{type(err).__name__}: {str(err)[:300]}"}
         data["rows"].append(row)
         data["parameters"] = sum(p.numel() for p in build_params(models))
+        data["loadavg_now"] = loadavg()
         if args.device == "cuda":
             data["cuda_kernels"] = {str(k): v for k, v in kernels.cuda_kernels().items()}
             data["dispatch_errors"] = {str(k): v for k, v in kernels.cuda_errors().items()}

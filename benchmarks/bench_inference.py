@@ -45,7 +45,8 @@ import torch
 torch.set_num_threads(2)
 
 import bench_load  # noqa: E402
-from _common import RESULTS, efficientnet_lite0_converter, layer_plot, machine, minilm_path, random_vq_linear, write  # noqa: E402
+from _common import (RESULTS, efficientnet_lite0_converter, layer_plot, loadavg, machine, minilm_path,  # noqa: E402
+                     random_vq_linear, write)
 
 import hf_vq  # noqa: E402
 from hf_vq import kernels  # noqa: E402
@@ -266,7 +267,8 @@ def _markdown(data: dict) -> str:
         "# Inference from codes (CPU)", "",
         f"Machine: {m['device']}, {m['cores_visible']} cores visible, torch {m['torch']}, "
         f"`torch.set_num_threads({m['torch_threads']})`, numba {data['numba']}, aqlm {data['aqlm_version']}; "
-        f"{m['date']}. Load average at start: {data['loadavg_start']} (shared machine).", "",
+        f"{m['date']}. Load average at start: {data['loadavg_start']}, at the end: {data.get('loadavg_end')} (shared "
+        "machine).", "",
         "Times are ms per call: **median of interleaved rounds** (best round in parentheses); the order is shuffled every round and each sample follows one untimed call, so every path is timed in steady state as AQLM is in its own process. hf_vq = `VQLinear` "
         "with its own dispatch (path in the table); LUT / decode = each path forced. AQLM = its `QuantizedLinear` "
         "on the same codes and codebooks, in a child with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue` "
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         data["loading"] = {"pairs": args.load_pairs, **bench_load.run(args.load_pairs)}
     for section, empty in (("layers", []), ("models", []), ("loading", None)):
         data.setdefault(section, empty)
+    data["loadavg_end"] = loadavg()
     data["bars"] = _bars(data["layers"], data["loading"])
     out = Path(args.out)
     write(out, data, _markdown(data))
