@@ -36,6 +36,8 @@ __all__ = ["Kernel", "TRITON_MAX_BATCH", "candidates", "choose", "cuda_choices",
 TRITON_MAX_BATCH = 16
 #: Largest number of input rows for which the lookup-table GEMV (one gather per code and input row) is a candidate.
 LUT_MAX_BATCH = 2
+#: Largest codebook for the lookup-table GEMV (its tables hold k entries per code column).
+LUT_MAX_K = 1024
 
 _LUT_CONFIGS = [{"BLOCK_R": 256, "BLOCK_C": 16, "num_warps": 4}, {"BLOCK_R": 512, "BLOCK_C": 16, "num_warps": 4},
                 {"BLOCK_R": 1024, "BLOCK_C": 16, "num_warps": 8}]
@@ -92,11 +94,11 @@ def _kernel(name: str, config: dict | None = None) -> Kernel:
     return Kernel(name, tuple(sorted((config or {}).items())))
 
 
-def candidates(batch: int, d: int, dtype: torch.dtype, *, fast_only: bool = False) -> list[Kernel]:
+def candidates(batch: int, d: int, dtype: torch.dtype, *, k: int = 256, fast_only: bool = False) -> list[Kernel]:
     """The kernels tried for `batch` input rows of `dtype` and blocks of length `d` (see the module doc), the one
     expected fastest first (the choice when nothing is timed)."""
     found = []
-    if batch <= LUT_MAX_BATCH:
+    if batch <= LUT_MAX_BATCH and k <= LUT_MAX_K:
         found += [_kernel("lut", c) for c in _LUT_CONFIGS]
     if batch <= TRITON_MAX_BATCH:
         found += [_kernel("gemv", c) for c in (_GEMV_CONFIGS if batch <= 4 else _GEMV_CONFIGS[:1])]
@@ -178,7 +180,7 @@ def choose(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: torc
     kernel = _CHOICE.get((key, fast_only))
     if kernel is not None:
         return kernel
-    found = candidates(batch, books.shape[-1], x.dtype, fast_only=fast_only)
+    found = candidates(batch, books.shape[-1], x.dtype, k=books.shape[1], fast_only=fast_only)
     if len(found) == 1:
         kernel = _CHOICE[(key, fast_only)] = found[0]
         return kernel

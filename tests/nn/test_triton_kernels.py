@@ -93,6 +93,7 @@ def test_candidates_per_batch():
     assert names(512, torch.float32) == {"decode"}  # no tf32 tensor cores for float32 inputs
     assert names(1, d=9) == {"lut", "gemv", "decode"}  # the tensor-core kernel needs a power-of-two d
     assert names(512, torch.float32, fast_only=True) == {"gemv"}  # kernel_mode("lut") beyond every range
+    assert names(1, k=65536) == {"gemv", "mma", "decode"}  # no lookup tables of 65536 entries per code
     assert all(k.family == ("decode" if k.name == "decode" else "gemv") for k in cuda_dispatch.candidates(1, 4, torch.float16))
 
 
