@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         data["parameters"] = sum(p.numel() for p in build_params(models))
         data["loadavg_now"] = loadavg()
         if args.device == "cuda":
-            data["cuda_kernels"] = {str(k): v for k, v in kernels.cuda_kernels().items()}
+            data["cuda_kernels"] = {str(k): f"graphs: {v}; eager: {kernels.cuda_kernels(eager=True).get(k)}"
+                                    for k, v in kernels.cuda_kernels().items()}
             data["dispatch_errors"] = {str(k): v for k, v in kernels.cuda_errors().items()}
         print(f"[generate] {row}", flush=True)
         write(out, data, markdown(data), quiet=True)  # after every row: a time limit keeps what was measured

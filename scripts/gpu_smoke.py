@@ -93,9 +93,11 @@ def main() -> int:
         torch.cuda.synchronize()
         key = next(k for k in kernels.cuda_kernels() if k[0] == (4096, 1024, 1))
         skipped = {k[1]: v for k, v in kernels.cuda_errors().items() if k[0] == key}
-        ok = torch.equal(out, want) and rel_error(out, ref) < 5e-3 and not skipped
-        return ok, f"error {rel_error(out, ref):.1e}, chose {kernels.cuda_kernels()[key]}, timings " \
-                   f"{kernels.cuda_timings().get(key)}, skipped {skipped}"
+        errors = (rel_error(want, ref), rel_error(out, ref))  # eager kernel, graph kernel (may differ)
+        ok = max(errors) < 5e-3 and not skipped
+        return ok, f"errors eager/graph {errors[0]:.1e}/{errors[1]:.1e}, graph kernel {kernels.cuda_kernels()[key]}, " \
+                   f"eager kernel {kernels.cuda_kernels(eager=True)[key]}, timings {kernels.cuda_timings().get(key)}, " \
+                   f"skipped {skipped}"
 
     @check("compile-reduce-overhead")
     def _():

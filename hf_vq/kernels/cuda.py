@@ -9,8 +9,10 @@ Candidates (each with a few tile configurations):
 
 The first call for a key (codes shape and dtype, codebooks shape, input dtype, device, batch rounded up to a power
 of two) runs every candidate once on the real inputs, checks its output against the float32 reference (decode +
-`F.linear`), times the ones that agree (GPU time, CUDA events, launch overhead hidden behind a GPU sleep) and keeps
-the fastest; a candidate that raises or disagrees is recorded (`cuda_errors()`) and skipped. Later calls are a
+`F.linear`), times the ones that agree and keeps two winners: the least GPU time (CUDA events, launch overhead
+hidden behind a GPU sleep) for calls inside a CUDA-graph capture, and the least wall time per call (back-to-back
+eager calls: a kernel that needs three launches loses there when Python is slower than the GPU) for eager calls.
+A candidate that raises or disagrees is recorded (`cuda_errors()`) and skipped. Later calls are a
 dictionary look-up and the kernel launch: no timing, no host synchronisation, and nothing that breaks a CUDA-graph
 capture. A key first met *inside* a capture (nothing can be timed there) takes a fixed default, not cached. With
 `HF_VQ_TRITON_AUTOTUNE=0` nothing is timed: each key takes its first candidate (the order above).
@@ -19,6 +21,7 @@ capture. A key first met *inside* a capture (nothing can be timed there) takes a
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -119,8 +122,9 @@ def _default(batch: int, fast_only: bool) -> Kernel:
     return _kernel("decode")
 
 
-_CHOICE: dict[tuple[Key, bool], Kernel] = {}  # (key, fast_only) -> kernel
-_TIMINGS: dict[tuple[Key, bool], dict[str, float]] = {}  # (key, fast_only) -> {kernel: GPU ms per call}
+# (key, fast_only) -> (kernel for eager calls, kernel inside CUDA-graph captures)
+_CHOICE: dict[tuple[Key, bool], tuple[Kernel, Kernel]] = {}
+_TIMINGS: dict[tuple[Key, bool], dict[str, dict[str, float]]] = {}  # (key, fast_only) -> {kernel: {"gpu_ms", "wall_ms"}}
 _ERRORS: dict[tuple[Key, str], str] = {}  # (key, kernel) -> why it was skipped
 
 
@@ -137,6 +141,17 @@ def _gpu_ms(fn: Callable[[], torch.Tensor], calls: int = 5) -> float:
     return start.elapsed_time(end) / calls
 
 
+def _wall_ms(fn: Callable[[], torch.Tensor], calls: int = 20) -> float:
+    """Wall milliseconds per call of `calls` back-to-back eager calls: launch overhead included (what an eager
+    loop waits for when the GPU is faster than Python)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def _reference(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: torch.Tensor | None,
                scales: torch.Tensor | None) -> torch.Tensor:
     """float32 `(x @ decode(codes)ᵀ) * scales + bias` with the reference decode (torch ops only)."""
@@ -148,8 +163,8 @@ def _reference(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: 
     return F.linear(x.float(), weight, None if bias is None else bias.float())  # [B, rows]
 
 
-def _measure(key: Key, kernels: list[Kernel], args: tuple) -> dict[Kernel, float]:
-    """GPU ms per call of each kernel whose output agrees with the reference; failures go to `_ERRORS`."""
+def _measure(key: Key, kernels: list[Kernel], args: tuple) -> dict[Kernel, dict[str, float]]:
+    """GPU and wall ms per call of each kernel whose output agrees with the reference; failures go to `_ERRORS`."""
     ref = _reference(*args)
     scale = ref.abs().max().clamp_min(1e-6)
     timings = {}
@@ -160,15 +175,30 @@ def _measure(key: Key, kernels: list[Kernel], args: tuple) -> dict[Kernel, float
             if not err <= _TOLERANCE.get(args[0].dtype, 3e-2):
                 _ERRORS[(key, str(kernel))] = f"max relative error {err:.3g} against the reference"
                 continue
-            timings[kernel] = min(_gpu_ms(lambda: kernel(*args)) for _ in range(2))
+            run = lambda: kernel(*args)  # noqa: E731
+            timings[kernel] = {"gpu_ms": min(_gpu_ms(run) for _ in range(2)), "wall_ms": _wall_ms(run)}
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or run is skipped, not fatal
             _ERRORS[(key, str(kernel))] = f"{type(err).__name__}: {str(err)[:300]}"
     return timings
 
 
+def _pick(key: Key, batch: int, d: int, k: int, x: torch.Tensor, args: tuple, fast_only: bool) -> tuple[Kernel, Kernel]:
+    """(eager kernel, graph kernel) for a key met for the first time outside a capture."""
+    found = candidates(batch, d, x.dtype, k=k, fast_only=fast_only)
+    if len(found) == 1 or _fixed_configs():  # HF_VQ_TRITON_AUTOTUNE=0: the first candidate, untimed
+        return found[0], found[0]
+    with torch.no_grad(), torch.cuda.device(x.device):
+        timings = _measure(key, found, args)
+    _TIMINGS[(key, fast_only)] = {str(kn): {n: round(v, 5) for n, v in t.items()} for kn, t in timings.items()}
+    if not timings:
+        return _kernel("decode"), _kernel("decode")
+    return (min(timings, key=lambda kn: timings[kn]["wall_ms"]), min(timings, key=lambda kn: timings[kn]["gpu_ms"]))
+
+
 def choose(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: torch.Tensor | None = None,
            scales: torch.Tensor | None = None, *, fast_only: bool = False) -> Kernel:
-    """The kernel for this layer shape and batch (timed on first use, see the module doc).
+    """The kernel for this layer shape and batch (timed on first use, see the module doc): inside a CUDA-graph
+    capture the one with the least GPU time, in eager calls the one with the least wall time per call.
 
     Args:
         x (`torch.Tensor`): inputs `[B, cols]` on a CUDA device.
@@ -177,40 +207,32 @@ def choose(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, bias: torc
     """
     batch = x.shape[0]
     key = (tuple(codes.shape), codes.dtype, tuple(books.shape), x.dtype, x.device, next_pow2(batch))
-    kernel = _CHOICE.get((key, fast_only))
-    if kernel is not None:
-        return kernel
-    found = candidates(batch, books.shape[-1], x.dtype, k=books.shape[1], fast_only=fast_only)
-    if len(found) == 1:
-        kernel = _CHOICE[(key, fast_only)] = found[0]
-        return kernel
-    if torch.cuda.is_current_stream_capturing():
-        return _default(batch, fast_only)
-    if _fixed_configs():  # HF_VQ_TRITON_AUTOTUNE=0: the first candidate, untimed (fast, deterministic first calls)
-        kernel = _CHOICE[(key, fast_only)] = found[0]
-        return kernel
-    with torch.no_grad(), torch.cuda.device(x.device):
-        timings = _measure(key, found, (x, codes, books, bias, scales))
-    _TIMINGS[(key, fast_only)] = {str(k): round(v, 5) for k, v in timings.items()}
-    kernel = min(timings, key=timings.get) if timings else _kernel("decode")
-    _CHOICE[(key, fast_only)] = kernel
-    return kernel
+    pair = _CHOICE.get((key, fast_only))
+    capturing = torch.cuda.is_current_stream_capturing()
+    if pair is None:
+        if capturing:  # nothing can be timed inside a capture
+            return _default(batch, fast_only)
+        pair = _CHOICE[(key, fast_only)] = _pick(key, batch, books.shape[-1], books.shape[1], x,
+                                                (x, codes, books, bias, scales), fast_only)
+    return pair[1] if capturing else pair[0]
 
 
 def cuda_choices() -> dict[Key, str]:
-    """The CUDA paths chosen so far (automatic mode): key -> `"gemv"` (a kernel straight from the codes) or
-    `"decode"` (decode + cuBLAS). The key is (codes shape, codes dtype, codebooks shape, input dtype, device,
-    batch bucket)."""
-    return {key: kernel.family for (key, fast_only), kernel in _CHOICE.items() if not fast_only}
+    """The CUDA paths chosen so far for CUDA graphs (automatic mode): key -> `"gemv"` (a kernel straight from the
+    codes) or `"decode"` (decode + cuBLAS). The key is (codes shape, codes dtype, codebooks shape, input dtype,
+    device, batch bucket)."""
+    return {key: pair[1].family for (key, fast_only), pair in _CHOICE.items() if not fast_only}
 
 
-def cuda_kernels() -> dict[Key, str]:
-    """The kernels (with their tile configurations) chosen so far in automatic mode, key as in [`cuda_choices`]."""
-    return {key: str(kernel) for (key, fast_only), kernel in _CHOICE.items() if not fast_only}
+def cuda_kernels(*, eager: bool = False) -> dict[Key, str]:
+    """The kernels (with their tile configurations) chosen so far in automatic mode for CUDA graphs (least GPU
+    time), or for eager calls (least wall time per call) with `eager=True`; key as in [`cuda_choices`]."""
+    return {key: str(pair[0] if eager else pair[1]) for (key, fast_only), pair in _CHOICE.items() if not fast_only}
 
 
-def cuda_timings() -> dict[Key, dict[str, float]]:
-    """GPU ms per call of every candidate timed so far (automatic mode), key as in [`cuda_choices`]."""
+def cuda_timings() -> dict[Key, dict[str, dict[str, float]]]:
+    """GPU ms (`"gpu_ms"`, launch overhead hidden) and wall ms (`"wall_ms"`, eager calls back to back) per call of
+    every candidate timed so far (automatic mode), key as in [`cuda_choices`]."""
     return {key: dict(t) for (key, fast_only), t in _TIMINGS.items() if not fast_only}
 
 
