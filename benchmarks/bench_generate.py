@@ -17,7 +17,7 @@ Modes, each `generate(do_sample=False)` of `--new-tokens` tokens after a `--prom
 
 Reported: tokens/s over the whole call (new tokens / wall time; median of `--repeats` timed calls after one
 untimed call that compiles and lets the kernels be chosen), decode tokens/s (the same difference with a
-1-token call removed: prefill excluded), prefill ms (one forward of `--prefill` tokens, eager), peak memory
+call stopped after 1 token removed: prefill excluded), prefill ms (one forward of `--prefill` tokens, eager), peak memory
 during generation (the model's weights plus what the call allocates: KV cache, activations, decoded weights)
 and the weights' size. Rows are written after each measurement (a time limit keeps what was
 measured); a failing row is recorded as an error.
@@ -103,11 +103,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _generate(model, ids: torch.Tensor, new_tokens: int, mode: str):
+def _stop_after(prompt: int, tokens: int):
+    """A stopping criterion ending generation after `tokens` new tokens (the static cache keeps its length, so a
+    compiled model is not recompiled for the shorter call, as a smaller `max_new_tokens` would)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            done = input_ids.shape[1] >= prompt + tokens
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopAfter()])
+
+
+def _generate(model, ids: torch.Tensor, new_tokens: int, mode: str, stop_after: int | None = None):
     from transformers.generation.configuration_utils import CompileConfig
 
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
               "pad_token_id": model.config.eos_token_id}
+    if stop_after is not None:
+        kwargs["stopping_criteria"] = _stop_after(ids.shape[1], stop_after)
     if mode != "eager-dynamic":
         kwargs["cache_implementation"] = "static"
     if mode == "eager-static":
@@ -131,10 +146,10 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, repeats:
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        for count, store in ((new_tokens, totals), (1, ones)):
+        for stop, store in ((None, totals), (1, ones)):
             _sync(device)
             start = time.perf_counter()
-            _generate(model, ids, count, mode)
+            _generate(model, ids, new_tokens, mode, stop_after=stop)
             _sync(device)
             store.append(time.perf_counter() - start)
     total, one = statistics.median(totals), statistics.median(ones)
@@ -190,7 +205,7 @@ def markdown(data: dict) -> str:
              + (f"; {s['threads']} threads, load average {data['loadavg_start']} at start, {data.get('loadavg_now')} at "
                 "the last row (shared machine)" if m["device"].startswith("cpu") else "") + ". hf_vq: every decoder linear a `VQLinear` "
              "(random codes), embeddings and LM head dense. tok/s = new tokens / wall time of the call (median of "
-             f"{s['repeats']}); decode tok/s excludes the prefill (a 1-token call subtracted). Prefill: one eager forward "
+             f"{s['repeats']}); decode tok/s excludes the prefill (the same call stopped after 1 token subtracted). Prefill: one eager forward "
              f"of {s['prefill']} tokens. `compiled-static` = transformers' static cache, which compiles the decoding "
              "step (CUDA graphs on a GPU). The compressed models here are built directly (no quantizer attached); models "
              "made by `quantize_` or loaded by `from_pretrained` carry hf_vq's transformers quantizer, whose "
