@@ -7,7 +7,8 @@
 #   2. benchmarks/bench_gpu.py (<= 80 s): per-layer GPU time vs cuBLAS -> gpu_kernels.{json,md,png};
 #   3. benchmarks/bench_generate.py (<= 140 s): generate() tok/s, prefill, peak memory, dense vs hf_vq, eager and
 #      compiled (static cache) -> generate_cuda.{json,md,png} (rows written as they are measured);
-#   4. the CUDA tests (<= 45 s, HF_VQ_TRITON_AUTOTUNE=0: fixed kernels, no timing), compile/graph tests first.
+#   4. the CUDA tests (<= 45 s, HF_VQ_TRITON_AUTOTUNE=0: fixed kernels, no timing): every kernel configuration
+#      first, then compile / CUDA-graph tests, then the older kernel tests (what does not fit is cut, and says so).
 # Everything is written flat under OUT_DIR (8 files: the six above, log.txt with every part's output, summary.txt);
 # a compact summary is printed at the end.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR        (default benchmarks/results/gpu)
@@ -44,7 +45,7 @@ part smoke 55 $PY scripts/gpu_smoke.py
 part bench_gpu 80 $PY benchmarks/bench_gpu.py --out "$OUT/gpu_kernels" --batches 1 16 512
 part bench_generate 140 $PY benchmarks/bench_generate.py --device cuda --out "$OUT/generate_cuda" --repeats 2
 part cuda_tests 45 env HF_VQ_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider \
-    tests/nn/test_compile.py tests/nn/test_triton_kernels.py tests/nn/test_kernels.py \
+    tests/nn/test_triton_kernels.py tests/nn/test_compile.py tests/nn/test_kernels.py \
     tests/integrations/test_transformers.py -k "cuda or gpu or autotuned or triton_matches"
 
 echo "total $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
