@@ -363,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
     parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
                         "does not depend on them)")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and numba) threads (default 2, the machine's cores)")
     parser.add_argument("--keep", action="store_true", help="sections given to --skip keep their figures from the "
                         "existing results file (their own date is noted)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
     try:
         import numba
