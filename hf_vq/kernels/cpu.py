@@ -29,6 +29,8 @@ Both kernels are **inference only**: callers use them when no autograd graph is 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -147,13 +149,18 @@ if HAS_NUMBA:
 PARALLEL_MIN_WORK = 1 << 20
 
 
-def _sync_numba_threads(work: int | None = None) -> None:
+_threads = threading.local()  # numba's thread count is per calling thread: remember what this thread set
+
+
+def _sync_numba_threads(work: int | None = None) -> int:
     """Run numba kernels on as many threads as torch uses (`torch.set_num_threads`), within numba's limit; on one
-    thread for less than `PARALLEL_MIN_WORK` elements of `work`."""
+    thread for less than `PARALLEL_MIN_WORK` elements of `work`. Returns the thread count."""
     wanted = 1 if work is not None and work < PARALLEL_MIN_WORK else torch.get_num_threads()
     wanted = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
+    if getattr(_threads, "count", None) != wanted:
         numba.set_num_threads(wanted)
+        _threads.count = wanted
+    return wanted
 
 
 def _as_numpy(t: torch.Tensor) -> "np.ndarray":
@@ -196,10 +203,9 @@ def lut_codes(codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _tile(rows: int) -> int:
+def _tile(rows: int, threads: int) -> int:
     """Output rows per thread task: at most 256 (each lookup-table row is reused across them), fewer when that
     leaves threads idle."""
-    threads = numba.get_num_threads() if HAS_NUMBA else 1
     return max(16, min(256, -(-rows // (2 * threads))))
 
 
@@ -225,9 +231,9 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
     lut = build_lut(x, codebooks)  # [B, n_blocks*M, k]
     if HAS_NUMBA:
         codes_t = lut_codes(codes) if codes_t is None else codes_t  # [n_blocks*M, rows]
-        _sync_numba_threads(x.shape[0] * codes_t.numel())
+        threads = _sync_numba_threads(x.shape[0] * codes_t.numel())
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [B, rows]
-        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows))
+        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows, threads))
     else:
         flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
         n_codes, k = lut.shape[1], lut.shape[2]
@@ -237,22 +243,21 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
     return out if scales is None else out.mul_(scales.float())
 
 
-_WORDS = ((16, "complex128"), (8, "uint64"), (4, "uint32"), (2, "uint16"))  # (bytes, numpy dtype of the same size)
+_WORDS = ((16, torch.complex128), (8, torch.int64), (4, torch.int32), (2, torch.int16))  # (bytes, same-size dtype)
 
 
 def _word_views(codebook: torch.Tensor, out: torch.Tensor) -> tuple["np.ndarray", "np.ndarray"]:
     """`codebook [k, d]` and `out [rows, cols]` reinterpreted as arrays of the widest machine word that divides a
     codeword's bytes: `[k, w]` and `[rows, cols / d * w]` (bit copies of these words are the decode when M = 1)."""
     size = codebook.shape[1] * codebook.element_size()
-    nbytes, name = next((n, t) for n, t in _WORDS if size % n == 0)
-    words = codebook.contiguous().view(torch.uint8).numpy().view(np.dtype(name))  # [k, w]
-    return words, out.view(torch.uint8).numpy().view(np.dtype(name))
+    word = next(dtype for nbytes, dtype in _WORDS if size % nbytes == 0)
+    return codebook.contiguous().view(word).numpy(), out.view(word).numpy()  # [k, w], [rows, n_blocks * w]
 
 
 def _decode_words(codes: torch.Tensor, codebook: torch.Tensor, out: torch.Tensor) -> None:
     """M = 1 decode into `out [rows, n_blocks * d]` by copying codewords as machine words."""
     words, target = _word_views(codebook, out)  # [k, w], [rows, n_blocks * w]
-    codes2d = _as_numpy(codes.reshape(codes.shape[0], -1))  # [rows, n_blocks]
+    codes2d = codes.reshape(codes.shape[0], -1).contiguous().numpy()  # [rows, n_blocks] (codes never need grad)
     if words.shape[1] == 1:
         _copy_words1(codes2d, words.reshape(-1), target)
     else:
