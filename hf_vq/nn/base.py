@@ -16,13 +16,13 @@ float class as a base means subclasses with their own `forward` (timm's `Conv2dS
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
 
 import torch
 from torch import nn
 
 from ..codec.packing import bits_for, pack_codes, packed_row_bytes, unpack_codes
-from ..kernels import decode_matrix, vq_matmul
+from ..kernels import decode_matrix, needs_grad, vq_linear, vq_matmul
 from ..kernels import lut_codes as kernel_lut_codes
 
 __all__ = ["VQModuleMixin", "CodesError"]
@@ -191,6 +191,20 @@ class VQModuleMixin:
         self._codes_cache = (key, codes)
         return codes
 
+    def _kernel_codes(self) -> torch.Tensor:
+        """Unpacked codes `[rows, n_blocks, M]` for compiled graphs: no data-pointer checks, no host synchronisation.
+
+        At 8 bits the stored bytes themselves (packing is the identity), else unpacked in the graph. Not validated:
+        eager calls check the codes ([`unpacked_codes`]); a compiled graph trusts them.
+        """
+        packed = self.codes  # uint8 [rows, packed_bytes]
+        rows = packed.shape[0]
+        n_blocks = math.prod(self.weight_shape) // rows // self.d
+        if self.bits == 8:
+            return packed.view(rows, n_blocks, self.num_codebooks)
+        codes = unpack_codes(packed, self.bits, n_blocks * self.num_codebooks)  # [rows, n_blocks * M]
+        return codes.reshape(rows, n_blocks, self.num_codebooks)
+
     def lut_codes(self) -> torch.Tensor:
         """The unpacked codes transposed for the CPU LUT kernel, `[n_blocks * M, rows]`, cached like them."""
         codes = self.unpacked_codes()  # [rows, n_blocks, M]
@@ -207,16 +221,17 @@ class VQModuleMixin:
         runs in hf_vq's numba kernel (same values as [`hf_vq.codec.decode`], see `hf_vq.kernels`).
         """
         use_cache = self.cache_decoded and not (torch.is_grad_enabled() and self.codebooks.requires_grad)
-        scales = self.scales
+        scales = self.scales  # [rows] or None
+        if torch.compiler.is_compiling():  # traceable: no data-pointer keys, no cache writes
+            if use_cache and self._weight_cache is not None:
+                return self._weight_cache[1]
+            return self._matrix_to_weight(decode_matrix(self._kernel_codes(), self.codebooks, scales=scales))
         if use_cache:
             key = (self.codebooks.data_ptr(), self.codebooks._version, self.codes._version, self.codebooks.dtype,
                    None if scales is None else (scales.data_ptr(), scales._version))
             if self._weight_cache is not None and self._weight_cache[0] == key:
                 return self._weight_cache[1]
-        matrix = decode_matrix(self.unpacked_codes(), self.codebooks)  # [rows, cols]
-        if scales is not None:
-            matrix = matrix * scales.to(matrix.dtype)[:, None]
-        weight = self._matrix_to_weight(matrix)
+        weight = self._matrix_to_weight(decode_matrix(self.unpacked_codes(), self.codebooks, scales=scales))
         if use_cache:
             self._weight_cache = (key, weight)
         else:
@@ -231,7 +246,9 @@ class VQModuleMixin:
         """`input @ matrix.T + bias` computed from the codes by a fast kernel, or `None` to decode instead.
 
         For modules whose forward is a matmul with the `[rows, cols]` matrix (linear, GPT-2 `Conv1D`).
-        Inference only; the rule and the kernels are in `hf_vq.kernels` ([`hf_vq.kernels.vq_matmul`]).
+        Inference only; the rule and the kernels are in `hf_vq.kernels` ([`hf_vq.kernels.vq_matmul`]). Under
+        `torch.compile` it is the custom op `hf_vq::vq_linear`, so compiled graphs (and CUDA graphs) run the fast
+        kernels; with gradients, `cache_decoded` or mismatched dtypes the float forward runs instead.
 
         Args:
             input (`torch.Tensor`): `[..., cols]`.
@@ -240,17 +257,15 @@ class VQModuleMixin:
         Returns:
             `torch.Tensor` or `None`: `[..., rows]`, or `None` when decode + the float forward is the better path.
         """
+        scales = self.scales  # [rows] or None
+        if torch.compiler.is_compiling():  # the custom op `hf_vq::vq_linear`: the fast kernel inside the graph
+            books = self.codebooks
+            if self.cache_decoded or input.dtype != books.dtype or needs_grad(input, books, bias, scales):
+                return None  # the float forward on the (cached or in-graph decoded) weight
+            return vq_linear(input, self._kernel_codes(), books, bias, scales=scales)
         cached = self.cache_decoded and self._weight_cache is not None
-        scales = self.scales
-        if scales is None:
-            return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, weight_is_cached=cached,
-                             codes_t=self.lut_codes)
-        out = vq_matmul(input, self.unpacked_codes(), self.codebooks, None, weight_is_cached=cached,
-                        codes_t=self.lut_codes)  # [..., rows] without the scales
-        if out is None:
-            return None
-        out = out * scales.to(out.dtype)
-        return out if bias is None else out + bias.to(out.dtype)
+        return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, scales=scales, weight_is_cached=cached,
+                         codes_t=self.lut_codes)
 
     # ------------------------------------------------------------------ conversion back
     def dequantize(self) -> nn.Module:

@@ -52,7 +52,8 @@ class VQEmbedding(VQModuleMixin, nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.max_norm is not None:  # renormalisation needs the table: fall back to the dense path
             return super().forward(input)
-        codes = self.unpacked_codes()[input]  # [*input.shape, n_blocks, M]
+        table = self._kernel_codes() if torch.compiler.is_compiling() else self.unpacked_codes()  # [rows, n_blocks, M]
+        codes = table[input]  # [*input.shape, n_blocks, M]
         rows = decode(codes.reshape(-1, *codes.shape[-2:]), self.codebooks)  # [input.numel(), embedding_dim]
         if self.scales is not None:
             rows = rows * self.scales[input.reshape(-1)].to(rows.dtype)[:, None]

@@ -102,6 +102,12 @@ class HfVQQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        """VQ layers are a custom op under `torch.compile` (`hf_vq::vq_linear`): transformers may compile the
+        forward (static-cache `generate`), as it does for dense models."""
+        return True
+
+    @property
     def is_qat_trainable(self) -> bool:
         """Codebooks (and every dense parameter) train with `Trainer`; the uint8 codes are buffers and stay frozen."""
         return True
