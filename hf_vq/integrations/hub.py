@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+from ..serialization.folder import MANIFEST_NAME
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,7 +70,8 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
                   commit_description: str | None = None):
     """Create `repo_id` if needed and upload `folder` to it in one commit, retrying on network failures.
 
-    A commit is all or nothing on the Hub, so retrying a dropped upload is safe. `folder` is only read.
+    A commit is all or nothing on the Hub, so retrying a dropped upload is safe. `folder` is only read; hf_vq's list
+    of the files it wrote (`.hf_vq.json`) stays local.
 
     Args:
         folder: the local model folder to upload (e.g. one written by `save_compressed`).
@@ -96,7 +99,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                      commit_message=commit_message, commit_description=commit_description,
-                                     create_pr=create_pr)
+                                     create_pr=create_pr, ignore_patterns=[MANIFEST_NAME])
         except _transport_errors() as err:  # refused, reset, dropped mid-upload, timeout
             last = err
             logger.warning("hf_vq: upload of %s to %s failed (attempt %d/%d): %s", folder, repo_id, attempt,
