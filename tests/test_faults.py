@@ -87,6 +87,20 @@ def test_current_directory_is_refused(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("saver", list(SAVERS))
+def test_saving_into_the_working_folder_keeps_it(saver, models, tmp_path, monkeypatch):
+    """A model folder that is the working folder is updated file by file (swapping it would leave the process in a
+    deleted folder); the user's files stay."""
+    kind, save, _ = SAVERS[saver]
+    target = tmp_path / "vq"
+    save(models[kind], target)
+    user_files(target)
+    monkeypatch.chdir(target)
+    save(models[kind + "-b"], ".")
+    assert Path(os.getcwd()) == target and (target / "results.csv").is_file() and (target / "src" / "train.py").is_file()
+    assert _same_outputs(kind, target, models[kind + "-b"]) and not leftovers(target)
+
+
+@pytest.mark.parametrize("saver", list(SAVERS))
 def test_file_is_never_replaced_by_a_folder(saver, models, tmp_path):
     kind, save, _ = SAVERS[saver]
     target = tmp_path / "model"
@@ -358,6 +372,15 @@ def test_cli_refuses_bad_outputs_before_loading(dense_folder, tmp_path, capsys):
     assert code == 2 and "locked is not writable" in err and "compressing" not in out
     locked.rmdir()
     assert tree(tmp_path) == before and tree(dense_folder) == dense_before
+
+
+def test_cli_names_a_broken_model_config(dense_folder, tmp_path, capsys):
+    broken = tmp_path / "dense"
+    shutil.copytree(dense_folder, broken)
+    (broken / "config.json").write_text("{not json")
+    code, out, err = _main(capsys, "compress", str(broken), "--out", str(tmp_path / "vq"), "--no-eval")
+    assert code == 2 and "config.json is not valid JSON" in err and "re-download" in err, err
+    assert not (tmp_path / "vq").exists()
 
 
 def test_cli_spec_matching_nothing_writes_nothing(dense_folder, tmp_path, capsys):

@@ -221,6 +221,18 @@ def test_module_missing_from_config_json_is_an_error(loader, saved, tmp_path):
         load(bad)
 
 
+@pytest.mark.parametrize("loader", ["transformers", "transformers-device_map"])
+def test_tied_module_whose_owner_entry_is_missing(loader, saved, tmp_path):
+    """GPT-2's lm_head shares the token embedding's codes: without the embedding's entry it has nothing to load."""
+    bad = _copy(saved, "gpt2", tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    del config["quantization_config"]["modules"]["transformer.wte"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"modules\['lm_head'\].tied_to='transformer.wte' names no compressed module.*"
+                                         r"config.json is incomplete"):
+        LOADERS[loader][1](bad)
+
+
 BAD_VALUES = [  # (edit of quantization_config, what the message names)
     (lambda q: q.update(k="16"), r"VQConfig.k='16' is out of range"),
     (lambda q: q.update(k=2.5), r"VQConfig.k=2.5"),

@@ -24,7 +24,12 @@ def detect_library(folder: str | os.PathLike) -> str:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a timm or transformers model folder.")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or re-download it.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; fix or re-download it.")
     if "architecture" in config:
         return "timm"
     if "model_type" in config:

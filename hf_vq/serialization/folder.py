@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import VQConfig
-from .checksum import checksums_json
+from .checksum import CHECKSUMS_KEY, checksums_json
 from .format import WEIGHTS_NAME, metadata_for
 from .fsops import (deferred_signals, exchange, link_tree, lock_folder, merge_back, pid_alive, remove_entry,
                     terminate_raises, unlock_folder)
@@ -203,9 +203,14 @@ def _commit(tmp: Path, target: Path, token: str) -> None:
         if entry.name != MANIFEST_NAME and entry.name not in new and entry.name not in (owned or ()):
             link_tree(entry, tmp / entry.name)
     old = target.with_name(f".{target.name}.hf_vq-old-{os.getpid()}-{token}")
-    with deferred_signals():
-        exchange(tmp, target, old)
-    _discard(old, target, owned or set(), timeout=READER_TIMEOUT_S)
+    try:
+        with deferred_signals():
+            exchange(tmp, target, old)
+        _discard(old, target, owned or set(), timeout=READER_TIMEOUT_S)
+    except BaseException:  # e.g. SIGINT right after the swap: clean up the replaced version now, then stop
+        if old.exists() and target.exists():
+            _discard(old, target, owned or set(), timeout=0)
+        raise
 
 
 def _holds_cwd(target: Path) -> bool:
@@ -250,14 +255,14 @@ def _discard(old: Path, target: Path, owned: set[str], *, timeout: float) -> boo
                 with contextlib.suppress(FileNotFoundError):
                     remove_entry(old / name)
             kept = merge_back(old, target)
+            if not kept:
+                with contextlib.suppress(OSError):
+                    old.rmdir()
     finally:
         unlock_folder(fd)
     if kept:
         logger.warning("hf_vq: kept %s: it holds %s, which differ from the entries of that name in %s; compare and "
                        "merge them by hand.", old, [str(p.relative_to(old)) for p in kept[:5]], target)
-    else:
-        with contextlib.suppress(OSError):
-            old.rmdir()
     return True
 
 
@@ -321,6 +326,6 @@ def save_weights(model: nn.Module, folder: str | os.PathLike, *, config: VQConfi
     path = Path(folder) / WEIGHTS_NAME
     state = disk_state_dict(model, config)
     metadata = metadata_for(config) if config is not None else {"format": "pt"}
-    metadata["hf_vq_checksums"] = checksums_json(state)
+    metadata[CHECKSUMS_KEY] = checksums_json(state)
     save_file(state, str(path), metadata=metadata)
     return path

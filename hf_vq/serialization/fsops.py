@@ -59,7 +59,11 @@ def exchange(new: Path, target: Path, old: Path) -> None:
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise OSError(code, os.strerror(code), str(target))
     os.rename(target, old)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(old, target)  # put the previous folder back
+        raise
 
 
 def lock_folder(fd: int, *, shared: bool, timeout: float | None = None) -> bool:

@@ -128,10 +128,12 @@ def pin_checkpoint_files(checkpoint_files: list[str]) -> PinnedFolder | None:
         return None
     folder = Path(checkpoint_files[0]).parent
     pin = PinnedFolder(folder)
-    try:
-        names = [path.name for path in weight_files(pin.root)]  # the pinned version's files (its own index)
-    except CheckpointError:
-        names = None  # the files transformers found are gone or unreadable: its own paths give the error
+    names = [Path(file).name for file in checkpoint_files if Path(file).parent == folder]
+    if not all(pin.file(name).is_file() for name in names):  # a save changed the sharding meanwhile
+        try:
+            names = [path.name for path in weight_files(pin.root)]  # the pinned version's files (its own index)
+        except CheckpointError:
+            names = None  # unreadable: transformers' own paths give the error
     if not pin.pinned or names is None:
         pin.close()
         return None

@@ -39,7 +39,8 @@ from ...config import VQConfig
 from ...pipeline import dequantize_, hooks, quantize_
 from ...nn import build_skeleton_
 from ...nn import VQModuleMixin
-from ...serialization import CheckpointError, checksums_json, disk_state_dict, metadata_for, verify_files
+from ...serialization import (CHECKSUMS_KEY, CheckpointError, checksums_json, disk_state_dict, metadata_for,
+                              verify_files)
 from .config import TransformersVQConfig
 from .layers import register_layers
 from .loading import (GUARD_NOTE_KEY, GUARD_SUFFIX, check_checkpoint_files, check_loaded, checkpoint_key_renamer,
@@ -235,7 +236,7 @@ class HfVQQuantizer(HfQuantizer):
         metadata = metadata_for(config)
         metadata.pop("format", None)  # transformers writes its own
         metadata["hf_vq_note"] = "load with transformers after `import hf_vq` (pip install hf_vq)"
-        metadata["hf_vq_checksums"] = checksums_json(_as_stored(model, state_dict))
+        metadata[CHECKSUMS_KEY] = checksums_json(_as_stored(model, state_dict))
         return state_dict, metadata
 
 
