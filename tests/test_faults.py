@@ -146,6 +146,14 @@ def test_save_pretrained_adds_to_a_folder_of_other_files(models, tmp_path):
     assert tree(clash) == before and not leftovers(clash)
 
 
+def test_push_uploads_the_model_not_the_bookkeeping(models, tmp_path, hub):
+    target = tmp_path / "vq"
+    models["gpt2"].save_pretrained(target, push_to_hub=True, repo_id="alice/faults-gpt2-vq", token="hf_alice_write_token")
+    files = hub.files("alice/faults-gpt2-vq")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files) and MANIFEST_NAME not in files
+    assert (target / MANIFEST_NAME).is_file()
+
+
 @pytest.mark.parametrize("saver", list(SAVERS))
 def test_resave_replaces_only_hf_vq_files(saver, models, tmp_path):
     kind, save, _ = SAVERS[saver]
