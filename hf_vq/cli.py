@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_BLOCK_SIZE, VQConfig
-from .serialization import CheckpointError, checkpoint_size_report
+from .serialization import CheckpointError, check_save_target, check_writable, checkpoint_size_report
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -119,8 +119,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .pipeline import quantize_
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace it (atomically).")
+    _check_outputs(args, out)
     for flag in ("calibrate", "calibration_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"hf-vq compress: --{flag.replace('_', '-')} {getattr(args, flag)}: give a positive "
@@ -162,6 +161,24 @@ def _compress(args: argparse.Namespace) -> int:
                                                "fidelity": fidelity, "record": model.vq_config.record.to_dict(),
                                                **report.to_dict()}, indent=2) + "\n")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, out: Path) -> None:
+    """Refuse, before loading or compressing anything, an output that could not be written or would destroy files:
+    an existing --out without --overwrite, --out naming MODEL itself, a file or a folder hf_vq did not write,
+    an unwritable location (also for --json)."""
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"hf-vq compress: {out} already exists; pass --overwrite to replace the model hf_vq wrote "
+                         "there (atomically; files hf_vq did not write are kept).")
+    model = Path(args.model) if args.model is not None else None
+    if model is not None and model.exists() and out.exists() and out.resolve() == model.resolve():
+        raise ValueError(f"--out {out} is MODEL itself: the compressed model cannot replace the dense one it is read "
+                         "from. Choose another --out.")
+    check_save_target(out)
+    if args.json:
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file path.")
+        check_writable(Path(args.json).absolute())
 
 
 @functools.lru_cache(maxsize=2)
@@ -283,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for k-means (default: cuda if available)")
     p.add_argument("--pretrained", action="store_true", help="timm names: load pretrained weights (needs the Hub)")
     p.add_argument("--no-eval", action="store_true", help="skip the output-fidelity evaluation")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model hf_vq wrote at --out (files hf_vq did not write there are kept)")
     p.add_argument("--json", help="also write the report as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_compress)
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+    except (ValueError, OSError, CheckpointError) as err:  # OSError: a save target refused or not writable
         print(f"hf-vq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -340,10 +340,18 @@ class VQConfig:
                                  "for method 'pq'.")
 
     def _check_modules(self) -> None:
-        """The layouts (`modules`), each valid for this format version, shared sets of one shape."""
+        """The layouts (`modules`), each valid for this format version, tied to a listed module, shared sets of one
+        shape."""
         sets: dict[str, tuple[int, int, int]] = {}
         for name, data in self.modules.items():
             layout = LayerLayout.from_dict(name, data, self.method)
+            owner = self.modules.get(layout.tied_to) if layout.tied_to is not None else None
+            if layout.tied_to is not None and (not isinstance(owner, dict) or owner.get("tied_to") is not None):
+                raise ValueError(
+                    f"quantization_config.modules[{name!r}].tied_to={layout.tied_to!r} names no compressed module of "
+                    "quantization_config.modules that holds its own codes (the entry of the module it shares them with "
+                    "is missing). The config.json is incomplete: restore it (re-download it, or save the model again)."
+                )
             if layout.needs_version(self.method) > self.version:
                 raise ValueError(f"quantization_config.modules[{name!r}] uses a per-module method or scales, which "
                                  f"format version {self.version} does not have; omit version or pass "

@@ -30,7 +30,7 @@ from .data import load_raw, preprocess
 from .losses import (Objective, check_outputs, detect_mode, hidden_state_loss, logits_of, model_inputs,
                      representation)
 from .models import asset_dirs, default_teacher, library_of, load_model
-from .output import save_output
+from .output import check_output_dir, save_output
 
 __all__ = ["finetune"]
 
@@ -73,9 +73,12 @@ def finetune(
     Raises:
         `ValueError`: the model is not compressed, no teacher can be found, the teacher's outputs do not match the
             student's, or the data options are inconsistent (each message says what to pass instead).
+        [`hf_vq.serialization.SaveTargetError`], `PermissionError`: `output_dir` is a file, a folder of other files,
+            or not writable (checked before any training).
     """
     from accelerate.utils import set_seed
 
+    check_output_dir(args)  # a file or a folder of other files at output_dir: refused before any work
     models = _resolve_models(args, student, teacher)
     accelerator = accelerator or _new_accelerator(args)
     set_seed(args.seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,10 +13,21 @@ from torch import nn
 
 from ..integrations.cards import complete_record_, hub_id, render_model_card
 from ..integrations.hub import upload_folder
-from ..serialization import checkpoint_size_report
-from .arguments import FinetuneArguments, FinetuneResult
+from ..serialization import MANIFEST_NAME, atomic_folder, check_save_target, checkpoint_size_report
+from .arguments import CHECKPOINTS_DIR, FinetuneArguments, FinetuneResult
 
-__all__ = ["card_sections", "save_output"]
+__all__ = ["card_sections", "check_output_dir", "save_output"]
+
+
+def check_output_dir(args: FinetuneArguments) -> None:
+    """Refuse, before any training, an `output_dir` the fine-tuned model could not be written to: a file, a folder
+    of other files (one holding only `checkpoints/`, or a model hf_vq wrote, is fine), an unwritable location.
+
+    Raises:
+        [`hf_vq.serialization.SaveTargetError`], `PermissionError`, `NotADirectoryError`: naming the folder and fix.
+    """
+    if args.output_dir:
+        check_save_target(args.output_dir, keep={CHECKPOINTS_DIR})
 
 
 def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, Any]:
@@ -69,16 +79,16 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
 def save_output(model: nn.Module, args: FinetuneArguments, library: str, result: FinetuneResult, *,
                 student_dir: Path | None, teacher_dir: Path | None) -> None:
     """Write the Hub-ready folder into `output_dir` (next to `checkpoints/`), with the metrics in the card and the
-    fine-tuning in the record; push when asked."""
+    fine-tuning in the record, atomically: the model files of an earlier run are replaced, `checkpoints/` and
+    anything else hf_vq did not write are kept ([`hf_vq.serialization.atomic_folder`]); push when asked."""
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher_name_or_path
     config = model.vq_config
     sections = card_sections(args, result)
     record = complete_record_(config, base_model=hub_id(teacher), library=library, source_dir=teacher_dir)
     record.finetuning = sections["finetuning"]
     record.fidelity = {**record.fidelity, **sections["fidelity"]}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hf_vq-finetune-") as tmp:
         staged = Path(tmp) / "model"
         if library == "timm":
             from ..integrations.timm import save_compressed
@@ -99,11 +109,10 @@ def save_output(model: nn.Module, args: FinetuneArguments, library: str, result:
             {"args": dataclasses.asdict(args) | {"hub_token": None}, "metrics": result.metrics,
              "metrics_before": result.metrics_before, "completed_steps": result.completed_steps,
              "trainable": result.trainable}, indent=2, default=str) + "\n")
-        for path in staged.iterdir():  # move in file by file: checkpoints/ next to the model stays
-            target = out / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)
+        with atomic_folder(out, keep={CHECKPOINTS_DIR}) as swap:
+            for path in staged.iterdir():
+                if path.name != MANIFEST_NAME:
+                    shutil.move(path, swap / path.name)
         if args.push_to_hub:
             _push(out, Path(tmp) / "upload", args)
 

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+from ..serialization.folder import MANIFEST_NAME
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,7 +24,12 @@ def detect_library(folder: str | os.PathLike) -> str:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a timm or transformers model folder.")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or re-download it.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; fix or re-download it.")
     if "architecture" in config:
         return "timm"
     if "model_type" in config:
@@ -68,7 +75,8 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
                   commit_description: str | None = None):
     """Create `repo_id` if needed and upload `folder` to it in one commit, retrying on network failures.
 
-    A commit is all or nothing on the Hub, so retrying a dropped upload is safe. `folder` is only read.
+    A commit is all or nothing on the Hub, so retrying a dropped upload is safe. `folder` is only read; hf_vq's list
+    of the files it wrote (`.hf_vq.json`) stays local.
 
     Args:
         folder: the local model folder to upload (e.g. one written by `save_compressed`).
@@ -96,7 +104,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                      commit_message=commit_message, commit_description=commit_description,
-                                     create_pr=create_pr)
+                                     create_pr=create_pr, ignore_patterns=[MANIFEST_NAME])
         except _transport_errors() as err:  # refused, reset, dropped mid-upload, timeout
             last = err
             logger.warning("hf_vq: upload of %s to %s failed (attempt %d/%d): %s", folder, repo_id, attempt,

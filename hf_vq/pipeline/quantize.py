@@ -85,7 +85,8 @@ def quantize_(
         `model.config.quantization_config`).
 
     Raises:
-        `ValueError`: if the model is already compressed, on the meta device, or a block size does not fit a layer.
+        `ValueError`: if the model is already compressed, on the meta device, a block size does not fit a layer, or
+            the config selects no module at all (checked before any work).
 
     Example:
         ```python
@@ -111,7 +112,12 @@ def quantize_(
     if layouts and (config.target_ratio is not None or config.bits_per_weight is not None):
         layouts, allocation = allocate_layouts(model, layouts, config, batches)
     if not layouts:
-        logger.warning("hf_vq: no module of this model matched the config; nothing was compressed.")
+        raise ValueError(
+            f"No module of this {type(model).__name__} matches the config {config.spec!r} (modules_to_not_convert="
+            f"{config.modules_to_not_convert}, overrides={sorted(config.overrides)}): nothing would be compressed, "
+            "and the result could not be loaded back as an hf_vq checkpoint. Check those patterns and block_size "
+            "(0 leaves a layer kind dense)."
+        )
     run_device = torch.device(device) if device is not None else _default_device(model)
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
     moments = input_moments(model, owners, batches) if batches is not None and layouts else {}

@@ -14,42 +14,50 @@ import torch
 from torch import nn
 
 from ..config import VQConfig
-from ..nn import build_skeleton_
+from ..nn import VQModuleMixin, build_skeleton_
 from .format import SAFETENSORS_DTYPES, CheckpointError
-from .read import load_weights, read_header, read_quantization_config, weight_files
+from .pin import PinnedFolder, shown
+from .read import check_same_save, load_weights, read_header, read_quantization_config, weight_files
 from .state_dict import storage_groups
-from .validate import check_codes, check_entries
+from .validate import check_codes, check_entries, check_unlisted
 
 __all__ = ["read_checkpoint", "read_files", "assign_tensors_", "load_compressed_"]
 
 
-def read_checkpoint(folder: str | os.PathLike, config: VQConfig) -> tuple[dict[str, torch.Tensor], str]:
-    """Every tensor of a folder's weights (all shards), after checking headers and codes against `config`.
+def read_checkpoint(folder: str | os.PathLike, config: VQConfig, *, verify: bool | None = None
+                    ) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of a folder's weights (all shards), after checking headers, checksums and codes against `config`.
 
     Returns:
         `(tensors, where)`: the tensors by stored key, and the file (or "the checkpoint shards") for messages.
 
     Raises:
-        [`CheckpointError`]: a missing, truncated or corrupt file, a missing or misshapen tensor, codes >= k.
+        [`CheckpointError`]: a missing, truncated or corrupt file, a missing or misshapen tensor, a tensor that
+            fails its checksum, codes >= k, shards of different saves.
     """
     paths = weight_files(folder)
-    where = str(paths[0]) if len(paths) == 1 else f"the checkpoint shards of {folder}"
-    return read_files(paths, config, where=where), where
+    where = shown(paths[0]) if len(paths) == 1 else f"the checkpoint shards of {shown(folder)}"
+    return read_files(paths, config, where=where, verify=verify), where
 
 
-def read_files(paths: list[Path], config: VQConfig, *, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors `paths`, after checking their headers and codes against `config` (named `where`).
+def read_files(paths: list[Path], config: VQConfig, *, where: str, verify: bool | None = None
+               ) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors `paths`, after checking their headers, checksums (see
+    [`hf_vq.serialization.checksum`]; `verify` overrides `HF_VQ_VERIFY`) and codes against `config` (named `where`).
 
     Raises:
-        [`CheckpointError`]: a missing, truncated or corrupt file, a missing or misshapen tensor, codes >= k.
+        [`CheckpointError`]: a missing, truncated or corrupt file, a missing or misshapen tensor, a tensor that
+            fails its checksum, codes >= k, shards of different saves.
     """
+    headers = [read_header(path) for path in paths]
+    check_same_save(headers, where)
     entries: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for path in paths:
-        entries.update(read_header(path))
+    for header in headers:
+        entries.update(header)
     check_entries(entries, config, where=where, label=lambda name: str(SAFETENSORS_DTYPES.get(name, name)))
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
-        tensors.update(load_weights(path))
+        tensors.update(load_weights(path, verify=verify))
     check_codes(tensors, config, where=where)
     return tensors
 
@@ -83,21 +91,35 @@ def assign_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor], *, devic
             tensor._is_hf_initialized = True
 
 
-def load_compressed_(model: nn.Module, folder: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load_compressed_(model: nn.Module, folder: str | os.PathLike, *, strict: bool = True,
+                     verify: bool | None = None) -> nn.Module:
     """Rebuild the VQ modules of a dense-architecture `model` from `folder` and load its weights (in place).
 
     This is the library-agnostic loader (plain `nn.Module`s); transformers models load through `from_pretrained`
     and timm models through `timm.create_model`, both on the same pieces. Nothing is recomputed and nothing is
-    unpickled. The config's record is restored from the weights' metadata.
+    unpickled. The config's record is restored from the weights' metadata. The folder is read at one version even
+    while another process saves into it ([`hf_vq.serialization.pin.PinnedFolder`]).
+
+    Args:
+        strict (`bool`, defaults to `True`): refuse a checkpoint whose tensors do not match the model's exactly.
+        verify (`bool`, *optional*): check every tensor against the checksums recorded when it was saved; default:
+            unless the environment variable `HF_VQ_VERIFY` is 0.
 
     Raises:
-        `CheckpointError`: for a missing, truncated or corrupt file, a missing tensor, a wrong shape or codes >= k.
+        `CheckpointError`: for a missing, truncated or corrupt file, a missing tensor, a wrong shape, a failed
+            checksum, codes >= k, or stored codes of a module config.json does not list.
         `ValueError`: if the config names modules the model lacks.
     """
-    folder = Path(folder)
+    with PinnedFolder(folder) as pin:
+        return _load_pinned(model, pin.root, strict=strict, verify=verify)
+
+
+def _load_pinned(model: nn.Module, folder: Path, *, strict: bool, verify: bool | None) -> nn.Module:
     config = read_quantization_config(folder)
     build_skeleton_(model, config)  # validates the layout against the model before changing anything
-    state_dict, where = read_checkpoint(folder, config)
+    state_dict, where = read_checkpoint(folder, config, verify=verify)
+    dense = {name for name, m in model.named_modules() if not isinstance(m, VQModuleMixin)}
+    check_unlisted(state_dict, config, dense, where=where)
     own = model.state_dict()
     missing = [key for keys in storage_groups(own) if not any(k in state_dict for k in keys) for key in keys]
     unexpected = sorted(set(state_dict) - set(own))

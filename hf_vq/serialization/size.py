@@ -21,8 +21,10 @@ from ..config import LayerLayout, VQConfig
 from ..nn import VQModuleMixin
 from .format import (CODEBOOKS, CODES, FOLDED_SUFFIXES, SAFETENSORS_DTYPES, SCALES, WEIGHTS_NAME,
                      is_shared_codebooks_key)
-from .read import read_header, read_quantization_config, weight_files
+from .pin import PinnedFolder, shown
+from .read import check_same_save, read_header, read_quantization_config, weight_files
 from .state_dict import disk_state_dict
+from .validate import check_stored_tensors
 
 __all__ = ["LayerSize", "SizeReport", "size_report", "checkpoint_size_report"]
 
@@ -192,17 +194,28 @@ def size_report(model: nn.Module) -> SizeReport:
 
 
 def checkpoint_size_report(folder: str | os.PathLike) -> SizeReport:
-    """Accounted and on-disk size of a saved compressed folder (reads only the safetensors headers).
+    """Accounted and on-disk size of a saved compressed folder (reads only the safetensors headers, after checking
+    them against the layout: every compressed module's tensors present with their dtypes and shapes, all shards of
+    one save).
 
     Raises:
-        [`CheckpointError`]: if the folder is not a readable hf_vq checkpoint.
+        [`CheckpointError`]: if the folder is not a readable, complete hf_vq checkpoint (naming the file or tensor).
     """
-    folder = Path(folder)
+    with PinnedFolder(folder) as pin:
+        return _checkpoint_size_report(pin.root)
+
+
+def _checkpoint_size_report(folder: Path) -> SizeReport:
     config = read_quantization_config(folder, with_record=False)
     paths = weight_files(folder)
+    headers = [read_header(path) for path in paths]
+    where = shown(paths[0]) if len(paths) == 1 else f"the checkpoint shards of {shown(folder)}"
+    check_same_save(headers, where)
+    entries = {key: entry for header in headers for key, entry in header.items()}
+    check_stored_tensors(entries, config, where=where)
     tensors = {}
-    for path in paths:
-        for key, (dtype, shape) in read_header(path).items():
+    for header in headers:
+        for key, (dtype, shape) in header.items():
             tensors[key] = (SAFETENSORS_DTYPES.get(dtype, torch.uint8), shape)
     report = _report(config.layouts, tensors)
     report.file_bytes = sum(path.stat().st_size for path in paths)

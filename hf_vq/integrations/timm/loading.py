@@ -21,7 +21,9 @@ from torch import nn
 from ...config import VQConfig
 from ...nn import build_skeleton_, layer_kind
 from ...pipeline import head_module
-from ...serialization import WEIGHTS_NAME, CheckpointError, read_files, record_of, storage_groups
+from ...nn import VQModuleMixin
+from ...serialization import (WEIGHTS_NAME, CheckpointError, PinnedFolder, check_unlisted, read_files, record_of,
+                              shown, storage_groups)
 
 __all__ = ["ARCHITECTURE", "BASE_ARG", "register_entrypoint"]
 
@@ -30,7 +32,7 @@ ARCHITECTURE = "hf_vq"
 #: The `model_args` key naming the timm architecture under the compression.
 BASE_ARG = "base_architecture"
 # Keyword arguments of the entrypoint that are hf_vq's own, never passed to the base architecture.
-_OWN_ARGS = (BASE_ARG, "quantization_config")
+_OWN_ARGS = (BASE_ARG, "quantization_config", "verify")
 
 
 def _norm(name: str) -> str:
@@ -67,7 +69,8 @@ def _fetch(loc: tuple[str, Any], filename: str, cache_dir: str | os.PathLike | N
             hint = ""
             if filename == WEIGHTS_NAME and (any(where.glob("*.bin")) or any(where.glob("*.pth"))):
                 hint = " hf_vq loads only safetensors weights, never pickled .bin/.pth files."
-            raise CheckpointError(f"{path} does not exist: {where} is not a complete hf_vq checkpoint.{hint}")
+            raise CheckpointError(f"{shown(path)} does not exist: {shown(where)} is not a complete hf_vq checkpoint."
+                                  f"{hint}")
         return path
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -90,6 +93,11 @@ def _as_config(value: Any) -> VQConfig:
     raise ValueError(f"quantization_config must be a VQConfig or its dict, not {type(value).__name__}.")
 
 
+def _where(loc: tuple[str, Any]) -> Any:
+    """A checkpoint location as messages show it (a local folder by its path, a Hub repo as (id, revision))."""
+    return shown(loc[1]) if loc[0] == "local" else loc[1]
+
+
 def _saved_config(loc: tuple[str, Any] | None, cache_dir: Any, needed: bool) -> dict[str, Any]:
     """The checkpoint's config.json (empty when there is none or it is not needed)."""
     if loc is None or not needed:
@@ -97,9 +105,9 @@ def _saved_config(loc: tuple[str, Any] | None, cache_dir: Any, needed: bool) -> 
     try:
         data = json.loads(_fetch(loc, "config.json", cache_dir).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"config.json of {loc[1]} is not valid JSON ({err}).") from None
+        raise CheckpointError(f"config.json of {_where(loc)} is not valid JSON ({err}).") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"config.json of {loc[1]} is not a JSON object; fix or re-download it.")
+        raise CheckpointError(f"config.json of {_where(loc)} is not a JSON object; fix or re-download it.")
     return data
 
 
@@ -111,14 +119,14 @@ def _resolve(qconfig: Any, base: str | None, saved: dict[str, Any], loc: tuple[s
             raise CheckpointError(
                 f"The timm architecture {ARCHITECTURE!r} is hf_vq's compressed-model loader, but no hf_vq "
                 "quantization_config was found"
-                + (f" in the config.json of {loc[1]}." if loc else ". Load a compressed checkpoint with "
+                + (f" in the config.json of {_where(loc)}." if loc else ". Load a compressed checkpoint with "
                    "timm.create_model('hf-hub:org/name' or 'local-dir:/path', pretrained=True), or pass "
                    "base_architecture=... and quantization_config=...")
             )
     try:
         config = _as_config(qconfig)
     except ValueError as err:
-        raise CheckpointError(f"config.json of {loc[1] if loc else 'the checkpoint'}: {err}") from None
+        raise CheckpointError(f"config.json of {_where(loc) if loc else 'the checkpoint'}: {err}") from None
     base = base or (saved.get("model_args") or {}).get(BASE_ARG)
     if not base:
         raise CheckpointError(f"config.json lacks model_args[{BASE_ARG!r}]: which timm architecture was compressed?")
@@ -162,11 +170,21 @@ def _model_layouts(model: nn.Module, config: VQConfig, features_only: bool, new_
 
 def _build(pretrained: bool, base: str | None, qconfig: Any, pretrained_cfg: dict | None,
            pretrained_cfg_overlay: dict | None, cache_dir: Any, kwargs: dict[str, Any]) -> nn.Module:
-    from timm.models import model_entrypoint
     from timm.models._builder import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(ARCHITECTURE, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     loc = _read_source(cfg, cache_dir)
+    if loc is None or loc[0] != "local":
+        return _build_from(loc, pretrained, base, qconfig, cfg, cache_dir, kwargs)
+    with PinnedFolder(loc[1]) as pin:  # config.json and weights of one version, even while a save replaces them
+        return _build_from(("local", pin.root), pretrained, base, qconfig, cfg, cache_dir, kwargs)
+
+
+def _build_from(loc: tuple[str, Any] | None, pretrained: bool, base: str | None, qconfig: Any, cfg: dict[str, Any],
+                cache_dir: Any, kwargs: dict[str, Any]) -> nn.Module:
+    from timm.models import model_entrypoint
+
+    verify = kwargs.pop("verify", None)
     saved = _saved_config(loc, cache_dir, needed=qconfig is None or base is None or pretrained)
     config, base = _resolve(qconfig, base, saved, loc)
     if pretrained and loc is None:
@@ -193,15 +211,19 @@ def _build(pretrained: bool, base: str | None, qconfig: Any, pretrained_cfg: dic
         model.vq_config = fitted
     if pretrained:
         _load_weights(model, loc, config, cfg, cache_dir, features_only=features_only, new_head=new_head,
-                      kwargs=kwargs)
+                      kwargs=kwargs, verify=verify)
     return model
 
 
 def _load_weights(model: nn.Module, loc: tuple[str, Any], config: VQConfig, cfg: dict[str, Any], cache_dir: Any, *,
-                  features_only: bool, new_head: set[str], kwargs: dict[str, Any]) -> None:
+                  features_only: bool, new_head: set[str], kwargs: dict[str, Any], verify: bool | None) -> None:
     path = _fetch(loc, WEIGHTS_NAME, cache_dir)
-    state_dict = read_files([path], config, where=str(path))
+    state_dict = read_files([path], config, where=shown(path), verify=verify)
+    if not features_only:
+        dense = {name for name, m in model.named_modules() if not isinstance(m, VQModuleMixin)}
+        check_unlisted(state_dict, config, dense, where=shown(path))
     model.vq_config.record = record_of(path)
+    path = shown(path)
     by_norm = {_norm(k): k for k in state_dict}
     own = model.state_dict()
     present = {k for k in own if k in state_dict or _match_name(k, by_norm)}

@@ -13,7 +13,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from ...config import VQConfig
-from ...serialization import atomic_folder, checkpoint_size_report, save_weights
+from ...serialization import atomic_folder, check_save_target, checkpoint_size_report, save_weights
 from ..cards import complete_record_, render_model_card
 from ..hub import upload_folder
 from .loading import ARCHITECTURE, BASE_ARG, _OWN_ARGS
@@ -96,7 +96,8 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
     """Write a compressed timm model as a timm Hub folder: config.json, model.safetensors, README.md.
 
     `timm.create_model("local-dir:<save_directory>", pretrained=True)` (after `import hf_vq`) loads it
-    back with identical outputs. The folder is written atomically (a crash leaves the old one intact).
+    back with identical outputs. The folder is written atomically (a crash leaves the old one intact) and only hf_vq's
+    own files of an earlier save are replaced ([`hf_vq.serialization.atomic_folder`]).
 
     Args:
         model: a timm model compressed with [`hf_vq.quantize_`] (or loaded compressed).
@@ -111,11 +112,19 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, base
             (`{"name", "type", "split"}`) also the card's `model-index`.
 
     Raises:
-        `ValueError`: if the model is not compressed or not a whole timm model.
+        `ValueError`: if the model is not compressed (or its config matched no layer), or not a whole timm model.
+        [`hf_vq.serialization.SaveTargetError`]: `save_directory` is a file, or a non-empty folder hf_vq did not
+            write (nothing is written; see [`hf_vq.serialization.atomic_folder`]).
+        `PermissionError`, `NotADirectoryError`: no folder can be created at `save_directory`.
     """
     vq_config: VQConfig | None = getattr(model, "vq_config", None)
-    if vq_config is None or not vq_config.is_quantized:
+    if vq_config is None:
         raise ValueError("save_compressed needs a model compressed with hf_vq.quantize_ (it has no vq_config).")
+    if not vq_config.is_quantized:
+        raise ValueError("This model holds no compressed module (its quantization config matched no layer, or it was "
+                         "dequantized), so the folder could not be loaded back. Nothing was written; compress it with "
+                         "a config that selects layers.")
+    check_save_target(save_directory)
     config = timm_config(model, model_args=model_args, data_config=data_config)
     license = license or config.get("pretrained_cfg", {}).get("license")  # timm records the weights' licence
     complete_record_(vq_config, base_model=base_model, fidelity=fidelity, library="timm", license=license)

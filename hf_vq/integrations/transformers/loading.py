@@ -16,7 +16,8 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,14 +27,15 @@ from transformers.quantizers import HfQuantizer
 from ...codec.packing import bits_for
 from ...config import CompressionRecord, VQConfig
 from ...nn import CodesError
-from ...serialization import (CODEBOOKS, CODES, SCALES, CheckpointError, assign_tensors_, check_entries,
-                              is_shared_codebooks_key, load_weights, read_header)
+from ...serialization import (CODEBOOKS, CODES, SCALES, CheckpointError, PinnedFolder, assign_tensors_,
+                              check_entries, check_same_save, check_unlisted, is_shared_codebooks_key, load_weights,
+                              read_config_json, read_header, weight_files)
 from ...serialization.format import DTYPE_NAMES, FLOAT_DTYPE_NAMES, RECORD_KEY
 from .tying import pretrained_models
 
 __all__ = ["GUARD_NOTE_KEY", "GUARD_SUFFIX", "fit_layout", "checkpoint_key_renamer", "names_pattern",
-           "check_checkpoint_files", "readable_tensors", "single_device", "without_torch_function", "drop_keys",
-           "load_tensors_", "check_loaded"]
+           "pin_checkpoint_files", "pinned_config", "check_checkpoint_files", "readable_tensors", "compressed_biases",
+           "single_device", "without_torch_function", "drop_keys", "load_tensors_", "check_loaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +120,48 @@ def names_pattern(names: Any) -> str:
     return "|".join(generic)
 
 
+def pin_checkpoint_files(checkpoint_files: list[str]) -> PinnedFolder | None:
+    """Hold the checkpoint's folder at one version for the rest of the load (a concurrent `save_pretrained` into it
+    then cannot hand this load files of two saves), and point `checkpoint_files` (the list transformers reads the
+    weights from afterwards, changed in place) at that version's own files. None where folders cannot be pinned."""
+    if not checkpoint_files:
+        return None
+    folder = Path(checkpoint_files[0]).parent
+    pin = PinnedFolder(folder)
+    names = [Path(file).name for file in checkpoint_files if Path(file).parent == folder]
+    if not all(pin.file(name).is_file() for name in names):  # a save changed the sharding meanwhile
+        try:
+            names = [path.name for path in weight_files(pin.root)]  # the pinned version's files (its own index)
+        except CheckpointError:
+            names = None  # unreadable: transformers' own paths give the error
+    if not pin.pinned or names is None:
+        pin.close()
+        return None
+    extras = [file for file in checkpoint_files if Path(file).parent != folder]
+    checkpoint_files[:] = [str(pin.file(name)) for name in names] + extras
+    return pin
+
+
+def pinned_config(pin: PinnedFolder, config: VQConfig) -> VQConfig:
+    """The quantization config of the pinned version: transformers read config.json before the folder was pinned,
+    and a save in between may have changed it (the weights read next are the pinned version's)."""
+    try:
+        data = read_config_json(pin.root).get("quantization_config")
+        pinned = type(config).from_dict(data) if isinstance(data, dict) else None
+    except (CheckpointError, ValueError):
+        return config
+    return pinned if pinned is not None and pinned.to_dict() != config.to_dict() else config
+
+
 def _header_entries(files: list[str], config: VQConfig, rename: Callable[[str], str] | None
                     ) -> tuple[dict[str, tuple[str, tuple[int, ...], str, str]], CompressionRecord | None]:
     """model key -> (dtype, shape, file, stored key) over every file, without hf_vq's guard tensors; and the record
-    of the first file's metadata."""
+    of the first file's metadata. Shards of different saves are refused."""
     raw: list[tuple[str, str, tuple[int, ...], str]] = []  # (stored key, dtype, shape, file)
-    record = None
-    for i, file in enumerate(files):
-        header = read_header(file)  # safetensors only; truncated / corrupt files named
-        if i == 0:
-            record = CompressionRecord.from_json(header.metadata.get(RECORD_KEY))
+    headers = [read_header(file) for file in files]  # safetensors only; truncated / corrupt files named
+    check_same_save(headers, "the checkpoint shards" if len(files) > 1 else os.path.basename(str(files[0])))
+    record = CompressionRecord.from_json(headers[0].metadata.get(RECORD_KEY)) if headers else None
+    for file, header in zip(files, headers):
         raw += [(stored, dtype, shape, str(file)) for stored, (dtype, shape) in header.items()]
     header: dict[str, tuple[str, tuple[int, ...], str, str]] = {}
     renamed = False  # whether the checkpoint names VQ tensors differently from the model (prefix, legacy names)
@@ -147,7 +181,8 @@ def _header_entries(files: list[str], config: VQConfig, rename: Callable[[str], 
 
 
 def check_checkpoint_files(files: list[str], config: VQConfig, *, rename: Callable[[str], str] | None = None,
-                           others: dict[str, torch.Tensor] | None = None
+                           others: dict[str, torch.Tensor] | None = None,
+                           biases: dict[str, torch.Tensor] | None = None, dense_modules: Container[str] = ()
                            ) -> tuple[dict[str, tuple[str, str]], set[str], CompressionRecord | None]:
     """Check, from the safetensors headers only, that every compressed module has its tensors (hf_vq's validator).
 
@@ -158,8 +193,11 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename: Callab
             (transformers renames legacy keys, e.g. ViT's, and adds or strips `base_model_prefix`).
         others (`dict[str, torch.Tensor]`, *optional*): the model's other tensors to locate too, model key ->
             its empty (meta) tensor. One stored with that shape and a matching dtype (float for float, the same
-            otherwise) is located; one of a compressed module (its bias) stored otherwise is an error; any other
-            is left out (transformers loads it, or reports the mismatch).
+            otherwise) is located; any other is left out (transformers loads it, or reports the mismatch).
+        biases (`dict[str, torch.Tensor]`, *optional*): the dense tensors of compressed modules ([`compressed_biases`]),
+            which must be stored with their shape: transformers would leave a missing one uninitialised.
+        dense_modules (`Container[str]`): the model's modules that are not compressed: stored codes of one of them
+            mean config.json lost its entry.
 
     Returns:
         `(sources, foreign, record)`: for every stored VQ tensor and every located tensor of `others`, the model's
@@ -173,6 +211,16 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename: Callab
     where = os.path.basename(str(files[0])) if len(files) == 1 else "the checkpoint shards"
     found = check_entries({key: (dtype, shape) for key, (dtype, shape, _, _) in header.items()}, config, where=where,
                           files={key: os.path.basename(file) for key, (_, _, file, _) in header.items()})
+    check_unlisted(header, config, dense_modules, where=where)
+    for key, empty in (biases or {}).items():
+        dtype, got, file, _ = header.get(key, (None, None, None, None))
+        if got != tuple(empty.shape) or dtype not in FLOAT_DTYPE_NAMES:
+            stored = "missing" if got is None else f"{dtype} {list(got)}"
+            raise CheckpointError(
+                f"{os.path.basename(file or where)}: tensor {key!r} is {stored}, expected a float tensor "
+                f"{list(empty.shape)} (of compressed module {key.rpartition('.')[0]!r}). The checkpoint is incomplete "
+                "or does not match its config.json; re-download it or save the model again."
+            )
     sources = {key: (header[key][2], header[key][3]) for key in found}
     for key, empty in (others or {}).items():
         if key not in header:
@@ -181,13 +229,13 @@ def check_checkpoint_files(files: list[str], config: VQConfig, *, rename: Callab
         dtypes = FLOAT_DTYPE_NAMES if empty.is_floating_point() else {DTYPE_NAMES.get(empty.dtype)}
         if got == tuple(empty.shape) and dtype in dtypes:
             sources[key] = (file, stored)
-        elif key.rpartition(".")[0] in config.modules:
-            raise CheckpointError(
-                f"{os.path.basename(file)}: tensor {key!r} is {dtype} {list(got)}, expected "
-                f"{'a float tensor' if empty.is_floating_point() else dtypes.pop()} {list(empty.shape)} (of compressed "
-                f"module {key.rpartition('.')[0]!r}). The checkpoint does not match its config.json; re-save the model."
-            )
     return sources, set(header) - set(sources), record
+
+
+def compressed_biases(config: VQConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The biases of compressed modules (model key -> empty tensor, from the skeleton's `state`)."""
+    return {f"{name}.bias": state[f"{name}.bias"] for name, layout in config.layouts.items()
+            if layout.tied_to is None and f"{name}.bias" in state}
 
 
 def readable_tensors(model: nn.Module, config: VQConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -254,7 +302,7 @@ def load_tensors_(model: nn.Module, sources: dict[str, tuple[str, str]], device:
 
 
 def check_loaded(model: nn.Module, config: VQConfig) -> None:
-    """After loading: every VQ module is filled (not meta) and its codes are < k."""
+    """After loading: every VQ module is filled (not meta), its codebooks and scales are finite, its codes < k."""
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, layout in config.layouts.items():
         module = modules[name]
@@ -266,6 +314,11 @@ def check_loaded(model: nn.Module, config: VQConfig) -> None:
                 raise CheckpointError(
                     f"The checkpoint did not provide '{name}.{key}' of compressed module {name!r} (the loader left "
                     "it uninitialised). The file is incomplete or belongs to another config; re-save the model."
+                )
+            if layout.tied_to is None and key != CODES and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"Tensor '{name}.{key}' of compressed module {name!r} holds NaN or infinite values: the checkpoint "
+                    "is corrupted. Re-download it or compress the model again."
                 )
         if layout.tied_to is None and layout.k != 2 ** bits_for(layout.k):  # with k = 2**bits every code is valid
             try:

@@ -38,12 +38,14 @@ from transformers.quantizers.auto import (
 from ...config import VQConfig
 from ...pipeline import dequantize_, hooks, quantize_
 from ...nn import build_skeleton_
-from ...serialization import CheckpointError, disk_state_dict, metadata_for
+from ...nn import VQModuleMixin
+from ...serialization import (CHECKSUMS_KEY, CheckpointError, checksums_json, disk_state_dict, metadata_for,
+                              verify_files)
 from .config import TransformersVQConfig
 from .layers import register_layers
 from .loading import (GUARD_NOTE_KEY, GUARD_SUFFIX, check_checkpoint_files, check_loaded, checkpoint_key_renamer,
-                      drop_keys, fit_layout, load_tensors_, names_pattern, readable_tensors, single_device,
-                      without_torch_function)
+                      compressed_biases, drop_keys, fit_layout, load_tensors_, names_pattern, pin_checkpoint_files,
+                      pinned_config, readable_tensors, single_device, without_torch_function)
 from .saving import install_savers_
 from .tools import calibration_from_config
 from .tying import pretrained_models, tie_, untie_
@@ -80,6 +82,7 @@ class HfVQQuantizer(HfQuantizer):
             raise TypeError(f"HfVQQuantizer needs a hf_vq.VQConfig, not {type(quantization_config).__name__}.")
         super().__init__(quantization_config, **kwargs)
         self._vq_hidden = None  # handle of the state-dict hook hiding the VQ tensors hf_vq reads itself
+        self._pin = None  # the checkpoint folder, held at one version while it loads
 
     @property
     def base_model(self) -> str | None:
@@ -141,10 +144,20 @@ class HfVQQuantizer(HfQuantizer):
         """
         if not self.pre_quantized:
             return model  # dense weights load as usual; they are compressed after loading
-        with without_torch_function():  # transformers calls this under its meta-device mode; devices are explicit here
-            return self._build_and_read(model, checkpoint_files, device_map)
+        try:
+            with without_torch_function():  # transformers calls this under its meta-device mode; devices are explicit
+                return self._build_and_read(model, checkpoint_files, device_map)
+        except BaseException:
+            if self._pin is not None:  # the load fails: release the folder at once (a save may be waiting for it)
+                self._pin.close()
+                self._pin = None
+            raise
 
     def _build_and_read(self, model: nn.Module, checkpoint_files: list[str] | None, device_map: Any) -> nn.Module:
+        if checkpoint_files:  # one version of the folder for the whole load, even while a save replaces it
+            self._pin = pin_checkpoint_files(checkpoint_files)
+            if self._pin is not None:
+                self.quantization_config = pinned_config(self._pin, self.quantization_config)
         config = self.quantization_config = fit_layout(model, self.quantization_config)
         build_skeleton_(model, config)
         # one pattern per kind of key (transformers compiles and tries every pattern on every unexpected key)
@@ -158,11 +171,13 @@ class HfVQQuantizer(HfQuantizer):
                 device = None  # transformers' per-pattern dtype plan decides these tensors' dtypes
             state = model.state_dict(keep_vars=True)  # on meta: the skeleton's names, shapes and dtypes
             others = readable_tensors(model, config, state) if device is not None else None
-            sources, foreign, record = check_checkpoint_files(checkpoint_files, config, others=others,
-                                                              rename=checkpoint_key_renamer(model, self, state))
+            dense = {name for name, m in model.named_modules() if not isinstance(m, VQModuleMixin)}
+            sources, foreign, record = check_checkpoint_files(
+                checkpoint_files, config, others=others, rename=checkpoint_key_renamer(model, self, state),
+                biases=compressed_biases(config, state), dense_modules=dense)
             config.record = record
             if device is not None:
-                load_tensors_(model, sources, device)
+                load_tensors_(model, sources, device)  # checksums checked while reading (HF_VQ_VERIFY)
                 # transformers loads (or, absent from the file, re-initialises) what `model.state_dict()` lists:
                 # what hf_vq read stays out of it until the weights are loaded ...
                 register = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
@@ -170,6 +185,8 @@ class HfVQQuantizer(HfQuantizer):
                 # ... and is "unexpected" to it: every key but those the model has no tensor for (a dropped head,
                 # reported as usual); one short pattern, whatever the number of keys hf_vq read
                 unexpected.add(f"^(?!(?:{'|'.join(map(re.escape, sorted(foreign)))})$)" if foreign else "^")
+            else:
+                verify_files(checkpoint_files)  # transformers reads the tensors: check the files' bytes first
         unexpected.add(rf"^(?:{names_pattern(config.modules)}){re.escape(GUARD_SUFFIX)}$")
         tie_(model, config)
         for name in config.modules:
@@ -183,6 +200,9 @@ class HfVQQuantizer(HfQuantizer):
         """Pre-quantized: re-tie and check what was loaded. Otherwise: compress the loaded dense model."""
         if self.pre_quantized:
             config = self.quantization_config
+            if self._pin is not None:  # transformers has read the weights: a save may replace the folder now
+                self._pin.close()
+                self._pin = None
             if self._vq_hidden is not None:
                 self._vq_hidden.remove()
                 self._vq_hidden = None
@@ -202,8 +222,20 @@ class HfVQQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What `save_pretrained` writes: hf_vq's one state-dict builder (codebooks and scales in fp16, tied modules
-        and shared sets once) plus the two guard tensors; the metadata carries the format and the record."""
+        and shared sets once) plus the two guard tensors; the metadata carries the format, the record and the
+        checksum of every tensor ([`hf_vq.serialization.checksum`]).
+
+        Raises:
+            `ValueError`: if the model holds no compressed module (its config matched no layer).
+        """
         config = self.quantization_config
+        if not config.modules:
+            raise ValueError(
+                "This model holds no compressed module: its quantization config matched no layer (check "
+                "modules_to_not_convert, overrides and block_size; 0 leaves a kind dense), so the checkpoint could not "
+                "be loaded back. Nothing was written. Compress it with a config that selects layers, or call "
+                "model.dequantize() and save the dense model."
+            )
         state_dict = disk_state_dict(model, config, dedupe=False, to_cpu=False)  # transformers unties its own ties
         owner = next((name for name, layout in config.layouts.items() if layout.tied_to is None), None)
         if owner is not None:
@@ -212,7 +244,21 @@ class HfVQQuantizer(HfQuantizer):
         metadata = metadata_for(config)
         metadata.pop("format", None)  # transformers writes its own
         metadata["hf_vq_note"] = "load with transformers after `import hf_vq` (pip install hf_vq)"
+        metadata[CHECKSUMS_KEY] = checksums_json(_as_stored(model, state_dict))
         return state_dict, metadata
+
+
+def _as_stored(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under the names (and in the form) transformers stores them: `save_pretrained` reverts the model's
+    weight conversions (ViT's legacy key names, ...) after this quantizer hands it the state dict. Both namings are
+    kept, so the checksums match the file either way (`save_original_format=False` keeps the model's names)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        stored = revert_weight_conversion(model, dict(state_dict))
+    except (ImportError, AttributeError, TypeError, ValueError, RuntimeError, KeyError):  # internals moved
+        return state_dict
+    return {**state_dict, **stored}
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from ...config import VQConfig
-from ...serialization import atomic_folder, checkpoint_size_report
+from ...serialization import atomic_folder, check_save_target, checkpoint_size_report
 from ..cards import complete_record_, render_model_card
 from ..hub import upload_folder
 
@@ -54,23 +54,40 @@ def _prepare_record(model: nn.Module) -> None:
                      source_dir=_local_dir(getattr(model.config, "_name_or_path", None)))
 
 
+def _require_modules(model: nn.Module) -> None:
+    if not _config(model).modules:
+        raise ValueError(
+            "This model holds no compressed module: its quantization config matched no layer (check "
+            "modules_to_not_convert, overrides and block_size; 0 leaves a kind dense), so the folder could not be "
+            "loaded back. Nothing was written. Compress it with a config that selects layers, or call "
+            "model.dequantize() and save the dense model."
+        )
+
+
 def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False,
                      **kwargs: Any) -> None:
-    """`PreTrainedModel.save_pretrained`, then hf_vq's model card (README.md) next to the weights.
+    """`PreTrainedModel.save_pretrained`, then hf_vq's model card (README.md) next to the weights, written into a
+    temporary sibling and swapped in at once ([`hf_vq.serialization.atomic_folder`] with `merge=True`: files hf_vq
+    did not write, such as a tokenizer saved there, are kept; a file at `save_directory` is refused).
 
     With `push_to_hub=True` the folder (card included) is uploaded with [`hf_vq.integrations.hub.upload_folder`].
     """
     card_tags = kwargs.pop("tags", None)
     upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+    _require_modules(self)
+    if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        type(self).save_pretrained(self, save_directory, *args, **kwargs)  # gathers; writes nothing on this rank
+        return
+    check_save_target(save_directory, merge=True)
     _prepare_record(self)
-    type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
-        repo_id = upload.get("repo_id") or Path(os.fspath(save_directory)).name if push_to_hub else None
-        model_card(self, save_directory, repo_id=repo_id, tags=card_tags).save(os.path.join(save_directory, "README.md"))
-        if push_to_hub:
-            upload_folder(save_directory, repo_id, token=kwargs.get("token"), private=upload.get("private"),
-                          commit_message=upload.get("commit_message") or "Add hf_vq-compressed model",
-                          create_pr=upload.get("create_pr", False))
+    repo_id = upload.get("repo_id") or Path(os.fspath(save_directory)).name if push_to_hub else None
+    with atomic_folder(save_directory, merge=True) as tmp:
+        type(self).save_pretrained(self, tmp, *args, **kwargs)
+        model_card(self, tmp, repo_id=repo_id, tags=card_tags).save(os.path.join(tmp, "README.md"))
+    if push_to_hub:
+        upload_folder(save_directory, repo_id, token=kwargs.get("token"), private=upload.get("private"),
+                      commit_message=upload.get("commit_message") or "Add hf_vq-compressed model",
+                      create_pr=upload.get("create_pr", False))
 
 
 def _push_to_hub(self: PreTrainedModel, repo_id: str, *, commit_message: str | None = None,
@@ -78,6 +95,7 @@ def _push_to_hub(self: PreTrainedModel, repo_id: str, *, commit_message: str | N
                  revision: str | None = None, create_pr: bool = False, max_shard_size: int | str | None = "50GB",
                  tags: list[str] | None = None) -> Any:
     """`push_to_hub` that uploads hf_vq's model card instead of transformers' generic one (one commit)."""
+    _require_modules(self)
     _prepare_record(self)
     with tempfile.TemporaryDirectory() as tmp:
         type(self).save_pretrained(self, tmp, max_shard_size=max_shard_size)
@@ -115,7 +133,8 @@ def load_dense(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
 def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
                     base_model: str | None = None, fidelity: dict[str, Any] | None = None,
                     max_shard_size: int | str = "50GB") -> Path:
-    """Write a compressed transformers model as a Hugging Face folder, atomically.
+    """Write a compressed transformers model as a Hugging Face folder, atomically (only hf_vq's own files of an
+    earlier save are replaced; anything else in the folder is kept).
 
     The weights and config.json are written by `save_pretrained` (so the folder loads back with
     `from_pretrained` and no extra argument); the dense model's tokenizer and other non-weight files are
@@ -135,12 +154,16 @@ def save_compressed(model: nn.Module, save_directory: str | os.PathLike, *, sour
         `Path`: `save_directory`.
 
     Raises:
-        `ValueError`: if `model` is not a compressed transformers model.
+        `ValueError`: if `model` is not a compressed transformers model, or holds no compressed module.
+        [`hf_vq.serialization.SaveTargetError`]: `save_directory` is a file, or a non-empty folder hf_vq did not
+            write (nothing is written; see [`hf_vq.serialization.atomic_folder`]).
+        `PermissionError`, `NotADirectoryError`: no folder can be created at `save_directory`.
     """
     config = getattr(model, "vq_config", None)
-    if (config is None or not config.is_quantized or not isinstance(model, PreTrainedModel)
-            or getattr(model, "hf_quantizer", None) is None):
+    if config is None or not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is None:
         raise ValueError("save_compressed needs a transformers PreTrainedModel compressed with hf_vq.quantize_.")
+    _require_modules(model)
+    check_save_target(save_directory)
     complete_record_(config, base_model=base_model, fidelity=fidelity, library="transformers", source_dir=source_dir)
     with atomic_folder(save_directory) as tmp:
         if source_dir is not None:
