@@ -59,7 +59,8 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
             raise ValueError(f"-d {args.d}: the block size must be a positive integer (4 or 8 for linear layers).")
         block_size = {**{kind: args.d for kind in _D_KINDS}, **block_size}
     explicit = any(getattr(args, flag) is not None for flag in _SCHEME_FLAGS)
-    engine = args.encoder == "output-aware" if args.encoder else not (args.data_free or args.calibrate)
+    shared = args.share in ("pool", "global")  # codebooks shared across layers: the k-means encoder
+    engine = args.encoder == "output-aware" if args.encoder else not (args.data_free or args.calibrate or shared)
     kwargs = dict(n_iter=args.n_iter, anneal=not args.no_anneal, seed=args.seed,
                   modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings,
                   permute=not args.no_permute, encoder="output-aware" if engine else "kmeans",
@@ -204,7 +205,7 @@ def _calibration(args: argparse.Namespace, config: VQConfig, library: str, dense
     source = args.calibration_data
     default = "gensim's Wikipedia pages" if library == "transformers" else "scikit-image / matplotlib photos"
     try:
-        batches = (calibration_batches(n, tokenizer=_tokenizer(model_dir), source=source) if library == "transformers"
+        batches = (calibration_batches(n, tokenizer=_tokenizer(model_dir), model=dense, source=source) if library == "transformers"
                    else calibration_batches(n, model=dense, source=source))
     except ImportError as err:
         raise SystemExit(f"hf-vq compress: calibration needs the bundled real data ({err}); "

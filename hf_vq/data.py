@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate.sources import calibration_texts, wikipedia_sentences
+from .calibrate.sources import calibration_texts, tokenize_batches, wikipedia_sentences
 
 __all__ = ["real_sentences", "wikipedia_sentences", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS", "real_photos",
            "real_images", "EVAL_SENTENCES", "calibration_texts", "calibration_images", "calibration_batches"]
@@ -155,13 +155,12 @@ def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = Non
     """`n` real inputs that the fidelity evaluations never see, in batches (for `quantize_(..., calibration=)`).
 
     Text (give `tokenizer`): [`calibration_texts`] (default: sentences of gensim's Wikipedia pages), tokenized
-    (dicts of model inputs). Images (give `model` for its preprocessing): [`calibration_images`] (default: views of
+    (dicts of model inputs; truncated to the positions `model` embeds when it is given). Images (give `model` for its preprocessing): [`calibration_images`] (default: views of
     [`CALIBRATION_PHOTOS`]), `[batch, C, H, W]` tensors.
     """
     if n < 1:
         raise ValueError(f"calibration_batches needs n >= 1 inputs, got {n}.")
     if tokenizer is not None:
         texts = calibration_texts(n, source)
-        return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
-                               return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+        return tokenize_batches(tokenizer, texts, model=model, batch_size=batch_size, max_length=max_length)
     return list(calibration_images(n, model, source).split(batch_size))  # [batch, C, H, W] each

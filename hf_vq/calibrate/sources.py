@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["wikipedia_sentences", "calibration_texts"]
+__all__ = ["wikipedia_sentences", "calibration_texts", "tokenize_batches"]
 
 _WIKIPEDIA = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -75,3 +75,14 @@ def calibration_texts(n: int, source: str | None = None) -> list[str]:
     if not texts:
         raise ValueError(f"calibration data {source!r} holds no text; give a file with one sample per line.")
     return texts
+
+
+def tokenize_batches(tokenizer, texts: list[str], *, model=None, batch_size: int = 32, max_length: int = 128) -> list[dict]:
+    """`texts` tokenized in padded batches (dicts of `[batch, seq]` tensors), truncated to `max_length` tokens and,
+    when `model` is given, to the positions its config embeds (`max_position_embeddings`): a model trained on
+    shorter inputs than `max_length` is never fed longer ones."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)
+    return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]

@@ -34,9 +34,10 @@ from .stages import forward_batches
 
 __all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR"]
 
-#: (d, k) options: 1, 1.33, 2, 2.67 and 4 bits per weight (k = 256). Larger codebooks (k = 4096 at d = 4: 3 bits)
-#: cost 16x the assignment time of the output-aware encoder on 2 CPU cores and are left out of the default menu.
-MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (3, 256), (2, 256))
+#: (d, k) options: 1, 1.33, 2, 2.67, 4 and 8 bits per weight (k = 256; d = 1 is per-layer scalar k-means, a near-
+#: lossless step below dense for the most sensitive layers). Larger codebooks (k = 4096 at d = 4: 3 bits) cost 16x the
+#: assignment time of the output-aware encoder on 2 CPU cores and are left out of the default menu.
+MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (3, 256), (2, 256), (1, 256))
 #: Bytes of safetensors header per stored tensor (its name, dtype, shape and offsets as JSON), measured on hf_vq
 #: checkpoints of MiniLM and EfficientNet-Lite0 (about 90-140), rounded up.
 HEADER_BYTES_PER_TENSOR = 150
@@ -168,16 +169,25 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     return out
 
 
-def _final(out: Any, mask: torch.Tensor | None) -> torch.Tensor:
-    """The model's main output as `[n, features]` (padding tokens dropped)."""
-    if not isinstance(out, torch.Tensor):
-        out = out[0] if isinstance(out, (list, tuple)) else next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
-        out = out[mask.bool()]
-    return out.reshape(-1, out.shape[-1]).float()
+def _final(out: Any, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every floating-point tensor the model returns (`last_hidden_state` and `pooler_output`, `logits`, ...), each as
+    `[n, features]` with padding tokens dropped: a layer that only one output reads (a pooler) is measured on it."""
+    if isinstance(out, torch.Tensor):
+        values = [out]
+    else:
+        values = list(out.values()) if hasattr(out, "values") else list(out) if isinstance(out, (list, tuple)) else []
+    finals = []
+    for value in values:
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1):
+            continue
+        if mask is not None and value.dim() == 3 and tuple(value.shape[:2]) == tuple(mask.shape):
+            value = value[mask.bool()]
+        finals.append(value.reshape(-1, value.shape[-1]).float())
+    return finals
 
 
-def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]]) -> list[list[torch.Tensor]]:
+    """`[batch][output]`: the model's floating outputs on each probe batch (see `_final`)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = []
     with torch.no_grad():
@@ -187,16 +197,29 @@ def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]]) -> list[torch.
     return outs
 
 
+def _relative_change(changed: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> float:
+    """The largest relative squared change over the model's outputs, each output's change summed over the batches
+    and divided by its own energy."""
+    worst = 0.0
+    for j in range(len(reference[0])):
+        energy = sum(float(r[j].pow(2).sum()) for r in reference)
+        delta = sum(float((c[j] - r[j]).pow(2).sum()) for c, r in zip(changed, reference))
+        worst = max(worst, delta / max(energy, 1e-30))
+    return worst
+
+
 def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
                    matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics],
                    batches: list[tuple[tuple, dict]]) -> dict[str, float]:
-    """`α_l`: relative change of the final output per unit of layer `l`'s relative output error (noise injection on
-    at most two batches; the noise is deterministic per layer)."""
+    """`α_l`: relative change of the final outputs per unit of layer `l`'s relative output error (noise injection on
+    at most two batches; the noise is deterministic per layer; the most changed output counts)."""
     probe = batches[:2]
     was_training = model.training
     model.eval()
     reference = _outputs(model, probe)
-    energy = sum(float(r.pow(2).sum()) for r in reference)
+    if not reference or not reference[0]:
+        raise ValueError("bit allocation measures each layer's effect on the model's outputs, but the model returned "
+                         "no floating-point tensor on the calibration batches.")
     alphas = {}
     for i, name in enumerate(owners):
         weight = modules[name]._parameters["weight"]
@@ -219,8 +242,7 @@ def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list
         finally:
             with torch.no_grad():
                 weight.copy_(original)
-        delta = sum(float((c - r).pow(2).sum()) for c, r in zip(changed, reference))
-        alphas[name] = delta / max(energy, 1e-30) / _NOISE
+        alphas[name] = _relative_change(changed, reference) / _NOISE
     model.train(was_training)
     return alphas
 

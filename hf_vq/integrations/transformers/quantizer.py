@@ -211,7 +211,7 @@ class HfVQQuantizer(HfQuantizer):
             check_loaded(model, config)
         else:
             base = getattr(model.config, "name_or_path", None) or None
-            calibration = calibration_from_config(self.quantization_config, base)
+            calibration = calibration_from_config(self.quantization_config, base, model=model)
             config = quantize_(model, self.quantization_config, progress=True, base_model=base, calibration=calibration)
             attach_(model, config)
         return model

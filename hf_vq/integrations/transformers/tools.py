@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from ...calibrate.sources import calibration_texts, tokenize_batches
+
 __all__ = ["is_transformers_model", "load_tokenizer", "load_image_processor", "padding_collator", "get_scheduler",
            "calibration_from_config"]
 
@@ -48,8 +50,8 @@ def get_scheduler(name: str, *, optimizer: Any, num_warmup_steps: int, num_train
                           num_training_steps=num_training_steps)
 
 
-def calibration_from_config(config: Any, model_ref: str | None, *, batch_size: int = 32, max_length: int = 128,
-                            samples: int = 256) -> list[dict] | None:
+def calibration_from_config(config: Any, model_ref: str | None, *, model: Any = None, batch_size: int = 32,
+                            max_length: int = 128, samples: int = 256) -> list[dict] | None:
     """Calibration batches for quantize-on-load from `VQConfig(dataset=..., tokenizer=...)`, as transformers'
     `GPTQConfig` takes them: `dataset` a list of texts, a text file (any suffix) or a 🤗 Datasets name; `tokenizer`
     an object, or a folder / Hub id (default: the model being loaded). None when no dataset is given.
@@ -67,13 +69,10 @@ def calibration_from_config(config: Any, model_ref: str | None, *, batch_size: i
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     if isinstance(dataset, str):
-        from ...calibrate.sources import calibration_texts
-
         texts = calibration_texts(samples, dataset)
     elif isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset):
         texts = list(dataset)
     else:
         raise ValueError(f"VQConfig.dataset must be a list of texts, a text file or a 🤗 Datasets name; got "
                          f"{type(dataset).__name__}.")
-    return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    return tokenize_batches(tokenizer, texts, model=model, batch_size=batch_size, max_length=max_length)
