@@ -263,7 +263,7 @@ def markdown(data: dict) -> str:
         ratio = _ratio(g)
         lines.append(
             f"| {r['scheme']} | {r['in_features']}x{r['out_features']} | {r['batch']} | {_cell(r, 'dense_fp16')} "
-            f"| {_cell(r, 'hf_vq')} | {f'**{ratio}×**' if ratio else 'n/a'} | {r['hf_vq_kernel']} "
+            f"| {_cell(r, 'hf_vq')} | {f'**{ratio}×**' if ratio else 'n/a'} | {r['hf_vq_kernel']} | "
             + " | ".join(_cell(r, f) for f in FAMILIES)
             + f" | {_cell(r, 'aqlm')} | {e.get('dense_fp16', '–')} / {e.get('hf_vq', '–')} "
             f"| {r.get('hf_vq_eager_kernel', '').split('(')[0]} | {r['max_rel_error'].get('hf_vq', float('nan')):.1e} |")

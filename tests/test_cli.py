@@ -35,7 +35,8 @@ def test_default_compress_is_10x_smaller_and_faithful(default_run, minilm_path):
     assert "x smaller" in proc.stdout and "encoder.layer.0.attention.self.query" in proc.stdout
     assert "sentence embedding cosine (mean)" in proc.stdout
     cosine = report["fidelity"]["sentence embedding cosine (mean)"]
-    assert 0.5 < cosine <= 1.0  # 2 bits/weight without fine-tuning is lossy; the measured value is in benchmarks/
+    # the calibrated engine at 10x, no fine-tuning: 0.975 measured on these held-out sentences (benchmarks/results/engine.md)
+    assert 0.95 < cosine <= 1.0
     assert all(0 < layer["rel_error"] < 0.3 for layer in report["layers"])
     # the weights file is within 2% of the accounted size
     assert abs(report["file_over_accounted"] - 1) <= 0.02

@@ -2,8 +2,12 @@
 
 1. One pass of the calibration batches through the dense model gives every layer's `H = XᵀX` (embeddings: how often
    each row is read).
-2. For every layer and every option of a small menu ([`MENU`]: 1 to 4 bits per weight, plus dense), a quick
-   Hessian-weighted k-means measures the layer's relative output error `e_l(o)`.
+2. For every layer and every option of a small menu ([`MENU`]: 1 to 8 bits per weight, plus dense), the encoder
+   that will run, on a sample of at most 256 of the layer's rows, measures the layer's relative output error
+   `e_l(o)`: the output-aware encoder (one GPTQ pass, a codebook and scale refit) when `config.encoder` is
+   `"output-aware"`, else a short Hessian-diagonal-weighted k-means. (The k-means estimate is no stand-in for the
+   output-aware encoder: on MiniLM's last MLP output layer it put d = 1 at 0.013, the encoder reaches 2e-5, and
+   the allocation kept the layer dense at 32 bits per weight.)
 3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
    output error into that layer alone and measuring the relative change of the final output (HIGGS's linear
    model of the loss increase).
@@ -27,20 +31,25 @@ from ..calibrate import HessianCollector, LayerStatistics, to_device
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
 from ..codec.kmeans import kmeans
+from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
 from ..config import LayerLayout, VQConfig
 from ..nn import vq_class_for
 from .stages import forward_batches
 
-__all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR"]
+__all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_PER_LAYER"]
 
 #: (d, k) options: 1, 1.33, 2, 2.67, 4 and 8 bits per weight (k = 256; d = 1 is per-layer scalar k-means, a near-
 #: lossless step below dense for the most sensitive layers). Larger codebooks (k = 4096 at d = 4: 3 bits) cost 16x the
 #: assignment time of the output-aware encoder on 2 CPU cores and are left out of the default menu.
 MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (3, 256), (2, 256), (1, 256))
-#: Bytes of safetensors header per stored tensor (its name, dtype, shape and offsets as JSON), measured on hf_vq
-#: checkpoints of MiniLM and EfficientNet-Lite0 (about 90-140), rounded up.
-HEADER_BYTES_PER_TENSOR = 150
+#: Bytes of safetensors header per stored tensor besides twice its name (once as the tensor's key, once in the CRC32
+#: checksums of the metadata): dtype, shape, offsets and the checksum. And per allocated layer besides its name: its
+#: entry in the compression record (choice and sensitivity). Fitted on hf_vq's 10x MiniLM checkpoint (36,096 header
+#: bytes for 183 tensors) and rounded up, so that the file lands on the safe side of the ratio.
+HEADER_BYTES_PER_TENSOR = 100
+RECORD_BYTES_PER_LAYER = 70
+_HEADER_BYTES_FIXED = 2_000  # the format keys, the spec and the record's other fields
 _NOISE = 1e-2  # relative output error of the injected noise (the linear regime of the final output)
 
 
@@ -121,26 +130,42 @@ def _row_weights(stat: LayerStatistics | None, rows: int) -> torch.Tensor | None
     return 1 + counts / counts.mean().clamp_min(1e-12)
 
 
-def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int,
-                 seed: int, max_rows: int = 256) -> float:
-    """Relative output error of a quick Hessian-diagonal-weighted k-means at (d, k), on at most `max_rows` rows
-    (drawn by use for embeddings): an estimate to compare options, not the final error."""
-    rows, cols = matrix.shape
+def _sample_rows(rows: int, rows_w: torch.Tensor | None, groups: int, seed: int, max_rows: int) -> torch.Tensor:
+    """At most `max_rows` row indices (sorted): drawn by use for embeddings, whole groups for grouped layers."""
     gen = torch.Generator().manual_seed(seed)
-    if rows > max_rows:
-        pick = (torch.multinomial(rows_w.float(), max_rows, generator=gen) if rows_w is not None
-                else torch.randperm(rows, generator=gen)[:max_rows]).sort().values
-    else:
-        pick = torch.arange(rows)
+    if rows <= max_rows:
+        return torch.arange(rows)
+    if rows_w is not None:
+        return torch.multinomial(rows_w.float(), max_rows, generator=gen).sort().values
+    if groups > 1:
+        per = rows // groups
+        chosen = torch.randperm(groups, generator=gen)[:max(1, max_rows // per)].sort().values  # [g]
+        return (chosen[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
+    return torch.randperm(rows, generator=gen)[:max_rows].sort().values
+
+
+def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int,
+                 config: VQConfig, scales: bool, max_rows: int = 256) -> float:
+    """Relative output error at (d, k) on at most `max_rows` rows (drawn by use for embeddings): the output-aware
+    encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted k-means. An
+    estimate to compare options, not the final error."""
+    rows, cols = matrix.shape
+    groups = h.shape[0] if h.dim() == 3 else 1
+    pick = _sample_rows(rows, rows_w, groups, config.seed, max_rows)
+    sub = matrix[pick.to(matrix.device)]  # [picked, cols]
+    k = min(clamp_k(k, rows * cols // d), max(2, sub.numel() // d // 4))
+    if config.encoder == "output-aware" and rows_w is None:
+        if groups > 1:
+            h = h[(pick[:: rows // groups] // (rows // groups)).to(h.device)]  # [picked groups, cols, cols]
+        result = encode_output_aware(sub, h, k=k, d=d, scales=scales, seed=config.seed, n_iter=0, kmeans_iters=8,
+                                     reassign="gptq")
+        return float(result.stats["output_error"])
     diag = torch.diagonal(h, dim1=-2, dim2=-1).float()  # [cols] or [G, cols]
     if diag.dim() == 2:  # grouped conv: each row takes its group's diagonal
         diag = diag.repeat_interleave(rows // diag.shape[0], dim=0)[pick.to(diag.device)]  # [picked, cols]
-    sub = matrix[pick.to(matrix.device)]  # [picked, cols]
     w = diag.expand(sub.shape).clamp_min(1e-12)
     x, wx = split_blocks(sub, d), split_blocks(w, d)  # [n, d]
-    k = clamp_k(k, rows * cols // d)
-    codebook, codes = kmeans(x, min(k, max(2, x.shape[0] // 4)), n_iter=8, seed=seed,
-                             weights=None if rows_w is not None else wx)
+    codebook, codes = kmeans(x, k, n_iter=8, seed=config.seed, weights=None if rows_w is not None else wx)
     approx = decode(codes.reshape(sub.shape[0], cols // d, 1), codebook[None])  # [picked, cols]
     if rows_w is not None:  # an embedding: the rows were drawn by use, so the plain error is the used one
         return float((sub - approx).pow(2).sum() / sub.pow(2).sum())
@@ -164,7 +189,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
             continue
         k_eff = clamp_k(k, rows * cols // d)
         bits = option_bits(rows, cols, d=d, k=k_eff, num_codebooks=1, scales=layout.scales)
-        error = _quick_error(matrix, h, rows_w, d, k, config.seed)
+        error = _quick_error(matrix, h, rows_w, d, k, config, layout.scales)
         out.append((Option(float(bits), alpha * error, f"d{d}k{k_eff}"), (d, k)))
     return out
 
@@ -258,6 +283,9 @@ def _budget(model: nn.Module, layouts: dict[str, LayerLayout], owners: list[str]
     dense_bits = sum(t.numel() * 32 for t in state.values() if t.is_floating_point())
     fixed = sum(t.numel() * t.element_size() * 8 for key, t in state.items() if key not in compressible)
     # stored tensors: everything else plus codes and codebooks (and scales) per compressed layer
-    n_tensors = len(state) - len(compressible) + 3 * len(owners)
-    fixed += 8 * HEADER_BYTES_PER_TENSOR * n_tensors
-    return dense_bits / config.target_ratio, float(fixed)
+    keys = [key for key in state if key not in compressible]
+    keys += [f"{n}.{part}" for n in owners for part in ("codes", "codebooks", "scales")
+             if part != "scales" or layouts[n].scales]
+    header = sum(2 * len(key) + HEADER_BYTES_PER_TENSOR for key in keys)
+    header += sum(len(n) + RECORD_BYTES_PER_LAYER for n in owners) + _HEADER_BYTES_FIXED
+    return dense_bits / config.target_ratio, float(fixed + 8 * header)
