@@ -107,7 +107,8 @@ class SizeReport:
         for set_name, (shape, bits, n) in self.shared.items():
             lines.append(f"shared codebook set {set_name!r} {'x'.join(map(str, shape))} (fp16, stored once): "
                          f"{bits / 8 / 1024:.1f} KB for {n} modules (split over their rows above)")
-        lines.append(f"dense {self.dense_mb:.2f} MB (fp32) -> compressed {self.compressed_mb:.2f} MB: {self.ratio:.1f}x smaller")
+        ratio = round(self.ratio, 3)  # the JSON's figure, so that both say the same
+        lines.append(f"dense {self.dense_mb:.2f} MB (fp32) -> compressed {self.compressed_mb:.2f} MB: {ratio:.1f}x smaller")
         if self.file_bytes is not None:
             lines.append(f"{WEIGHTS_NAME}: {self.file_bytes / 2**20:.2f} MB on disk "
                          f"({self.file_over_accounted:.3f}x the accounted size)")
