@@ -348,28 +348,35 @@ class _Run:
         self.x = x.contiguous()  # [n, d] original order, for the final assignment
         x64 = x.to(torch.float64)
         self.var = x64.var(0, unbiased=False)  # [d] per-dimension data variance
+        del x64
         self.var_total = float(self.var.sum())
-        # Shuffle once; a subsample is a window of this order. The array is doubled so a window
-        # that wraps around the end is still one contiguous slice.
+        # Shuffle once; a subsample is a cyclic window of this order (`_rows` / `_cols` join the two pieces of a
+        # window that wraps around the end).
         perm = torch.randperm(self.n, generator=self.gen, device=x.device)  # [n]
         xp = x[perm]  # [n, d]
-        self.xp2 = torch.cat([xp, xp]).contiguous()  # [2n, d] float32
-        # Transposed float64 values for the update: d coordinates + squared norm, [d + 1, 2n]; weighted:
-        # w*x and w first, [3d + 1, 2n]. `self.sx` is the row of the first plain coordinate.
+        self.xp = xp
+        # Transposed float64 values for the update: d coordinates + squared norm, [d + 1, n]; weighted:
+        # w*x and w first, [3d + 1, n]. `self.sx` is the row of the first plain coordinate.
         xp64 = xp.to(torch.float64)
-        vals = torch.cat([xp64, xp64.pow(2).sum(1, keepdim=True)], 1)  # [n, d + 1]
+        parts = [xp64, xp64.pow(2).sum(1, keepdim=True)]  # [n, d], [n, 1]
         self.weighted = weights is not None
         self.sx = 0
         if self.weighted:
             wp = _check_weights(weights, x)[perm]  # [n, d], in the shuffled order
-            q2, base2 = _weighted_queries(xp, wp)
-            # [2n, 2d] (its last d columns are the weights), [2n]; the first n rows serve the final assignment
-            self.q2, self.base2 = torch.cat([q2, q2]), torch.cat([base2, base2])
+            self.q, self.base = _weighted_queries(xp, wp)  # [n, 2d] (its last d columns are the weights), [n]
             self.perm = perm
             wp64 = wp.to(torch.float64)
-            vals = torch.cat([wp64 * xp64, wp64, vals], 1)  # [n, 3d + 1]
+            parts = [wp64 * xp64, wp64, *parts]
             self.sx = 2 * self.d
-        self.vals2 = torch.cat([vals.t(), vals.t()], 1).contiguous()  # [rows, 2n]
+            del wp, wp64
+        del xp64
+        self.vals = torch.empty(sum(part.shape[1] for part in parts), self.n, dtype=torch.float64,
+                                device=x.device)  # [rows, n]
+        row = 0
+        for part in parts:
+            self.vals[row : row + part.shape[1]] = part.t()
+            row += part.shape[1]
+        del parts
         if init is not None:
             if tuple(init.shape) != (k, self.d):
                 raise ValueError(f"init must be [{k}, {self.d}], got {tuple(init.shape)}.")
@@ -387,6 +394,14 @@ class _Run:
             self.codebook = torch.cat([unique, unique[:1].expand(k - len(unique), -1)]).contiguous()  # [k, d]
             self.done = True
 
+    def _rows(self, t: torch.Tensor, off: int, m: int) -> torch.Tensor:
+        """Rows `off .. off + m` of `t` `[n, ...]`, cyclically (a window past the end continues at row 0)."""
+        return t[off : off + m] if off + m <= self.n else torch.cat([t[off:], t[: off + m - self.n]])
+
+    def _cols(self, t: torch.Tensor, off: int, m: int) -> torch.Tensor:
+        """Columns `off .. off + m` of `t` `[rows, n]`, cyclically."""
+        return t[:, off : off + m] if off + m <= self.n else torch.cat([t[:, off:], t[:, : off + m - self.n]], 1)
+
     def step(self, i: int) -> None:
         """Iteration i = 1..n_iter: assign (a window of) the clean data, then the (noisy) update."""
         if self.done:
@@ -400,14 +415,14 @@ class _Run:
             m, off = n, 0
         else:
             off = int(torch.randint(n, (1,), generator=self.gen, device=self.device))
-        xw = self.xp2[off : off + m]  # [m, d]
+        xw = self._rows(self.xp, off, m)  # [m, d]
         if self.weighted:
-            codes, dist = _nearest_weighted(self.q2[off : off + m], self.base2[off : off + m], self.codebook,
+            codes, dist = _nearest_weighted(self._rows(self.q, off, m), self._rows(self.base, off, m), self.codebook,
                                             chunk_size=self.chunk_size)  # [m], [m]
         else:
             codes, dist = _nearest(xw, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)  # [m], [m]
         self.points_seen += m
-        counts, sums = _cluster_stats(codes, self.vals2[:, off : off + m], k)  # [k], [k, rows of vals2]
+        counts, sums = _cluster_stats(codes, self._cols(self.vals, off, m), k)  # [k], [k, rows of vals]
         nonempty = counts > 0  # [k]
         cnt = counts.clamp_min(1.0)[:, None]  # [k, 1]
         d, sx = self.d, self.sx
@@ -439,7 +454,7 @@ class _Run:
         if full:
             empty = (~nonempty).nonzero().flatten()  # [e]
             if empty.numel():
-                _reseed_empty(new, empty, xw, dist, self.q2[off : off + m, self.d :] if self.weighted else None)
+                _reseed_empty(new, empty, xw, dist, self.q[:, self.d :] if self.weighted else None)  # full: off 0
             elif not self.anneal and self.prev_codes is not None and _equal(codes, self.prev_codes):
                 self.done = True  # Lloyd fixed point: the codebook can no longer move
             if not self.anneal:
@@ -448,7 +463,7 @@ class _Run:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weighted:
-            shuffled = _nearest_weighted(self.q2[: self.n], self.base2[: self.n], self.codebook,
+            shuffled = _nearest_weighted(self.q, self.base, self.codebook,
                                          chunk_size=self.chunk_size)[0]  # [n], in the shuffled order
             codes = torch.empty_like(shuffled)
             codes[self.perm] = shuffled  # [n], original order
