@@ -8,6 +8,7 @@ from torch import nn
 
 from .data import (CALIBRATION_PHOTOS, EVAL_PHOTOS, EVAL_SENTENCES, REAL_PHOTOS, calibration_batches, real_images,
                    real_photos, real_sentences)
+from .calibrate.sources import tokenize_batches
 from .finetune.losses import mean_pool
 
 __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS",
@@ -17,11 +18,10 @@ __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "EV
 @torch.no_grad()
 def embedding_cosine(dense: nn.Module, compressed: nn.Module, tokenizer, sentences: list[str], *,
                      batch_size: int = 32) -> dict[str, float]:
-    """Cosine similarity of mean-pooled sentence embeddings, compressed vs dense (mean, min)."""
+    """Cosine similarity of mean-pooled sentence embeddings, compressed vs dense (mean, min); sentences truncated
+    to 128 tokens or the positions the model embeds."""
     cosines = []
-    for i in range(0, len(sentences), batch_size):
-        batch = tokenizer(sentences[i: i + batch_size], padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
+    for batch in tokenize_batches(tokenizer, sentences, model=dense, batch_size=batch_size):
         a = mean_pool(dense(**batch).last_hidden_state, batch["attention_mask"])
         b = mean_pool(compressed(**batch).last_hidden_state, batch["attention_mask"])
         cosines.append(F.cosine_similarity(a.float(), b.float(), dim=-1))

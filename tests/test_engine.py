@@ -124,6 +124,36 @@ def test_allocation_gives_sensitive_layers_more_bits():
     assert all(bits[top] >= bits[n] for n in bits), (sens, bits)
 
 
+def test_allocation_measures_every_output_the_model_returns():
+    """BertModel's pooler only feeds `pooler_output`: measured on `last_hidden_state` alone it looked free to ruin."""
+    model = _bert(hidden=64, layers=1)
+    config = hf_vq.quantize_(copy.deepcopy(model), hf_vq.VQConfig(n_iter=5, permute=False, bits_per_weight=6),
+                             calibration=_batches(2), progress=False)
+    sens = {n: v["sensitivity"] for n, v in config.record.allocation["layers"].items()}
+    assert sens["pooler.dense"] > 0.01 * max(sens.values()), sens
+
+
+def test_texts_are_truncated_to_the_positions_the_model_embeds():
+    """Calibration and fidelity text go through one tokenizer helper; a 32-position model never sees 33 tokens."""
+    from hf_vq.calibrate.sources import tokenize_batches
+    from hf_vq.evaluate import embedding_cosine
+
+    class Tokenizer:  # whitespace tokens, as a transformers tokenizer returns them (padding, truncation)
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            ids = [[1 + hash(w) % 100 for w in t.split()][:max_length] for t in texts]
+            width = max(map(len, ids))
+            return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
+                    "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=64,
+                                                           max_position_embeddings=32)).eval()
+    texts = ["word " * 100, "a short one"]
+    assert tokenize_batches(Tokenizer(), texts, model=model)[0]["input_ids"].shape[1] == 32
+    assert embedding_cosine(model, model, Tokenizer(), texts)["mean_cosine"] > 0.999
+
+
 def test_mixed_allocation_round_trips_through_from_pretrained(tmp_path):
     dense = _bert(hidden=128, vocab=2048)
     model = copy.deepcopy(dense)
