@@ -7,7 +7,7 @@
    `e_l(o)`: the output-aware encoder (one GPTQ pass, a codebook and scale refit) when `config.encoder` is
    `"output-aware"`, else a short Hessian-diagonal-weighted k-means. (The k-means estimate is no stand-in for the
    output-aware encoder: on MiniLM's last MLP output layer it put d = 1 at 0.013, the encoder reaches 2e-5, and
-   the allocation kept the layer dense at 32 bits per weight.)
+   the allocation kept the layer dense at 32 bits per weight: benchmarks/results/experiment_allocation_proxy.md.)
 3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
    output error into that layer alone and measuring the relative change of the final output (HIGGS's linear
    model of the loss increase).
