@@ -9,8 +9,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from .config import DEFAULT_BLOCK_SIZE, VQConfig
 from .serialization import CheckpointError, check_save_target, check_writable, checkpoint_size_report
@@ -69,6 +71,11 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
                   tune_steps=args.tune_steps if args.tune_steps is not None else (DEFAULT_TUNE_STEPS if engine else 0))
     if args.bits is not None:
         kwargs.update(target_ratio=None, bits_per_weight=args.bits)
+    if getattr(args, "stream", False):
+        if args.ratio is not None or args.bits is not None:
+            raise ValueError("--stream cannot allocate bits (--ratio / --bits measure every layer of the whole dense "
+                             "model): give a fixed scheme (-d, -k, --spec) or drop --stream.")
+        kwargs.update(target_ratio=None, permute=False)  # the default block sizes: 2 bits per weight
     if args.permute_iters is not None:
         kwargs["permute_iters"] = args.permute_iters
     for field in ("share", "aq_iters", "beam_size"):
@@ -117,8 +124,6 @@ def _describe(config: VQConfig, base_model: str, library: str) -> str:
 
 @torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
 def _compress(args: argparse.Namespace) -> int:
-    from .pipeline import quantize_
-
     out = Path(args.out)
     _check_outputs(args, out)
     for flag in ("calibrate", "calibration_samples"):
@@ -127,41 +132,76 @@ def _compress(args: argparse.Namespace) -> int:
                              "number of inputs (e.g. 256).")
     config = _config_from_args(args)
     model_dir, library, base_model = _resolve_model(args)
-    print(_describe(config, base_model, library), flush=True)
+    from .integrations.accelerate import launched_workers
+
+    workers, launched_device = launched_workers()  # under `accelerate launch`: this process's share and device
+    if workers.is_main:
+        print(_describe(config, base_model, library) + (f", {workers.count} processes" if workers.count > 1 else ""),
+              flush=True)
     start = time.perf_counter()
+    dense, model, integration = _run(args, config, library, model_dir, base_model, workers, launched_device)
+    seconds = time.perf_counter() - start
+    if not workers.is_main:
+        return 0  # the main process evaluates and writes; every process holds the same compressed model
+    permutation = getattr(model, "vq_permutation_report", None)
+    if permutation is not None:
+        print(permutation, flush=True)
+    fidelity = {} if args.no_eval or dense is None else _fidelity(library, dense, model, model_dir)
+    if dense is None and not args.no_eval:
+        print("hf-vq: output fidelity not measured: --stream never loads the whole dense model", file=sys.stderr)
+    saving = time.perf_counter()
+    if library == "transformers":
+        integration.save_compressed(model, out, source_dir=model_dir, base_model=base_model, fidelity=fidelity)
+    else:
+        integration.save_compressed(model, out, base_model=base_model, fidelity=fidelity)
+    phases = {**model.vq_timings, "saving": time.perf_counter() - saving}
+    report = checkpoint_size_report(out)
+    print(report.table())
+    for key, value in fidelity.items():
+        print(f"fidelity {key}: {value}")
+    print(f"wrote {out} in {seconds:.1f} s ({workers.count} process{'es' if workers.count > 1 else ''}; main process: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": base_model, "spec": config.spec, "seconds": round(seconds, 2),
+                                               "processes": workers.count,
+                                               "phases": {k: round(v, 2) for k, v in phases.items()},
+                                               "fidelity": fidelity, "record": model.vq_config.record.to_dict(),
+                                               **report.to_dict()}, indent=2) + "\n")
+    return 0
+
+
+def _run(args: argparse.Namespace, config: VQConfig, library: str, model_dir: Path | None, base_model: str,
+         workers, device: torch.device | None) -> tuple[nn.Module | None, nn.Module, Any]:
+    """Load and compress: `(dense model or None when streamed, compressed model, the integration module)`."""
+    from .pipeline import quantize_
+
+    device = args.device or device
     if library == "transformers":
         from .integrations import transformers as integration
-
-        dense = integration.load_dense(model_dir)
     else:
         from .integrations import timm as integration
+    if args.stream:
+        if library != "transformers" or model_dir is None:
+            raise ValueError(f"--stream reads a transformers model folder's safetensors one block at a time; "
+                             f"{args.model} is a {library} model. Drop --stream.")
+        from .integrations.transformers.streaming import compress_streaming, empty_model
 
+        calibration = _calibration(args, config, library, empty_model(model_dir), model_dir)
+        model = compress_streaming(model_dir, config, calibration=calibration, device=device,
+                                   progress=not args.quiet and workers.is_main, base_model=base_model,
+                                   accelerator=workers)
+        return None, model, integration
+    if library == "transformers":
+        dense = integration.load_dense(model_dir)
+    else:
         dense = integration.load_dense(str(model_dir) if model_dir else args.model, pretrained=args.pretrained)
         config = integration.fit_config(dense, config)  # depthwise kernels whole, misfit layers dense
     dense.eval()
     calibration = _calibration(args, config, library, dense, model_dir)
     model = copy.deepcopy(dense)
-    quantize_(model, config, device=args.device, progress=not args.quiet, calibration=calibration,
-              base_model=base_model)
-    seconds = time.perf_counter() - start
-    permutation = getattr(model, "vq_permutation_report", None)
-    if permutation is not None:
-        print(permutation, flush=True)
-    fidelity = {} if args.no_eval else _fidelity(library, dense, model, model_dir)
-    if library == "transformers":
-        integration.save_compressed(model, out, source_dir=model_dir, base_model=base_model, fidelity=fidelity)
-    else:
-        integration.save_compressed(model, out, base_model=base_model, fidelity=fidelity)
-    report = checkpoint_size_report(out)
-    print(report.table())
-    for key, value in fidelity.items():
-        print(f"fidelity {key}: {value}")
-    print(f"wrote {out} in {seconds:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": base_model, "spec": config.spec, "seconds": round(seconds, 2),
-                                               "fidelity": fidelity, "record": model.vq_config.record.to_dict(),
-                                               **report.to_dict()}, indent=2) + "\n")
-    return 0
+    quantize_(model, config, device=device, progress=not args.quiet, calibration=calibration,
+              base_model=base_model, accelerator=workers)
+    return dense, model, integration
 
 
 def _check_outputs(args: argparse.Namespace, out: Path) -> None:
@@ -298,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "input second moments from N held-out inputs (no allocation)")
     p.add_argument("--skip", action="append", metavar="GLOB", help="module name pattern to leave dense (repeatable)")
     p.add_argument("--no-embeddings", action="store_true", help="leave embedding layers dense")
+    p.add_argument("--stream", action="store_true",
+                   help="transformers folders: read and compress one block at a time, for models larger than memory "
+                        "(a fixed scheme, default 2 bits/weight; no allocation, no permutation, no fidelity check)")
     p.add_argument("--device", help="device for k-means (default: cuda if available)")
     p.add_argument("--pretrained", action="store_true", help="timm names: load pretrained weights (needs the Hub)")
     p.add_argument("--no-eval", action="store_true", help="skip the output-fidelity evaluation")

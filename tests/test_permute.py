@@ -199,29 +199,6 @@ def test_shard_groups_cover_every_group_once():
         shard_groups(4, 3, 3)
 
 
-class _FakeAccelerator:
-    def __init__(self, index, count):
-        self.process_index, self.num_processes = index, count
-
-
-def test_search_split_across_processes_matches_single_process(monkeypatch):
-    import accelerate.utils
-
-    model = _randomize_(_tiny("bert"))
-    single = copy.deepcopy(model)
-    permute_(single, hf_vq.VQConfig(permute_iters=10))
-    # two "processes": each searches its share; gather_object hands every process all results
-    shares = []
-    for index in range(2):
-        monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: shares.append(list(obj)) or list(obj))
-        permute_(copy.deepcopy(model), hf_vq.VQConfig(permute_iters=10), accelerator=_FakeAccelerator(index, 2))
-    merged = shares[0] + shares[1]
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: merged)
-    split = copy.deepcopy(model)
-    permute_(split, hf_vq.VQConfig(permute_iters=10), accelerator=_FakeAccelerator(0, 2))
-    assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), split.state_dict().values()))
-
-
 def test_input_moments_match_the_inputs_seen():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 6))
     x1, x2 = torch.randn(2, 3, 5, 5), torch.randn(3, 3, 5, 5)

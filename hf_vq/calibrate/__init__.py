@@ -2,8 +2,8 @@
 a form that follows a channel permutation by indexing. Pure torch: no VQ modules, no Hugging Face."""
 
 from .batches import as_args_kwargs, calibration_batches, to_device
-from .hessian import HessianCollector, LayerStatistics, permute_hessian
+from .hessian import HessianCollector, LayerStatistics, merge_statistics, permute_hessian
 from .moments import entry_moments, input_moments, permute_moments
 
 __all__ = ["as_args_kwargs", "calibration_batches", "to_device", "entry_moments", "input_moments", "permute_moments",
-           "HessianCollector", "LayerStatistics", "permute_hessian"]
+           "HessianCollector", "LayerStatistics", "merge_statistics", "permute_hessian"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerStatistics", "HessianCollector", "permute_hessian"]
+__all__ = ["LayerStatistics", "HessianCollector", "merge_statistics", "permute_hessian"]
 
 
 @dataclass
@@ -73,6 +73,7 @@ class HessianCollector:
         self.max_rows = max_rows
         self.stats: dict[str, LayerStatistics] = {}
         self.token_mask: torch.Tensor | None = None  # [batch, tokens] bool: rows to keep for sequence inputs
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, its H, its rows): reused by readers of the same tensor
 
     def _rows(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The input rows of `module` as `[G, n, cols]` (G = 1 except for grouped convs)."""
@@ -95,12 +96,16 @@ class HessianCollector:
             return
         if not x.is_floating_point():
             return
-        rows = self._rows(name, module, x.detach()).double()  # [G, n, cols]
-        if self.max_rows is not None and rows.shape[1] > self.max_rows:
-            rows = rows[:, :: -(-rows.shape[1] // self.max_rows)]
-        h = rows.transpose(1, 2) @ rows  # [G, cols, cols]
+        if not isinstance(module, nn.Conv2d) and self._last is not None and self._last[0] is x:
+            _, h, n = self._last  # the input of the layer before (attention's q, k, v; gate and up): the same H
+        else:
+            rows = self._rows(name, module, x.detach()).double()  # [G, n, cols]
+            if self.max_rows is not None and rows.shape[1] > self.max_rows:
+                rows = rows[:, :: -(-rows.shape[1] // self.max_rows)]
+            h, n = rows.transpose(1, 2) @ rows, int(rows.shape[1])  # [G, cols, cols]
+            self._last = None if isinstance(module, nn.Conv2d) else (x, h, n)
         stat.hessian = h if stat.hessian is None else stat.hessian + h
-        stat.count += int(rows.shape[1])
+        stat.count += n
 
     @contextmanager
     def collecting(self) -> Iterator["HessianCollector"]:
@@ -110,8 +115,15 @@ class HessianCollector:
         try:
             yield self
         finally:
+            self._last = None
             for handle in handles:
                 handle.remove()
+
+    def take(self) -> dict[str, LayerStatistics]:
+        """The statistics gathered since the last `take` (one batch's contribution), as raw sums; the collector starts
+        empty again. Fold them into a running total with [`merge_statistics`] (in batch order, as one process would)."""
+        taken, self.stats, self._last = self.stats, {}, None
+        return taken
 
     def result(self) -> dict[str, LayerStatistics]:
         """The statistics per layer; a conv's `H` is `[G, cols, cols]`, any other layer's `[cols, cols]`."""
@@ -121,6 +133,18 @@ class HessianCollector:
                 stat = LayerStatistics(hessian=stat.hessian[0], count=stat.count)
             out[name] = stat
         return out
+
+
+def merge_statistics(total: dict[str, LayerStatistics], part: dict[str, LayerStatistics]) -> None:
+    """Add `part` (a [`HessianCollector.take`] of one batch) into `total`, in place: the same float64 additions, in the
+    same order, as a collector that saw the batches one after the other."""
+    for name, stat in part.items():
+        into = total.setdefault(name, LayerStatistics())
+        if stat.hessian is not None:
+            into.hessian = stat.hessian if into.hessian is None else into.hessian + stat.hessian
+        if stat.row_counts is not None:
+            into.row_counts = stat.row_counts if into.row_counts is None else into.row_counts + stat.row_counts
+        into.count += stat.count
 
 
 def permute_hessian(hessian: torch.Tensor, index: torch.Tensor, taps: int = 1) -> torch.Tensor:

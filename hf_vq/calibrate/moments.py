@@ -6,6 +6,7 @@ pass): see [`permute_moments`].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,8 +17,14 @@ from .batches import calibration_batches, to_device
 __all__ = ["input_moments", "entry_moments", "permute_moments"]
 
 
+def _each_batch(n: int, measure: Callable[[int], Any], merge: Callable[[Any], None]) -> None:
+    for i in range(n):
+        merge(measure(i))
+
+
 @torch.no_grad()
-def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[str, torch.Tensor]:
+def input_moments(model: nn.Module, names: list[str], calibration: Any, *,
+                  reduce_batches: Callable[[int, Callable, Callable], None] | None = None) -> dict[str, torch.Tensor]:
     """Second moment `E[x_c^2]` of every input channel of the named modules, over calibration batches.
 
     Args:
@@ -26,6 +33,9 @@ def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[
             `Conv1D`: last dim).
         calibration: one batch (a tensor or a dict of model inputs, e.g. a tokenizer's output) or a list
             of batches; tensors are moved to the model's device.
+        reduce_batches (`Callable`, *optional*): `reduce_batches(n, measure, merge)` runs `measure(i)` for batches
+            and calls `merge` with every batch's result in batch order; by default all batches here, one after the
+            other ([`hf_vq.pipeline.parallel.Workers.reduce_batches`] splits them between processes).
 
     Returns:
         `dict[str, torch.Tensor]`: float64 `[in_channels]` per module that saw an input.
@@ -33,6 +43,7 @@ def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[
     batches = calibration_batches(calibration)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modules = dict(model.named_modules(remove_duplicate=False))
+    part: dict[str, tuple[torch.Tensor, int]] = {}  # one batch's sums of squares and rows
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -43,15 +54,25 @@ def input_moments(model: nn.Module, names: list[str], calibration: Any) -> dict[
         channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
         x = x.detach().double().movedim(channel_dim, -1)  # [..., C]
         flat = x.reshape(-1, x.shape[-1])  # [n, C]
-        sums[name] = sums.get(name, 0) + flat.pow(2).sum(0)  # [C]
-        counts[name] = counts.get(name, 0) + flat.shape[0]
+        seen, rows = part.get(name, (0, 0))
+        part[name] = (seen + flat.pow(2).sum(0), rows + flat.shape[0])  # [C]
+
+    def measure(i: int) -> dict[str, tuple[torch.Tensor, int]]:
+        args, kwargs = batches[i]
+        part.clear()
+        model(*[to_device(a, device) for a in args], **{k: to_device(v, device) for k, v in kwargs.items()})
+        return dict(part)
+
+    def merge(batch: dict[str, tuple[torch.Tensor, int]]) -> None:
+        for name, (total, rows) in batch.items():
+            sums[name] = sums.get(name, 0) + total.to(device)
+            counts[name] = counts.get(name, 0) + rows
 
     handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(n, m, i)) for n in names if n in modules]
     was_training = model.training
     model.eval()
     try:
-        for args, kwargs in batches:
-            model(*[to_device(a, device) for a in args], **{k: to_device(v, device) for k, v in kwargs.items()})
+        (reduce_batches or _each_batch)(len(batches), measure, merge)
     finally:
         for h in handles:
             h.remove()

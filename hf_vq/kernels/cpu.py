@@ -49,98 +49,155 @@ except ImportError:  # pragma: no cover - exercised on installs without numba
 
 
 # ---------------------------------------------------------------------------------------------- numba kernels
+# Each kernel is a loop over independent units (output tiles, rows) whose body is an inlined function, compiled twice:
+# `parallel=True` over `numba.prange`, and serial. Work run on one thread takes the serial twin, so numba's thread
+# pool is never started by it: the pool's OpenMP threads wait actively between kernels, and two processes of an
+# `accelerate launch` on two cores (one torch thread each) ran every layer's encoding 10-25x slower once both pools
+# existed (measured while compressing MiniLM; NUMBA_NUM_THREADS=1 restored the speed).
 if HAS_NUMBA:
+    _body = numba.njit(cache=True, boundscheck=False, inline="always")
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _lut_gather_sum(lut, codes_t, out, tile):  # pragma: no cover - compiled by numba
-        """out[b, r] = sum_j lut[b, j, codes_t[j, r]] — lut f32 [B, n_codes, k], codes_t u8/i32 [n_codes, rows].
-
-        Output rows are processed in tiles of `tile` (one thread per tile): for each table row `j` the tile's
-        codes `codes_t[j, r0:r1]` are contiguous and all its look-ups hit the same `k`-entry table row, which
-        stays in L1. Each output is summed over `j` in order by one thread (independent of the thread count).
-        """
+    @_body
+    def _lut_tile(lut, codes_t, out, t, tile):  # pragma: no cover - compiled by numba
+        """Output rows `[t·tile, (t+1)·tile)` of out[b, r] = sum_j lut[b, j, codes_t[j, r]] (lut f32 [B, n_codes, k],
+        codes_t u8/i32 [n_codes, rows]): for each table row `j` the tile's codes `codes_t[j, r0:r1]` are contiguous
+        and all its look-ups hit the same `k`-entry table row, which stays in L1. Each output is summed over `j` in
+        order by one thread (independent of the thread count)."""
         n_batch, n_codes, _ = lut.shape
         rows = codes_t.shape[1]
-        n_tiles = (rows + tile - 1) // tile
-        for t in numba.prange(n_tiles):
-            r0 = t * tile
-            width = min(rows, r0 + tile) - r0
-            acc = np.empty(width, np.float32)
-            for b in range(n_batch):
-                table = lut[b]
-                acc[:] = 0.0
-                for j in range(n_codes):
-                    entries = table[j]
-                    code_row = codes_t[j]
-                    for i in range(width):
-                        acc[i] += entries[code_row[r0 + i]]
+        r0 = t * tile
+        width = min(rows, r0 + tile) - r0
+        acc = np.empty(width, np.float32)
+        for b in range(n_batch):
+            table = lut[b]
+            acc[:] = 0.0
+            for j in range(n_codes):
+                entries = table[j]
+                code_row = codes_t[j]
                 for i in range(width):
-                    out[b, r0 + i] = acc[i]
+                    acc[i] += entries[code_row[r0 + i]]
+            for i in range(width):
+                out[b, r0 + i] = acc[i]
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _decode_rows(codes, codebooks, out):  # pragma: no cover - compiled by numba
+    @_body
+    def _decode_row(codes, codebooks, out, r):  # pragma: no cover - compiled by numba
         """out[r, j*d + t] = sum_m codebooks[m, codes[r, j, m], t] — codes [rows, n_blocks, M], codebooks [M, k, d].
 
         Summed in the order m = 0, 1, ... like the reference decode (bit-identical in the same dtype)."""
-        rows, n_blocks, n_books = codes.shape
+        _, n_blocks, n_books = codes.shape
         d = codebooks.shape[2]
-        for r in numba.prange(rows):
-            for j in range(n_blocks):
-                first = codes[r, j, 0]
+        for j in range(n_blocks):
+            first = codes[r, j, 0]
+            for t in range(d):
+                out[r, j * d + t] = codebooks[0, first, t]
+            for m in range(1, n_books):
+                code = codes[r, j, m]
                 for t in range(d):
-                    out[r, j * d + t] = codebooks[0, first, t]
-                for m in range(1, n_books):
-                    code = codes[r, j, m]
-                    for t in range(d):
-                        out[r, j * d + t] += codebooks[m, code, t]
+                    out[r, j * d + t] += codebooks[m, code, t]
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _copy_words1(codes, words, out):  # pragma: no cover - compiled by numba
+    @_body
+    def _copy_words1_row(codes, words, out, r):  # pragma: no cover - compiled by numba
         """out[r, j] = words[codes[r, j]]: M = 1 decode when a codeword is one machine word (8 or 16 bytes).
 
         Pure copies of the codeword bits (no arithmetic), four independent loads in flight per step."""
+        n = codes.shape[1]
+        row = out[r]
+        code = codes[r]
+        j = 0
+        while j + 4 <= n:
+            w0 = words[code[j]]
+            w1 = words[code[j + 1]]
+            w2 = words[code[j + 2]]
+            w3 = words[code[j + 3]]
+            row[j] = w0
+            row[j + 1] = w1
+            row[j + 2] = w2
+            row[j + 3] = w3
+            j += 4
+        while j < n:
+            row[j] = words[code[j]]
+            j += 1
+
+    @_body
+    def _copy_words_row(codes, words, out, r):  # pragma: no cover - compiled by numba
+        """out[r, j*w + q] = words[codes[r, j], q]: M = 1 decode, a codeword being `w` machine words."""
+        n = codes.shape[1]
+        w = words.shape[1]
+        for j in range(n):
+            code = codes[r, j]
+            for q in range(w):
+                out[r, j * w + q] = words[code, q]
+
+    @_body
+    def _transpose_tile(codes, out, t, block):  # pragma: no cover - compiled by numba
+        """out[c, r] = codes[r, c] for rows `[t·block, (t+1)·block)`, in `block`×`block` tiles (torch's strided uint8
+        copy is ~20x slower)."""
         rows, n = codes.shape
-        for r in numba.prange(rows):
-            row = out[r]
-            code = codes[r]
-            j = 0
-            while j + 4 <= n:
-                w0 = words[code[j]]
-                w1 = words[code[j + 1]]
-                w2 = words[code[j + 2]]
-                w3 = words[code[j + 3]]
-                row[j] = w0
-                row[j + 1] = w1
-                row[j + 2] = w2
-                row[j + 3] = w3
-                j += 4
-            while j < n:
-                row[j] = words[code[j]]
-                j += 1
+        r0 = t * block
+        r1 = min(rows, r0 + block)
+        for c0 in range(0, n, block):
+            for c in range(c0, min(n, c0 + block)):
+                for r in range(r0, r1):
+                    out[c, r] = codes[r, c]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _lut_gather_sum(lut, codes_t, out, tile):  # pragma: no cover - compiled by numba
+        for t in numba.prange((codes_t.shape[1] + tile - 1) // tile):
+            _lut_tile(lut, codes_t, out, t, tile)
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _lut_gather_sum_serial(lut, codes_t, out, tile):  # pragma: no cover - compiled by numba
+        for t in range((codes_t.shape[1] + tile - 1) // tile):
+            _lut_tile(lut, codes_t, out, t, tile)
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _decode_rows(codes, codebooks, out):  # pragma: no cover - compiled by numba
+        for r in numba.prange(codes.shape[0]):
+            _decode_row(codes, codebooks, out, r)
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _decode_rows_serial(codes, codebooks, out):  # pragma: no cover - compiled by numba
+        for r in range(codes.shape[0]):
+            _decode_row(codes, codebooks, out, r)
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _copy_words1(codes, words, out):  # pragma: no cover - compiled by numba
+        for r in numba.prange(codes.shape[0]):
+            _copy_words1_row(codes, words, out, r)
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _copy_words1_serial(codes, words, out):  # pragma: no cover - compiled by numba
+        for r in range(codes.shape[0]):
+            _copy_words1_row(codes, words, out, r)
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _copy_words(codes, words, out):  # pragma: no cover - compiled by numba
-        """out[r, j*w + q] = words[codes[r, j], q]: M = 1 decode, a codeword being `w` machine words."""
-        rows, n = codes.shape
-        w = words.shape[1]
-        for r in numba.prange(rows):
-            for j in range(n):
-                code = codes[r, j]
-                for q in range(w):
-                    out[r, j * w + q] = words[code, q]
+        for r in numba.prange(codes.shape[0]):
+            _copy_words_row(codes, words, out, r)
 
+    @numba.njit(cache=True, boundscheck=False)
+    def _copy_words_serial(codes, words, out):  # pragma: no cover - compiled by numba
+        for r in range(codes.shape[0]):
+            _copy_words_row(codes, words, out, r)
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _transpose_codes(codes, out, block):  # pragma: no cover - compiled by numba
-        """out[c, r] = codes[r, c] in `block`×`block` tiles (torch's strided uint8 copy is ~20x slower)."""
-        rows, n = codes.shape
-        for t in numba.prange((rows + block - 1) // block):
-            r0 = t * block
-            r1 = min(rows, r0 + block)
-            for c0 in range(0, n, block):
-                for c in range(c0, min(n, c0 + block)):
-                    for r in range(r0, r1):
-                        out[c, r] = codes[r, c]
+        for t in numba.prange((codes.shape[0] + block - 1) // block):
+            _transpose_tile(codes, out, t, block)
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _transpose_codes_serial(codes, out, block):  # pragma: no cover - compiled by numba
+        for t in range((codes.shape[0] + block - 1) // block):
+            _transpose_tile(codes, out, t, block)
+
+    _SERIAL = {_lut_gather_sum: _lut_gather_sum_serial, _decode_rows: _decode_rows_serial,
+               _copy_words1: _copy_words1_serial, _copy_words: _copy_words_serial,
+               _transpose_codes: _transpose_codes_serial}
+
+
+def _kernel(parallel_kernel, threads: int):
+    """The kernel to run on `threads` threads: the serial twin on one (numba's pool stays unstarted)."""
+    return parallel_kernel if threads > 1 else _SERIAL[parallel_kernel]
 
 
 #: Below this many elements of work (decoded weight entries, table look-ups) a numba kernel runs on one thread: a
@@ -157,7 +214,7 @@ def _sync_numba_threads(work: int | None = None) -> int:
     thread for less than `PARALLEL_MIN_WORK` elements of `work`. Returns the thread count."""
     wanted = 1 if work is not None and work < PARALLEL_MIN_WORK else torch.get_num_threads()
     wanted = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
-    if getattr(_threads, "count", None) != wanted:
+    if wanted > 1 and getattr(_threads, "count", None) != wanted:  # one thread: the serial twins (no pool to start)
         numba.set_num_threads(wanted)
         _threads.count = wanted
     return wanted
@@ -198,8 +255,8 @@ def lut_codes(codes: torch.Tensor) -> torch.Tensor:
     if not HAS_NUMBA or flat.device.type != "cpu" or flat.dtype not in (torch.uint8, torch.int32, torch.int64):
         return flat.t().contiguous()  # [n_blocks*M, rows]
     out = torch.empty(flat.shape[1], flat.shape[0], dtype=flat.dtype)  # [n_blocks*M, rows]
-    _sync_numba_threads(flat.numel())
-    _transpose_codes(_as_numpy(flat), out.numpy(), 64)
+    threads = _sync_numba_threads(flat.numel())
+    _kernel(_transpose_codes, threads)(_as_numpy(flat), out.numpy(), 64)
     return out
 
 
@@ -233,7 +290,7 @@ def lut_matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, *,
         codes_t = lut_codes(codes) if codes_t is None else codes_t  # [n_blocks*M, rows]
         threads = _sync_numba_threads(x.shape[0] * codes_t.numel())
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [B, rows]
-        _lut_gather_sum(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows, threads))
+        _kernel(_lut_gather_sum, threads)(_as_numpy(lut), _as_numpy(codes_t), out.numpy(), _tile(rows, threads))
     else:
         flat_codes = codes.reshape(rows, -1)  # [rows, n_blocks*M], a view of the unpacked codes
         n_codes, k = lut.shape[1], lut.shape[2]
@@ -254,14 +311,14 @@ def _word_views(codebook: torch.Tensor, out: torch.Tensor) -> tuple["np.ndarray"
     return codebook.contiguous().view(word).numpy(), out.view(word).numpy()  # [k, w], [rows, n_blocks * w]
 
 
-def _decode_words(codes: torch.Tensor, codebook: torch.Tensor, out: torch.Tensor) -> None:
+def _decode_words(codes: torch.Tensor, codebook: torch.Tensor, out: torch.Tensor, threads: int) -> None:
     """M = 1 decode into `out [rows, n_blocks * d]` by copying codewords as machine words."""
     words, target = _word_views(codebook, out)  # [k, w], [rows, n_blocks * w]
     codes2d = codes.reshape(codes.shape[0], -1).contiguous().numpy()  # [rows, n_blocks] (codes never need grad)
     if words.shape[1] == 1:
-        _copy_words1(codes2d, words.reshape(-1), target)
+        _kernel(_copy_words1, threads)(codes2d, words.reshape(-1), target)
     else:
-        _copy_words(codes2d, words, target)
+        _kernel(_copy_words, threads)(codes2d, words, target)
 
 
 def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,15 +339,15 @@ def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.T
         return weight if scales is None else weight * scales.to(weight.dtype)[:, None]
     rows, n_blocks, n_books = codes.shape
     d = codebooks.shape[-1]
-    _sync_numba_threads(rows * n_blocks * n_books * d)
+    threads = _sync_numba_threads(rows * n_blocks * n_books * d)
     if n_books == 1:  # copies: any dtype, exact
         out = torch.empty(rows, n_blocks * d, dtype=codebooks.dtype)  # [rows, n_blocks*d]
-        _decode_words(codes, codebooks.detach()[0], out)
+        _decode_words(codes, codebooks.detach()[0], out, threads)
         return out if scales is None else out.mul_(scales.to(out.dtype)[:, None])
     native = codebooks.dtype in (torch.float32, torch.float64)
     books = codebooks.detach() if native else codebooks.detach().float()  # [M, k, d]
     out = torch.empty(rows, n_blocks * d, dtype=books.dtype)  # [rows, n_blocks*d]
-    _decode_rows(_as_numpy(codes), _as_numpy(books), out.numpy())
+    _kernel(_decode_rows, threads)(_as_numpy(codes), _as_numpy(books), out.numpy())
     if scales is not None:
         out.mul_(scales.to(out.dtype)[:, None])
     return out if native else out.to(codebooks.dtype)

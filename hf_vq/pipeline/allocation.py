@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibrate import HessianCollector, LayerStatistics, to_device
+from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
 from ..codec.kmeans import kmeans
@@ -35,6 +35,7 @@ from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
 from ..config import LayerLayout, VQConfig
 from ..nn import vq_class_for
+from .parallel import Workers, layer_cost
 from .stages import forward_batches
 
 __all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_PER_LAYER"]
@@ -54,8 +55,12 @@ _NOISE = 1e-2  # relative output error of the injected noise (the linear regime 
 
 
 def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
-                     batches: list[tuple[tuple, dict]] | None) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
+                     batches: list[tuple[tuple, dict]] | None, workers: Workers | None = None
+                     ) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
     """Choose each planned layer's (k, d) — or leave it dense — to meet `config.target_ratio` / `bits_per_weight`.
+
+    With several `workers`, the calibration batches, the layers' sensitivities and their menus are split between
+    the processes and exchanged (the same allocation as one process makes).
 
     Returns:
         `(layouts, record)`: the layouts of the layers that stay compressed (tied modules follow their owner), and
@@ -68,13 +73,16 @@ def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: 
     modules = dict(model.named_modules())
     matrices = {n: vq_class_for(type(modules[n]))._weight_to_matrix(modules[n]._parameters["weight"].detach()).float()
                 for n in owners}  # [rows, cols]
-    stats = _dense_statistics(model, modules, owners, batches) if batches else {}
-    alphas = _sensitivities(model, modules, owners, matrices, stats, batches) if batches else dict.fromkeys(owners, 1.0)
-    options, labels = [], []
-    for name in owners:
-        menu = _menu(layouts[name], matrices[name], stats.get(name), config, alphas[name])
-        options.append([opt for opt, _ in menu])
-        labels.append([choice for _, choice in menu])
+    workers = workers or Workers()
+    stats = _dense_statistics(model, modules, owners, batches, workers) if batches else {}
+    alphas = _sensitivities(model, modules, owners, matrices, stats, batches, workers) if batches \
+        else dict.fromkeys(owners, 1.0)
+    costs = [layer_cost(min(256, matrices[n].shape[0]), matrices[n].shape[1], 256,  # the menu samples 256 rows
+                        output_aware=config.encoder == "output-aware") for n in owners]
+    menus = workers.exchange({owners[j]: _menu(layouts[owners[j]], matrices[owners[j]], stats.get(owners[j]), config,
+                                               alphas[owners[j]]) for j in workers.share(costs)})
+    options = [[opt for opt, _ in menus[name]] for name in owners]
+    labels = [[choice for _, choice in menus[name]] for name in owners]
     budget, fixed = _budget(model, layouts, owners, config)
     try:
         allocation = allocate_bits(options, budget, fixed_bits=fixed)
@@ -105,15 +113,21 @@ def _apply(layouts: dict[str, LayerLayout], chosen: dict[str, tuple[int, int] | 
 
 
 def _dense_statistics(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
-                      batches: list[tuple[tuple, dict]]) -> dict[str, LayerStatistics]:
+                      batches: list[tuple[tuple, dict]], workers: Workers) -> dict[str, LayerStatistics]:
     collector = HessianCollector({n: modules[n] for n in owners}, max_rows=16_384)
+    total: dict[str, LayerStatistics] = {}
 
     def on_batch(kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         collector.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
+    def measure(i: int) -> dict[str, LayerStatistics]:
+        forward_batches(model, [batches[i]], on_batch=on_batch)
+        return collector.take()
+
     with collector.collecting():
-        forward_batches(model, batches, on_batch=on_batch)
+        workers.reduce_batches(len(batches), measure, lambda part: merge_statistics(total, part))
+    collector.stats = total
     return collector.result()
 
 
@@ -235,9 +249,10 @@ def _relative_change(changed: list[list[torch.Tensor]], reference: list[list[tor
 
 def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
                    matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics],
-                   batches: list[tuple[tuple, dict]]) -> dict[str, float]:
+                   batches: list[tuple[tuple, dict]], workers: Workers) -> dict[str, float]:
     """`α_l`: relative change of the final outputs per unit of layer `l`'s relative output error (noise injection on
-    at most two batches; the noise is deterministic per layer; the most changed output counts)."""
+    at most two batches; the noise is deterministic per layer; the most changed output counts). Each process
+    measures its share of the layers."""
     probe = batches[:2]
     was_training = model.training
     model.eval()
@@ -246,7 +261,8 @@ def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list
         raise ValueError("bit allocation measures each layer's effect on the model's outputs, but the model returned "
                          "no floating-point tensor on the calibration batches.")
     alphas = {}
-    for i, name in enumerate(owners):
+    for i in workers.share([1.0] * len(owners)):
+        name = owners[i]
         weight = modules[name]._parameters["weight"]
         cls = vq_class_for(type(modules[name]))
         matrix = matrices[name]
@@ -269,7 +285,7 @@ def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list
                 weight.copy_(original)
         alphas[name] = _relative_change(changed, reference) / _NOISE
     model.train(was_training)
-    return alphas
+    return workers.exchange(alphas)
 
 
 def _budget(model: nn.Module, layouts: dict[str, LayerLayout], owners: list[str], config: VQConfig) -> tuple[float, float]:

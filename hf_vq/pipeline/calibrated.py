@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import HessianCollector, LayerStatistics
+from ..calibrate import HessianCollector, LayerStatistics, merge_statistics
 from ..codec.kmeans import assign, kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import decode, relative_error, split_blocks
@@ -28,17 +28,21 @@ from ..config import LayerLayout, VQConfig
 from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
 from .encode import encode_unit, fit_scales
+from .parallel import Workers, layer_cost
 from .stages import Stage, forward_batches, plan_stages
 
-__all__ = ["encode_calibrated", "tune_block_"]
+__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_"]
 
 logger = logging.getLogger(__name__)
 
 
 def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
-                      batches: list[tuple[tuple, dict]], device: torch.device, progress: bool
-                      ) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
+                      batches: list[tuple[tuple, dict]], device: torch.device, progress: bool,
+                      workers: Workers | None = None) -> tuple[dict[str, LayerLayout], dict[str, Any]]:
     """Compress `model`'s planned layers stage by stage, in place (VQ modules swapped in as each stage is done).
+
+    With several `workers` (processes of one `accelerate launch`), the calibration batches and the layers of each
+    stage are split between them and the results exchanged ([`hf_vq.pipeline.parallel`]); the outcome is the same.
 
     Returns:
         `(layouts, report)`: the layouts with their weight errors, and per stage what was measured (layers, output
@@ -51,62 +55,92 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
         raise ValueError("VQConfig(encoder='output-aware') encodes each layer for its own outputs; it does not take "
                          "codebooks shared across layers (share='pool'/'global'). Use share='layer', or "
                          "encoder='kmeans' for shared codebook sets.")
+    workers = workers or Workers()
     layouts = dict(layouts)
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
     stages = plan_stages(model, owners, batches[0])
     report: dict[str, Any] = {"stages": [], "encoder": "output-aware"}
     bar = tqdm(total=len(owners), desc="hf_vq quantize (calibrated)", unit="layer", disable=not progress)
     for stage in stages:
-        stats, captured = _measure(model, stage, batches, config)
+        with workers.phase("calibration"):
+            stats, pairs = _measure(model, stage, batches, config, workers)
         entry = {"stage": stage.name, "layers": {}}
+        with workers.phase("encoding"):
+            fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers)
         for name in stage.layers:
-            layouts[name], errors = _encode_layer(model, name, layouts[name], stats.get(name), config, device)
-            entry["layers"][name] = errors
+            layouts[name], entry["layers"][name] = install_layer(model, name, layouts[name], *fitted[name], device)
             bar.update(1)
-            bar.set_postfix_str(f"{name} out={errors.get('output_error', float('nan')):.4f}")
-        if captured is not None and config.recipe.tune_steps > 0:
-            entry["tuning"] = tune_block_(model.get_submodule(stage.block), *captured, steps=config.recipe.tune_steps)
+            bar.set_postfix_str(f"{name} out={entry['layers'][name].get('output_error', float('nan')):.4f}")
+        if pairs:
+            with workers.phase("tuning"):
+                entry["tuning"] = _tune_on_main(model.get_submodule(stage.block), pairs, config, workers)
         report["stages"].append(entry)
     bar.close()
     _tie_modules(model, layouts)
     return layouts, report
 
 
-def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], config: VQConfig
-             ) -> tuple[dict[str, LayerStatistics], tuple[list, list] | None]:
-    """Run the batches through the compressed prefix up to the end of `stage`: the statistics of its layers and,
-    for a block to tune, its inputs and its dense outputs per batch."""
+def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], config: VQConfig, workers: Workers
+             ) -> tuple[dict[str, LayerStatistics], list[tuple[tuple[tuple, dict], torch.Tensor]]]:
+    """Run the batches through the compressed prefix up to the end of `stage` (each process its share): the
+    statistics of its layers and, for a block to tune, its inputs and its dense outputs per batch, in batch order."""
     modules = dict(model.named_modules())
     collector = HessianCollector({n: modules[n] for n in stage.layers}, max_rows=config.recipe.max_rows)
-    inputs: list[tuple[tuple, dict]] = []
-    outputs: list[torch.Tensor] = []
+    seen: dict[str, Any] = {}
     handles = []
     if stage.block is not None and config.recipe.tune_steps > 0:
         block = modules[stage.block]
         handles.append(block.register_forward_pre_hook(
-            lambda m, a, k: inputs.append((_detach(a), _detach(k))), with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, out: outputs.append(_first_tensor(out).detach())))
+            lambda m, a, k: seen.__setitem__("in", (_detach(a), _detach(k))), with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, a, out: seen.__setitem__("out", _first_tensor(out).detach())))
+    total: dict[str, LayerStatistics] = {}
+    pairs: list[tuple[tuple[tuple, dict], torch.Tensor]] = []
 
-    def on_batch(kwargs: dict) -> None:
+    def set_mask(kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         collector.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
+    def measure(i: int) -> tuple[dict[str, LayerStatistics], Any]:
+        seen.clear()
+        forward_batches(model, [batches[i]], last=stage.last, on_batch=set_mask)
+        return collector.take(), ((seen["in"], seen["out"]) if "out" in seen else None)
+
+    def merge(part: tuple[dict[str, LayerStatistics], Any]) -> None:
+        merge_statistics(total, part[0])
+        if part[1] is not None:
+            pairs.append(part[1])
+
     try:
         with collector.collecting():
-            forward_batches(model, batches, last=stage.last, on_batch=on_batch)
+            workers.reduce_batches(len(batches), measure, merge)
     finally:
         for handle in handles:
             handle.remove()
-    return collector.result(), ((inputs, outputs) if inputs else None)
+    collector.stats = total
+    return collector.result(), pairs
 
 
-def _encode_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStatistics | None, config: VQConfig,
-                  device: torch.device) -> tuple[LayerLayout, dict[str, float]]:
-    """Encode one layer for its outputs (its embedding rows by how often they are read) and swap it in."""
+Fitted = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, float]]
+
+
+def encode_layers(model: nn.Module, names: list[str], layouts: dict[str, LayerLayout],
+                  stats: dict[str, LayerStatistics], config: VQConfig, device: torch.device,
+                  workers: Workers) -> dict[str, Fitted]:
+    """Fit the named layers (this process its share by cost, see [`Workers.share`]); every process gets them all:
+    name -> (codebooks `[M, k, d]`, codes `[rows, cols / d, M]`, scales `[rows]` or None, errors)."""
+    costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=stats.get(n) is not None
+                        and stats[n].hessian is not None) for n in names]
+    mine = {names[j]: fit_layer(model, names[j], layouts[names[j]], stats.get(names[j]), config, device)
+            for j in workers.share(costs)}
+    return workers.exchange(mine)
+
+
+def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStatistics | None, config: VQConfig,
+              device: torch.device) -> Fitted:
+    """Encode one layer for its outputs (an embedding: its rows by how often they are read; a layer the data never
+    reached: its weights). The model is not changed (see [`install_layer`])."""
     module = model.get_submodule(name)
-    cls = vq_class_for(type(module))
-    weight = module._parameters["weight"]
-    matrix = cls._weight_to_matrix(weight.detach()).to(device, torch.float32)  # [rows, cols]
+    matrix = vq_class_for(type(module))._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)
     seed = config.seed + _stable_index(name)
     errors: dict[str, float] = {}
     if stat is not None and stat.hessian is not None:
@@ -122,13 +156,37 @@ def _encode_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerS
     else:  # a layer the calibration data never reached: weights only
         codebooks, codes_list, scales_list = encode_unit([matrix], layout, config, seed=seed)
         codes, scales = codes_list[0], scales_list[0]
+    return codebooks.half().float(), codes, scales, errors
+
+
+def install_layer(model: nn.Module, name: str, layout: LayerLayout, codebooks: torch.Tensor, codes: torch.Tensor,
+                  scales: torch.Tensor | None, errors: dict[str, float], device: torch.device
+                  ) -> tuple[LayerLayout, dict[str, float]]:
+    """Swap in the VQ module of a fitted layer; returns its layout with the weight error, and its errors."""
+    module = model.get_submodule(name)
+    cls = vq_class_for(type(module))
+    matrix = cls._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)  # [rows, cols]
     vq = vq_from_layout(module, layout)
-    vq.set_codes_(codes, codebooks.half().float(), scales)
+    vq.set_codes_(codes, codebooks, scales)
     with torch.no_grad():
         decoded = cls._weight_to_matrix(vq.decode_weight().float()).to(device)  # [rows, cols]
-    errors["weight_error"] = relative_error(matrix, decoded)
+    errors = {**errors, "weight_error": relative_error(matrix, decoded)}
     model.set_submodule(name, vq)
     return dataclasses.replace(layout, rel_error=errors["weight_error"]), errors
+
+
+def _tune_on_main(block: nn.Module, pairs: list, config: VQConfig, workers: Workers) -> dict[str, Any]:
+    """Block-wise tuning on the main process (sequential optimizer steps); the others receive its parameters."""
+    history = tune_block_(block, [p[0] for p in pairs], [p[1] for p in pairs], steps=config.recipe.tune_steps) \
+        if workers.is_main else None
+    if workers.count > 1:
+        params = _block_parameters(block)
+        tuned = workers.broadcast([p.detach() for p in params] if workers.is_main else None)
+        with torch.no_grad():
+            for p, value in zip(params, tuned):
+                p.copy_(value)
+        history = workers.broadcast(history)
+    return history
 
 
 def _encode_rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: LayerLayout, config: VQConfig,

@@ -25,6 +25,7 @@ from ..calibrate import entry_moments, input_moments
 from ..codec.permutation import ObjectiveTerm, apply_index, search_permutation
 from ..config import LayerLayout, VQConfig
 from ..graph import ChannelSpace, find_channel_spaces
+from .parallel import Workers
 
 __all__ = ["permute_", "shard_groups", "PermutationReport", "SpaceReport"]
 
@@ -224,7 +225,8 @@ def permute_(
             default [`hf_vq.graph.default_example_inputs`]. Outputs of this call keep their order exactly.
         layouts (`dict[str, LayerLayout]`, *optional*): the quantization plan; by default `hf_vq.plan(model, config)`.
         device (`torch.device` or `str`, *optional*): where the search runs; CUDA when available by default.
-        accelerator (*optional*): an `accelerate` state with `process_index` / `num_processes` to spread the search.
+        accelerator (*optional*): an `accelerate` state (`PartialState`, `Accelerator`) or a
+            [`hf_vq.pipeline.parallel.Workers`] to spread the search over processes (`torch.distributed` initialised).
         calibration (*optional*): real inputs for the activation-aware objective: one batch (a tensor or a dict
             of model inputs) or a list of batches (see [`hf_vq.calibrate.input_moments`]). Use data disjoint
             from any evaluation set.
@@ -322,18 +324,14 @@ def _search_all(work: list[tuple[int, list[ObjectiveTerm]]], config: VQConfig, d
     """Search every space of `work` (this process's share when `accelerator` spreads them; results gathered).
 
     Returns space index -> (permutation as a list, objective before, greedy, after, steps, accepted, seconds)."""
-    index, count = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    workers = Workers.of(accelerator)
     mine = {}
-    for j in shard_groups(len(work), index, count):
+    for j in shard_groups(len(work), workers.index, workers.count):
         i, terms = work[j]
         r = search_permutation(terms, iters=config.permute_iters, seed=config.seed + i, device=device)
         mine[i] = (r.perm.tolist(), r.objective_identity, r.objective_greedy, r.objective, r.steps, r.accepted,
                    r.seconds)
-    if count == 1:
-        return mine
-    from accelerate.utils import gather_object
-
-    return {g[0]: g[1] for g in gather_object(list(mine.items()))}
+    return workers.exchange(mine)
 
 
 def _apply(space: ChannelSpace, perm: torch.Tensor, tensors: dict[str, torch.Tensor], owners: dict[int, str],

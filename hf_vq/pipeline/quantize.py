@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from . import hooks
 from .allocation import allocate_layouts
 from .calibrated import encode_calibrated
 from .encode import encode_unit, encoding_units, entry_weights
+from .parallel import Workers
 from .permute import PermutationReport, permute_
 from .select import plan, unmatched_patterns
 
@@ -49,6 +51,7 @@ def quantize_(
     example_inputs: Any = None,
     calibration: Any = None,
     base_model: str | None = None,
+    accelerator: Any = None,
 ) -> VQConfig:
     """Compress `model` in place with vector quantization: the one verb everything else calls.
 
@@ -77,6 +80,13 @@ def quantize_(
             checkpoint format is the same. Without it: the paper's weight-only objective and plain k-means.
         base_model (`str`, *optional*): the dense model's Hub id or folder, recorded as provenance (model card
             `base_model`). By default kept from a previous compression of this model (after `dequantize_`).
+        accelerator (*optional*): an `accelerate.PartialState` / `Accelerator` (or a [`hf_vq.pipeline.parallel.Workers`])
+            when several processes compress the model together (`accelerate launch`): each process runs its share of
+            the calibration batches, permutation spaces and layers, and the results are exchanged so that every
+            process ends with the same compressed model as one process would (see [`hf_vq.pipeline.parallel`]).
+            Every process must call `quantize_` with the same model, config and calibration batches.
+            `model.vq_timings` holds this process's seconds per phase (calibration, permutation, allocation,
+            encoding, tuning, exchange).
 
     Returns:
         [`VQConfig`]: a copy of `config` whose `modules` holds the layout (k, d, shape, relative error) of every
@@ -108,9 +118,11 @@ def quantize_(
     for pattern in unmatched_patterns(model, config):
         logger.warning("hf_vq: the pattern %r (modules_to_not_convert / overrides) matches no module of this model.",
                        pattern)
+    workers = Workers.of(accelerator)
     allocation = None
     if layouts and (config.target_ratio is not None or config.bits_per_weight is not None):
-        layouts, allocation = allocate_layouts(model, layouts, config, batches)
+        with workers.phase("allocation"):
+            layouts, allocation = allocate_layouts(model, layouts, config, batches, workers)
     if not layouts:
         raise ValueError(
             f"No module of this {type(model).__name__} matches the config {config.spec!r} (modules_to_not_convert="
@@ -120,21 +132,26 @@ def quantize_(
         )
     run_device = torch.device(device) if device is not None else _default_device(model)
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
-    moments = input_moments(model, owners, batches) if batches is not None and layouts else {}
+    with workers.phase("calibration"):
+        moments = input_moments(model, owners, batches, reduce_batches=workers.reduce_batches) \
+            if batches is not None and layouts else {}
     report = None
     if config.permute and layouts:  # PQF's first step: permute coupled channels (same function, easier subvectors)
-        report = permute_(model, config, example_inputs=example_inputs, layouts=layouts, device=run_device,
-                          moments=moments or None)
+        with workers.phase("permutation"):
+            report = permute_(model, config, example_inputs=example_inputs, layouts=layouts, device=run_device,
+                              moments=moments or None, accelerator=workers)
         moments = {n: permute_moments(m, report.input_index[n]) if n in report.input_index else m
                    for n, m in moments.items()}  # the statistics follow the permutation
     engine = None
+    progress = progress and workers.is_main
     if config.encoder == "output-aware" and layouts:
-        layouts, engine = encode_calibrated(model, layouts, config, batches, run_device, progress)
+        layouts, engine = encode_calibrated(model, layouts, config, batches, run_device, progress, workers)
         weighted = {}
         shared = {}
     else:
         weighted = moments if any(layouts[n].method == "pq" for n in owners) else {}
-        layouts, done, shared = _encode_all(model, layouts, config, run_device, weighted, progress)
+        with workers.phase("encoding"):
+            layouts, done, shared = _encode_all(model, layouts, config, run_device, weighted, progress, workers)
         for name, vq in done.items():
             model.set_submodule(name, vq)
     register_shared_(model, shared)
@@ -146,6 +163,7 @@ def quantize_(
                                      "on inputs from the compressed prefix", "encoder": "output-aware",
                                      "block tuning steps": config.tune_steps}
     model.vq_config = filled
+    model.vq_timings = dict(workers.seconds)
     _keep_report(model, report)
     hooks.compressed(model, filled)  # integrations (transformers: save_pretrained / from_pretrained round trip)
     return filled
@@ -164,24 +182,43 @@ def _check_model(model: nn.Module) -> None:
 
 
 def _encode_all(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig, device: torch.device,
-                moments: dict[str, torch.Tensor], progress: bool
+                moments: dict[str, torch.Tensor], progress: bool, workers: Workers
                 ) -> tuple[dict[str, LayerLayout], dict[str, nn.Module], dict[str, nn.Parameter]]:
-    """Encode every unit of the plan; returns the layouts with their errors, the new VQ modules by name, and the
-    shared codebook sets (set -> the one `nn.Parameter` `[M, k, d]` its modules hold)."""
+    """Encode every unit of the plan (each process its share, see [`Workers.share`]); returns the layouts with their
+    errors, the new VQ modules by name, and the shared codebook sets (set -> the one `nn.Parameter` `[M, k, d]` its
+    modules hold)."""
     modules = dict(model.named_modules())
     layouts = dict(layouts)
     done: dict[str, nn.Module] = {}
     shared: dict[str, nn.Parameter] = {}
     units = encoding_units(layouts)
-    bar = tqdm(units, desc="hf_vq quantize", unit="layer" if config.share == "layer" else "set", disable=not progress)
-    for first, set_name, names in bar:
-        classes = [vq_class_for(type(modules[name])) for name in names]
-        matrices = [cls._weight_to_matrix(modules[name]._parameters["weight"].detach()).to(device, torch.float32)
-                    for cls, name in zip(classes, names)]  # [rows_j, cols_j] each
-        weights = [entry_weights(modules[name], cls, layouts[name].kind, moments.get(name))
-                   for cls, name in zip(classes, names)]
-        codebooks, codes, scales = encode_unit(matrices, layouts[names[0]], config, seed=config.seed + first,
-                                               weights=weights if any(w is not None for w in weights) else None)
+
+    def matrices_of(names: list[str]) -> list[torch.Tensor]:  # [rows_j, cols_j] each
+        return [vq_class_for(type(modules[n]))._weight_to_matrix(modules[n]._parameters["weight"].detach())
+                .to(device, torch.float32) for n in names]
+
+    def fit(first: int, names: list[str]) -> tuple:
+        weights = [entry_weights(modules[n], vq_class_for(type(modules[n])), layouts[n].kind, moments.get(n))
+                   for n in names]
+        return encode_unit(matrices_of(names), layouts[names[0]], config, seed=config.seed + first,
+                           weights=weights if any(w is not None for w in weights) else None)
+
+    costs = [sum(math.prod(layouts[n].matrix_shape) for n in names) for _, _, names in units]
+    mine = workers.share(costs)
+    bar = tqdm(total=len(mine), desc="hf_vq quantize", unit="layer" if config.share == "layer" else "set",
+               disable=not progress)
+    fitted = {}
+    for j in mine:
+        fitted[j] = fit(units[j][0], units[j][2])
+        bar.update(1)
+        bar.set_postfix_str(units[j][1] or units[j][2][0])
+    bar.close()
+    fitted = workers.exchange(fitted)
+    for j, (first, set_name, names) in enumerate(units):
+        matrices = matrices_of(names)
+        codebooks, codes, scales = fitted[j]  # [M, k, d]; per module [rows, cols / d, M] and [rows] or None
+        codebooks, codes = codebooks.to(device), [c.to(device) for c in codes]
+        scales = [None if s is None else s.to(device) for s in scales]
         if set_name is not None:  # [M, k, d]
             shared[set_name] = nn.Parameter(codebooks.to(modules[names[0]]._parameters["weight"].device))
         for name, matrix, code, scale in zip(names, matrices, codes, scales):
@@ -192,7 +229,6 @@ def _encode_all(model: nn.Module, layouts: dict[str, LayerLayout], config: VQCon
             decoded = decode(code, codebooks) * (1 if scale is None else scale[:, None])  # [rows, cols]
             layouts[name] = dataclasses.replace(layouts[name], rel_error=relative_error(matrix, decoded))
             done[name] = vq
-        bar.set_postfix_str(f"{set_name or names[0]} err={layouts[names[0]].rel_error:.4f}")
     for name, layout in layouts.items():  # tied modules: the owner's codes buffer and codebooks parameter
         if layout.tied_to is not None:
             owner: VQModuleMixin = done[layout.tied_to]

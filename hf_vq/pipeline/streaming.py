@@ -14,7 +14,6 @@ of the dense model); the recipe records that they were off.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
@@ -24,14 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import HessianCollector, calibration_batches, to_device
-from ..codec.pq import decode, relative_error
+from ..calibrate import HessianCollector, LayerStatistics, calibration_batches, merge_statistics, to_device
 from ..config import CompressionRecord, LayerLayout, VQConfig
 from ..nn import register_shared_, vq_class_for
 from ..nn.model import vq_from_layout
 from . import hooks
-from .calibrated import _encode_layer, _first_tensor
+from .calibrated import _first_tensor, fit_layer, install_layer
 from .encode import encode_unit
+from .parallel import Workers, layer_cost
 from .select import plan
 from .stages import StageDone, find_blocks
 
@@ -44,8 +43,10 @@ Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
 def _materialize_(model: nn.Module, keys: list[str], load: Loader, device: torch.device) -> None:
     """Read the dense tensors `keys` (model state-dict keys) into `model`, replacing their meta placeholders."""
-    tensors = {k: v.to(device) for k, v in load(keys).items()}
-    model.load_state_dict(tensors, strict=False, assign=True)
+    from accelerate.utils import set_module_tensor_to_device  # accelerate's big-model placement
+
+    for key, value in load(keys).items():
+        set_module_tensor_to_device(model, key, device, value=value)
 
 
 def _keys_under(model: nn.Module, blocks: list[str], block: str | None) -> list[str]:
@@ -56,19 +57,22 @@ def _keys_under(model: nn.Module, blocks: list[str], block: str | None) -> list[
     return [k for k in keys if not any(k.startswith(b + ".") for b in blocks)]
 
 
-def _block_inputs(model: nn.Module, block: nn.Module, batches: list[tuple[tuple, dict]], device: torch.device
-                  ) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) each calibration batch gives the first block (the model stopped right there)."""
-    captured: list[tuple[tuple, dict]] = []
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list[tuple[tuple, dict]], device: torch.device,
+                  indices: list[int]) -> dict[int, tuple[tuple, dict]]:
+    """The (args, kwargs) calibration batch `i` gives the first block (the model stopped right there), for `indices`."""
+    captured: dict[int, tuple[tuple, dict]] = {}
+    current = [0]
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
+        captured[current[0]] = (args, kwargs)
         raise StageDone
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
-            for args, kwargs in batches:
+            for i in indices:
+                current[0] = i
+                args, kwargs = batches[i]
                 kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
                 if "use_cache" in inspect.signature(model.forward).parameters:
                     kwargs.setdefault("use_cache", False)
@@ -90,51 +94,55 @@ def _with_hidden(inputs: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tupl
 
 
 def _encode_block(model: nn.Module, block_name: str, layouts: dict[str, LayerLayout], config: VQConfig,
-                  inputs: list[tuple[tuple, dict]] | None, device: torch.device) -> tuple[dict[str, dict], list]:
-    """Encode the layers of one (materialised) block; returns their errors and the block's outputs on `inputs`."""
+                  inputs: dict[int, tuple[tuple, dict]] | None, n_batches: int, device: torch.device,
+                  workers: Workers) -> tuple[dict[str, dict], dict[int, torch.Tensor]]:
+    """Encode the layers of one (materialised) block; returns their errors and the block's outputs on this
+    process's `inputs` (batch index -> inputs)."""
     block = model.get_submodule(block_name)
     names = [n for n, lay in layouts.items() if n.startswith(block_name + ".") and lay.tied_to is None]
-    stats = {}
+    stats: dict[str, LayerStatistics] = {}
     if inputs is not None and config.encoder == "output-aware":
         collector = HessianCollector({n: model.get_submodule(n) for n in names}, max_rows=config.recipe.max_rows)
-        with collector.collecting(), torch.no_grad():
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+
+        def measure(i: int) -> dict[str, LayerStatistics]:
+            block(*inputs[i][0], **inputs[i][1])
+            return collector.take()
+
+        with workers.phase("calibration"), collector.collecting(), torch.no_grad():
+            workers.reduce_batches(n_batches, measure, lambda part: merge_statistics(stats, part))
+        collector.stats = stats
         stats = collector.result()
+    with workers.phase("encoding"):
+        costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=n in stats) for n in names]
+        fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, stats.get(names[j]), config, device)
+                                   for j in workers.share(costs)})
     errors = {}
     for name in names:
-        if stats.get(name) is not None:
-            layouts[name], errors[name] = _encode_layer(model, name, layouts[name], stats[name], config, device)
-        else:
-            layouts[name], errors[name] = _encode_plain(model, name, layouts[name], config, device,
-                                                        list(layouts).index(name))
-    outputs = []
+        layouts[name], errors[name] = install_layer(model, name, layouts[name], *fitted[name], device)
+    outputs = {}
     if inputs is not None:
-        with torch.no_grad():
-            outputs = [_first_tensor(block(*args, **kwargs)) for args, kwargs in inputs]
+        with torch.no_grad(), workers.phase("calibration"):
+            outputs = {i: _first_tensor(block(*args, **kwargs)) for i, (args, kwargs) in inputs.items()}
     return errors, outputs
 
 
-def _encode_plain(model: nn.Module, name: str, layout: LayerLayout, config: VQConfig, device: torch.device,
-                  seed_offset: int) -> tuple[LayerLayout, dict]:
-    """Weights-only encoding of one layer, seeded as `quantize_` seeds it (its index in the plan): the data-free
-    streaming path gives the same codes as compressing in memory."""
+def _fit(model: nn.Module, name: str, layouts: dict[str, LayerLayout], stat: LayerStatistics | None,
+         config: VQConfig, device: torch.device) -> tuple:
+    """One layer fitted for its outputs when its statistics were measured, else on its weights alone, seeded as
+    `quantize_` seeds it (its index in the plan): the data-free streaming path gives the same codes as compressing
+    in memory."""
+    if stat is not None:
+        return fit_layer(model, name, layouts[name], stat, config, device)
     module = model.get_submodule(name)
-    cls = vq_class_for(type(module))
-    matrix = cls._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)  # [rows, cols]
-    codebooks, codes, scales = encode_unit([matrix], layout, config, seed=config.seed + seed_offset)
-    vq = vq_from_layout(module, layout)
-    vq.set_codes_(codes[0], codebooks, scales[0])
-    model.set_submodule(name, vq)
-    decoded = decode(codes[0], codebooks) * (1 if scales[0] is None else scales[0][:, None])
-    error = relative_error(matrix, decoded)
-    return dataclasses.replace(layout, rel_error=error), {"weight_error": error}
+    matrix = vq_class_for(type(module))._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)
+    codebooks, codes, scales = encode_unit([matrix], layouts[name], config, seed=config.seed + list(layouts).index(name))
+    return codebooks, codes[0], scales[0], {}
 
 
 @torch.no_grad()
 def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, calibration: Any = None,
                         device: torch.device | str | None = None, progress: bool = True,
-                        base_model: str | None = None) -> VQConfig:
+                        base_model: str | None = None, accelerator: Any = None) -> VQConfig:
     """Compress a model whose weights are on disk, one block at a time (see the module docstring), in place.
 
     Args:
@@ -146,6 +154,10 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
             are encoded for the inputs it receives from the compressed blocks before it.
         device (`torch.device` or `str`, *optional*): where blocks are materialised and encoded (CPU by default).
         base_model (`str`, *optional*): recorded as the compression's provenance.
+        accelerator (*optional*): an `accelerate.PartialState` / `Accelerator` (or [`Workers`]) of the processes
+            compressing together: each block's layers and the calibration batches are split between them, the
+            result is the same (see [`hf_vq.pipeline.parallel`]). `model.vq_timings` holds this process's seconds
+            per phase.
 
     Returns:
         [`VQConfig`]: the filled config (layouts and record), also `model.vq_config`.
@@ -155,6 +167,7 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
             encoder without calibration data.
     """
     device = torch.device(device or "cpu")
+    workers = Workers.of(accelerator)
     if config.target_ratio is not None or config.bits_per_weight is not None:
         raise ValueError("Bit allocation measures every layer of the dense model at once; it is not available when "
                          "streaming. Give a fixed scheme (block sizes / spec), or compress in memory.")
@@ -170,17 +183,26 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # a tied head left out of the files shares the loaded embedding
     batches = calibration_batches(calibration) if calibration is not None else None
-    inputs = _block_inputs(model, model.get_submodule(blocks[0]), batches, device) if batches else None
+    inputs = None
+    if batches:
+        with workers.phase("calibration"):
+            inputs = _block_inputs(model, model.get_submodule(blocks[0]), batches, device,
+                                   workers.batch_indices(len(batches)))
     report = {}
-    for block_name in tqdm(blocks, desc="hf_vq stream", unit="block", disable=not progress):
-        _materialize_(model, _keys_under(model, blocks, block_name), load, device)
-        report[block_name], outputs = _encode_block(model, block_name, layouts, config, inputs, device)
+    for block_name in tqdm(blocks, desc="hf_vq stream", unit="block", disable=not (progress and workers.is_main)):
+        with workers.phase("loading"):
+            _materialize_(model, _keys_under(model, blocks, block_name), load, device)
+        report[block_name], outputs = _encode_block(model, block_name, layouts, config, inputs,
+                                                    len(batches or []), device, workers)
         if inputs is not None:
-            inputs = [_with_hidden(x, out) for x, out in zip(inputs, outputs)]
+            inputs = {i: _with_hidden(x, outputs[i]) for i, x in inputs.items()}
     outside = [n for n, lay in layouts.items() if lay.tied_to is None and not any(n.startswith(b + ".") for b in blocks)]
-    for name in outside:  # embeddings, head: weights only (their inputs are tokens, or the model's last state)
-        layouts[name], report[name] = _encode_plain(model, name, layouts[name], config, device,
-                                                    list(layouts).index(name))
+    with workers.phase("encoding"):  # embeddings, head: weights only (their inputs are tokens, or the last state)
+        fitted = workers.exchange({outside[j]: _fit(model, outside[j], layouts, None, config, device)
+                                   for j in workers.share([layer_cost(*layouts[n].matrix_shape, layouts[n].k,
+                                                                      output_aware=False) for n in outside])})
+    for name in outside:
+        layouts[name], report[name] = install_layer(model, name, layouts[name], *fitted[name], device)
     for name, layout in layouts.items():
         if layout.tied_to is not None:
             vq = vq_from_layout(model.get_submodule(name), layout)
@@ -193,5 +215,6 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
         calibration=None if batches is None else {"batches": len(batches), "statistics": "XᵀX per layer, block by "
                                                   "block on inputs propagated through the compressed blocks"})
     model.vq_config = filled
+    model.vq_timings = dict(workers.seconds)
     hooks.compressed(model, filled)
     return filled

@@ -76,8 +76,11 @@ def folder_loader(folder: str | os.PathLike, model: nn.Module) -> Callable[[list
 
 def compress_streaming(folder: str | os.PathLike, config: VQConfig, *, calibration: Any = None,
                        device: torch.device | str | None = None, progress: bool = True,
-                       base_model: str | None = None) -> nn.Module:
+                       base_model: str | None = None, accelerator: Any = None) -> nn.Module:
     """Compress the transformers model in `folder` block by block (see the module docstring); returns the model.
+
+    Under `accelerate launch`, pass the `PartialState` / `Accelerator` (or [`hf_vq.integrations.accelerate.launched_workers`]'s workers) as
+    `accelerator`: each process reads every block and encodes its share of the layers; all end with the same model.
 
     Raises:
         [`CheckpointError`]: if the folder holds no safetensors weights.
@@ -87,5 +90,5 @@ def compress_streaming(folder: str | os.PathLike, config: VQConfig, *, calibrati
         raise CheckpointError(f"{folder} has no safetensors weights; streaming reads safetensors only (nothing pickled).")
     model = empty_model(folder)
     quantize_streaming_(model, config, folder_loader(folder, model), calibration=calibration, device=device,
-                        progress=progress, base_model=base_model)
+                        progress=progress, base_model=base_model, accelerator=accelerator)
     return model
