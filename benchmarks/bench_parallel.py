@@ -12,6 +12,7 @@ Models:
 
 * **all-MiniLM-L6-v2**, `hf-vq compress` default (256 gensim calibration texts, bit allocation to 10x, permutation,
   output-aware engine; fidelity on the 256 held-out Lee sentences);
+* **EfficientNet-Lite0** (timm), `hf-vq compress --ratio 6` (photo crops; grouped and depthwise convolutions);
 * **a Llama-shaped 1.1 B model** (TinyLlama's shape, random weights, sharded fp32 safetensors written by
   `bench_streaming.py`'s writer), streamed block by block (`compress_streaming`), data-free k-means, 2 bits/weight.
 
@@ -21,6 +22,7 @@ process to finish its share.
 
     .venv/bin/python benchmarks/bench_parallel.py                # -> benchmarks/results/parallel.{json,md}
     .venv/bin/python benchmarks/bench_parallel.py --layers 4     # a smaller Llama (quick run)
+    .venv/bin/python benchmarks/bench_parallel.py --skip minilm --skip llama   # re-run Lite0, keep the other rows
 """
 
 from __future__ import annotations
@@ -71,21 +73,35 @@ def _checkpoint(folder: Path) -> tuple[dict, bytes]:
     return headers, data
 
 
-def _minilm(tmp: Path) -> list[dict]:
+def _cli(tmp: Path, name: str, model: str, args: list[str], metric: str) -> list[dict]:
+    """`hf-vq compress` (fresh processes) for each (processes, threads) of RUNS."""
     rows = []
     for processes, threads in RUNS:
-        out = tmp / f"minilm-{processes}x{threads}"
-        report = tmp / f"minilm-{processes}x{threads}.json"
+        out = tmp / f"{name}-{processes}x{threads}"
+        report = tmp / f"{name}-{processes}x{threads}.json"
         start = time.perf_counter()
-        _launch(["hf_vq.cli", "compress", "--out", str(out), "--json", str(report), "--quiet"], processes, threads,
-                module=True)
+        _launch(["hf_vq.cli", "compress", *args, "--out", str(out), "--json", str(report), "--quiet"], processes,
+                threads, module=True)
         wall = time.perf_counter() - start
         r = json.loads(report.read_text())
-        rows.append({"model": "all-MiniLM-L6-v2 (hf-vq compress default)", "processes": processes,
-                     "threads": threads, "wall_s": wall, "compress_s": r["seconds"], "phases": r["phases"],
-                     "ratio": r["ratio"], "fidelity": r["fidelity"]["sentence embedding cosine (mean)"], "out": out})
+        rows.append({"group": name, "model": model, "processes": processes, "threads": threads, "wall_s": wall,
+                     "compress_s": r["seconds"], "phases": r["phases"], "ratio": r["ratio"],
+                     "fidelity": r["fidelity"][metric], "metric": metric, "out": out})
         print({k: v for k, v in rows[-1].items() if k != "out"}, flush=True)
     return rows
+
+
+def _minilm(tmp: Path) -> list[dict]:
+    return _cli(tmp, "minilm", "all-MiniLM-L6-v2 (hf-vq compress default)", [],
+                "sentence embedding cosine (mean)")
+
+
+def _lite0(tmp: Path) -> list[dict]:
+    folder = tmp / "lite0"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_efficientnet_lite0.py"), "--out", str(folder)],
+                   check=True, capture_output=True)
+    return _cli(tmp, "lite0", "EfficientNet-Lite0 (hf-vq compress --ratio 6)", [str(folder), "--ratio", "6"],
+                "top-1 agreement with the dense model")
 
 
 def _llama_child(folder: str, out: str, n_iter: str) -> None:
@@ -125,7 +141,7 @@ def _llama(tmp: Path, layers: int, n_iter: int) -> list[dict]:
         results = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
                          key=lambda r: r["rank"])
         main = results[0]
-        rows.append({"model": f"Llama-shaped {fp32_gb * 2**30 / 4 / 1e9:.2f} B (streamed, data-free 2 bits)",
+        rows.append({"group": "llama", "model": f"Llama-shaped {fp32_gb * 2**30 / 4 / 1e9:.2f} B (streamed, data-free 2 bits)",
                      "processes": processes, "threads": threads, "wall_s": wall, "compress_s": main["seconds"],
                      "phases": main["phases"], "peak_rss_gb_per_process": [r["peak_rss_gb"] for r in results],
                      "fp32_gb": fp32_gb,
@@ -140,28 +156,40 @@ def _table(rows: list[dict]) -> list[str]:
             "same checkpoint as 1x1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        extra = (f"cosine {r['fidelity']:.4f}" if "fidelity" in r
-                 else " + ".join(f"{g:.2f}" for g in r["peak_rss_gb_per_process"]))
+        extra = (f"{'cosine' if 'cosine' in r.get('metric', 'cosine') else 'top-1 agreement'} {r['fidelity']:.4f}"
+                 if "fidelity" in r else " + ".join(f"{g:.2f}" for g in r["peak_rss_gb_per_process"]))
         lines.append("| " + " | ".join([r["model"], f"{r['processes']} x {r['threads']}", f"{r['wall_s']:.0f}",
                                         f"{r['compress_s']:.0f}", *(f"{r['phases'].get(p, 0):.1f}" for p in phases),
                                         f"{r['ratio']:.2f}", extra, str(r["identical"])]) + " |")
     return lines
 
 
+GROUPS = ["minilm", "lite0", "llama"]
+
+
+def _group(model: str) -> str:
+    return "minilm" if "MiniLM" in model else "lite0" if "Lite0" in model else "llama"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22, help="layers of the Llama-shaped model")
     parser.add_argument("--n-iter", type=int, default=25, help="k-means iterations of the Llama run")
-    parser.add_argument("--skip", choices=["minilm", "llama"], action="append", default=[])
+    parser.add_argument("--skip", choices=GROUPS, action="append", default=[],
+                        help="leave a model out (its rows already in --out's JSON are kept)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         _llama_child(*args._child)
         return
-    rows = []
+    previous = Path(args.out).with_suffix(".json")
+    kept = json.loads(previous.read_text())["rows"] if args.skip and previous.exists() else []
+    rows = [{**r, "group": r.get("group", _group(r["model"]))} for r in kept]
+    rows = [r for r in rows if r["group"] in args.skip]
+    kept_from = json.loads(previous.read_text())["machine"]["date"] if rows else None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, run in (("minilm", lambda: _minilm(Path(tmp))),
+        for name, run in (("minilm", lambda: _minilm(Path(tmp))), ("lite0", lambda: _lite0(Path(tmp))),
                           ("llama", lambda: _llama(Path(tmp), args.layers, args.n_iter))):
             if name in args.skip:
                 continue
@@ -171,13 +199,15 @@ def main() -> None:
                 r["identical"] = _checkpoint(r["out"]) == reference
                 r["out"] = str(r["out"].name)
             rows += group
+    rows.sort(key=lambda r: GROUPS.index(r["group"]))
     info = {**machine(), "loadavg_after": loadavg()}
     command = "python benchmarks/bench_parallel.py " + " ".join(sys.argv[1:])
+    kept = f" (the {', '.join(args.skip)} rows kept from the run of {kept_from})" if kept_from else ""
     md = [f"# Compression under `accelerate launch`: 1 vs 2 CPU processes\n",
-          f"`{command}` on {info['device']}, {info['cores_visible']} cores, {info['date']}. Processes x threads per "
+          f"`{command}`{kept} on {info['device']}, {info['cores_visible']} cores, {info['date']}. Processes x threads per "
           "process; phases are the main process's seconds (`exchange`: in collectives, waiting included). "
           "'same checkpoint' compares tensor bytes and parsed headers with the 1 x 1 run.\n", *_table(rows), ""]
-    write(args.out, {"machine": info, "command": command, "rows": rows}, "\n".join(md) + "\n")
+    write(args.out, {"machine": info, "command": command, "kept_from": kept_from, "rows": rows}, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -119,3 +119,20 @@ def test_phases_are_exclusive_and_add_up():
     wall = time.perf_counter() - start
     assert 0.09 < workers.seconds["encoding"] < 0.2 and 0.04 < workers.seconds["exchange"] < 0.1
     assert abs(workers.seconds["encoding"] + workers.seconds["exchange"] - wall) < 0.01
+
+
+def test_layers_reading_one_tensor_share_its_statistic():
+    """q, k and v read the same hidden states: `XᵀX` is computed once and is the same for the three."""
+    from hf_vq.calibrate import HessianCollector
+
+    layers = torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "k": torch.nn.Linear(8, 4), "o": torch.nn.Linear(8, 8)})
+    x = torch.randn(5, 8)
+    collector = HessianCollector(dict(layers.items()))
+    with collector.collecting():
+        layers["q"](x), layers["k"](x), layers["o"](x.clone())
+    stats = collector.result()
+    expected = x.double().t() @ x.double()
+    assert stats["q"].hessian.data_ptr() == stats["k"].hessian.data_ptr() != stats["o"].hessian.data_ptr()
+    for name in "qko":
+        torch.testing.assert_close(stats[name].hessian, expected, rtol=0, atol=1e-12)
+        assert stats[name].count == 5

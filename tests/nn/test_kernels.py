@@ -153,6 +153,30 @@ def test_fast_decode_other_dtypes(dtype):
     assert (fast.double() - exact).abs().max() <= ref_err + 1e-12  # summed in float32: never worse
 
 
+@NUMBA
+def test_serial_twins_match_the_parallel_kernels(monkeypatch):
+    """Work on one thread runs each kernel's serial twin (numba's thread pool stays unstarted); both give the same
+    bits, and the parallel one runs when threads and work allow."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (300, 40, 2), generator=gen, dtype=torch.int64).to(torch.uint8)  # [rows, blocks, M]
+    books = torch.randn(2, 256, 4, generator=gen)  # [M, k, d]
+    x = torch.randn(3, 160, generator=gen)
+    ref_w, ref_y = decode(codes, books), x @ decode(codes, books).t()
+    for parallel in (cpu._decode_rows, cpu._lut_gather_sum, cpu._transpose_codes, cpu._copy_words1, cpu._copy_words):
+        assert cpu._kernel(parallel, 1) is cpu._SERIAL[parallel] and cpu._kernel(parallel, 2) is parallel
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for min_work in (1 << 40, 0):  # below / above the parallel threshold
+                monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", min_work)
+                assert torch.equal(cpu.fast_decode(codes, books), ref_w)
+                assert torch.equal(cpu.fast_decode(codes[:, :, :1], books[:1]), decode(codes[:, :, :1], books[:1]))
+                torch.testing.assert_close(cpu.lut_matmul(x, codes, books), ref_y, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- dispatch rule
 def test_dispatch_rule_both_sides():
     """Small batches take the LUT, large ones decode + F.linear; the module really runs the chosen path."""
