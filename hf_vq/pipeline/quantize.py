@@ -177,7 +177,9 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(
             f"quantize_ needs materialised weights, but parameter {meta!r} is on the meta device (an empty model, "
             "e.g. built with init_empty_weights or device_map='meta'). Load the weights first (from_pretrained "
-            "without device_map='meta', or model.to_empty(...) + load_state_dict)."
+            "without device_map='meta', or model.to_empty(...) + load_state_dict), or, for a model larger than "
+            "memory, compress its folder one block at a time (`hf-vq compress --stream`, "
+            "hf_vq.integrations.transformers.streaming.compress_streaming)."
         )
 
 
