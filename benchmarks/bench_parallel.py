@@ -125,6 +125,7 @@ def _llama_child(folder: str, out: str, n_iter: str) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps({"rank": workers.index, "seconds": seconds, "phases": phases, "peak_rss_gb": rss,
                                   "threads": torch.get_num_threads()}), flush=True)
+    workers.close()
 
 
 def _llama(tmp: Path, layers: int, n_iter: int) -> list[dict]:

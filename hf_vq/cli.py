@@ -9,13 +9,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .config import DEFAULT_BLOCK_SIZE, VQConfig
 from .serialization import CheckpointError, check_save_target, check_writable, checkpoint_size_report
+
+if TYPE_CHECKING:
+    from .pipeline import Workers
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -141,8 +144,18 @@ def _compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     dense, model, integration = _run(args, config, library, model_dir, base_model, workers, launched_device)
     seconds = time.perf_counter() - start
-    if not workers.is_main:
-        return 0  # the main process evaluates and writes; every process holds the same compressed model
+    try:
+        if workers.is_main:  # the main process evaluates and writes; every process holds the same compressed model
+            _report(args, out, config, library, model_dir, base_model, dense, model, integration, seconds, workers)
+    finally:
+        workers.close()  # the others wait for it, then the process group is taken down on every process
+    return 0
+
+
+def _report(args: argparse.Namespace, out: Path, config: VQConfig, library: str, model_dir: Path | None,
+            base_model: str, dense: nn.Module | None, model: nn.Module, integration: Any, seconds: float,
+            workers: Workers) -> None:
+    """Evaluate, write the folder and print (and `--json`) the report: the main process's part."""
     permutation = getattr(model, "vq_permutation_report", None)
     if permutation is not None:
         print(permutation, flush=True)
@@ -167,11 +180,10 @@ def _compress(args: argparse.Namespace) -> int:
                                                "phases": {k: round(v, 2) for k, v in phases.items()},
                                                "fidelity": fidelity, "record": model.vq_config.record.to_dict(),
                                                **report.to_dict()}, indent=2) + "\n")
-    return 0
 
 
 def _run(args: argparse.Namespace, config: VQConfig, library: str, model_dir: Path | None, base_model: str,
-         workers, device: torch.device | None) -> tuple[nn.Module | None, nn.Module, Any]:
+         workers: Workers, device: torch.device | None) -> tuple[nn.Module | None, nn.Module, Any]:
     """Load and compress: `(dense model or None when streamed, compressed model, the integration module)`."""
     from .pipeline import quantize_
 

@@ -159,6 +159,14 @@ class Workers:
         if self.count > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Wait for every process, then take the process group down: call it on every process when the job is done
+        (a process that exits while the group's threads still run can abort in C++, `terminate called without an
+        active exception`, and fail the launch)."""
+        if self.count > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def layer_cost(rows: int, cols: int, k: int, *, output_aware: bool = True) -> float:
     """The relative cost of encoding a `[rows, cols]` matrix with `k` codewords: k-means's assignments
