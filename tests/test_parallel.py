@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vq.pipeline.parallel import Workers
+from hf_vq.pipeline.parallel import Workers, split_by_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -88,12 +88,9 @@ def test_two_processes_write_the_same_checkpoint_as_one(small_bert, tmp_path, fl
 
 def test_shares_cover_every_item_once_and_balance_cost():
     costs = [5, 1, 1, 1, 1, 1, 3, 2]
-    owners = Workers().owners(costs)
-    assert owners == [0] * len(costs)
-    workers = [Workers.__new__(Workers) for _ in range(3)]
-    for i, w in enumerate(workers):
-        w.index, w.count = i, 3
-    shares = [w.share(costs) for w in workers]
+    assert split_by_cost(costs, 1) == [0] * len(costs) and Workers().share(costs) == list(range(len(costs)))
+    owners = split_by_cost(costs, 3)
+    shares = [[i for i, p in enumerate(owners) if p == rank] for rank in range(3)]
     assert sorted(i for s in shares for i in s) == list(range(len(costs)))
     loads = [sum(costs[i] for i in s) for s in shares]
     assert max(loads) - min(loads) <= max(costs) and max(loads) <= 6  # greedy by cost: 5 | 3+2 | 1+1+1+1+1

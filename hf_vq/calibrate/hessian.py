@@ -125,10 +125,11 @@ class HessianCollector:
         taken, self.stats, self._last = self.stats, {}, None
         return taken
 
-    def result(self) -> dict[str, LayerStatistics]:
-        """The statistics per layer; a conv's `H` is `[G, cols, cols]`, any other layer's `[cols, cols]`."""
+    def result(self, stats: dict[str, LayerStatistics] | None = None) -> dict[str, LayerStatistics]:
+        """The statistics per layer (this collector's, or `stats` summed from its [`take`]s by [`merge_statistics`]);
+        a conv's `H` is `[G, cols, cols]`, any other layer's `[cols, cols]`."""
         out = {}
-        for name, stat in self.stats.items():
+        for name, stat in (self.stats if stats is None else stats).items():
             if stat.hessian is not None and stat.hessian.shape[0] == 1:
                 stat = LayerStatistics(hessian=stat.hessian[0], count=stat.count)
             out[name] = stat

@@ -51,6 +51,7 @@ MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (3, 256), (2,
 HEADER_BYTES_PER_TENSOR = 100
 RECORD_BYTES_PER_LAYER = 70
 _HEADER_BYTES_FIXED = 2_000  # the format keys, the spec and the record's other fields
+_SAMPLE_ROWS = 256  # rows of a layer each menu option is measured on
 _NOISE = 1e-2  # relative output error of the injected noise (the linear regime of the final output)
 
 
@@ -77,7 +78,7 @@ def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: 
     stats = _dense_statistics(model, modules, owners, batches, workers) if batches else {}
     alphas = _sensitivities(model, modules, owners, matrices, stats, batches, workers) if batches \
         else dict.fromkeys(owners, 1.0)
-    costs = [layer_cost(min(256, matrices[n].shape[0]), matrices[n].shape[1], 256,  # the menu samples 256 rows
+    costs = [layer_cost(min(_SAMPLE_ROWS, matrices[n].shape[0]), matrices[n].shape[1], max(k for _, k in MENU),
                         output_aware=config.encoder == "output-aware") for n in owners]
     menus = workers.exchange({owners[j]: _menu(layouts[owners[j]], matrices[owners[j]], stats.get(owners[j]), config,
                                                alphas[owners[j]]) for j in workers.share(costs)})
@@ -127,8 +128,7 @@ def _dense_statistics(model: nn.Module, modules: dict[str, nn.Module], owners: l
 
     with collector.collecting():
         workers.reduce_batches(len(batches), measure, lambda part: merge_statistics(total, part))
-    collector.stats = total
-    return collector.result()
+    return collector.result(total)
 
 
 def _hessian(stat: LayerStatistics | None, cols: int, device: torch.device) -> torch.Tensor:
@@ -159,7 +159,7 @@ def _sample_rows(rows: int, rows_w: torch.Tensor | None, groups: int, seed: int,
 
 
 def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int,
-                 config: VQConfig, scales: bool, max_rows: int = 256) -> float:
+                 config: VQConfig, scales: bool, max_rows: int = _SAMPLE_ROWS) -> float:
     """Relative output error at (d, k) on at most `max_rows` rows (drawn by use for embeddings): the output-aware
     encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted k-means. An
     estimate to compare options, not the final error."""

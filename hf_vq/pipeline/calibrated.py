@@ -116,8 +116,7 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
     finally:
         for handle in handles:
             handle.remove()
-    collector.stats = total
-    return collector.result(), pairs
+    return collector.result(total), pairs
 
 
 Fitted = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, float]]

@@ -8,7 +8,7 @@ processes with the same number of threads per process, see `tests/test_parallel.
   (`XᵀX`, row counts) are exchanged and every process adds them up *in batch order*, exactly the sum one process
   makes. Communication per batch is the statistics of the layers measured (one stage at a time).
 * **layers** (their menu of options for bit allocation, their sensitivity, their encoding): split by estimated cost
-  ([`Workers.share`], a deterministic greedy on [`layer_cost`]), encoded where they fall, and the codes, codebooks
+  ([`split_by_cost`], a deterministic greedy on [`layer_cost`]), encoded where they fall, and the codes, codebooks
   and scales exchanged ([`Workers.exchange`]) so that every process installs every layer.
 * **permutation spaces**: searched where they fall ([`hf_vq.pipeline.permute_`]), results exchanged.
 
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["Workers", "layer_cost"]
+__all__ = ["Workers", "layer_cost", "split_by_cost"]
 
 T = TypeVar("T")
 
@@ -99,20 +99,9 @@ class Workers:
             if self._running:  # resume the enclosing phase
                 self._running[-1] = (self._running[-1][0], now)
 
-    def owners(self, costs: Sequence[float]) -> list[int]:
-        """The process of each item: the costliest first, each to the least loaded process (lowest rank on ties).
-        The same on every process (a pure function of `costs` and the count)."""
-        load = [0.0] * self.count
-        owner = [0] * len(costs)
-        for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-            p = min(range(self.count), key=lambda q: (load[q], q))
-            owner[i] = p
-            load[p] += float(costs[i])
-        return owner
-
     def share(self, costs: Sequence[float]) -> list[int]:
-        """Indices of the items this process takes, in their order (see [`owners`])."""
-        return [i for i, p in enumerate(self.owners(costs)) if p == self.index]
+        """Indices of the items this process takes, in their order (see [`split_by_cost`])."""
+        return [i for i, p in enumerate(split_by_cost(costs, self.count)) if p == self.index]
 
     def exchange(self, mine: dict[Any, T]) -> dict[Any, T]:
         """Every process's results merged (keys are unique across processes); one process returns `mine` as is."""
@@ -155,10 +144,6 @@ class Workers:
             for part in gathered[: n - start]:
                 merge(part)
 
-    def barrier(self) -> None:
-        if self.count > 1:
-            dist.barrier()
-
     def close(self) -> None:
         """Wait for every process, then take the process group down: call it on every process when the job is done
         (a process that exits while the group's threads still run can abort in C++, `terminate called without an
@@ -166,6 +151,18 @@ class Workers:
         if self.count > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def split_by_cost(costs: Sequence[float], count: int) -> list[int]:
+    """The process of each item: the costliest first, each to the least loaded of `count` processes (lowest rank on
+    ties). A pure function of `costs` and `count`, so every process computes the same split."""
+    load = [0.0] * count
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        p = min(range(count), key=lambda q: (load[q], q))
+        owner[i] = p
+        load[p] += float(costs[i])
+    return owner
 
 
 def layer_cost(rows: int, cols: int, k: int, *, output_aware: bool = True) -> float:

@@ -110,8 +110,7 @@ def _encode_block(model: nn.Module, block_name: str, layouts: dict[str, LayerLay
 
         with workers.phase("calibration"), collector.collecting(), torch.no_grad():
             workers.reduce_batches(n_batches, measure, lambda part: merge_statistics(stats, part))
-        collector.stats = stats
-        stats = collector.result()
+        stats = collector.result(stats)
     with workers.phase("encoding"):
         costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=n in stats) for n in names]
         fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, stats.get(names[j]), config, device)
