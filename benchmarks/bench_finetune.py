@@ -57,10 +57,16 @@ SIZES = {
 }
 
 
+#: Fine-tuning settings of the "PQF + code updates" rows.
+CODE_UPDATES = {"code_update_fraction": 0.01, "code_update_every": 10}
+
+
 def scheme_config(size: dict, scheme: dict) -> dict:
     """VQConfig keyword arguments of one (size, scheme) cell."""
     m = scheme.get("num_codebooks", 1)
-    return {**size, **scheme, "block_size": {kind: d * m for kind, d in size["block_size"].items()}}
+    # "finetune": FinetuneArguments overrides; "calibrate": pass calibration images to quantize_
+    vq = {k: v for k, v in scheme.items() if k not in ("finetune", "calibrate")}
+    return {**size, **vq, "block_size": {kind: d * m for kind, d in size["block_size"].items()}}
 
 
 class TensorDictDataset(torch.utils.data.Dataset):
@@ -194,7 +200,12 @@ def schemes() -> dict[str, dict]:
     import hf_vq
     from hf_vq import config as config_module
 
-    out = {"PQ (no permutation)": {"permute": False}, "PQF": {"permute": True}}
+    out = {"PQ (no permutation)": {"permute": False}, "PQF": {"permute": True},
+           # the same PQF model, its codes also re-assigned during fine-tuning (hf_vq.finetune.codes)
+           "PQF + code updates": {"permute": True, "finetune": CODE_UPDATES},
+           # the calibrated engine (output-aware encoding, per-channel scales) at the same k and block sizes,
+           # calibrated on 256 training images (never the test images accuracy is measured on)
+           "PQF, calibrated engine": {"permute": True, "encoder": "output-aware", "scales": True, "calibrate": True}}
     params = inspect.signature(hf_vq.VQConfig.__init__).parameters
     if "aq" in getattr(config_module, "METHODS", ()) and "share" in params:
         # one codebook set per block size (3x3 convs, pointwise convs + classifier), shared by all those layers
@@ -258,7 +269,9 @@ def main() -> None:
             config = fit_config(student, hf_vq.VQConfig(**scheme_config(size_cfg, scheme_cfg), n_iter=args.n_iter,
                                                         seed=args.seed))
             start = time.perf_counter()
-            hf_vq.quantize_(student, config, progress=False, example_inputs=torch.randn(2, 1, 28, 28))
+            calibration = list(x_train[:256].split(64)) if scheme_cfg.get("calibrate") else None  # [64, 1, 28, 28] each
+            hf_vq.quantize_(student, config, progress=False, example_inputs=torch.randn(2, 1, 28, 28),
+                            calibration=calibration)
             compress_s = time.perf_counter() - start
             report = hf_vq.size_report(student)
             acc_before = accuracy(student, x_test, y_test)
@@ -269,7 +282,8 @@ def main() -> None:
                 per_device_train_batch_size=args.batch, per_device_eval_batch_size=500, learning_rate=args.ft_lr,
                 max_train_steps=ft_steps, lr_scheduler_type="cosine",
                 train_dense=True, loss="kl", task_weight=1.0, distill_weight=1.0, seed=args.seed,
-                eval_every_epoch=False, evaluate_before=False, progress=args.progress)
+                eval_every_epoch=False, evaluate_before=False, progress=args.progress,
+                **scheme_cfg.get("finetune", {}))
             start = time.perf_counter()
             result = finetune(ft_args, student=student, teacher=dense, train_dataset=train_ds, eval_dataset=test_ds)
             ft_s = time.perf_counter() - start
@@ -319,7 +333,7 @@ def main() -> None:
 def render(data: dict, out: Path) -> None:
     """Write `<out>.md` (table + reading of the figures) and `<out>.png` from the benchmark's data."""
     dense, recipe = data["dense"], data["finetune_recipe"]
-    order = ["PQ (no permutation)", "PQF"]
+    order = ["PQ (no permutation)", "PQF", "PQF + code updates", "PQF, calibrated engine"]
     rows = sorted(data["rows"], key=lambda r: (list(SIZES).index(r["size"]) if r["size"] in SIZES else 9,
                                                order.index(r["scheme"]) if r["scheme"] in order else 9))
     dense_acc, dense_mb, control = dense["acc"], dense["mb"], dense.get("acc_plus_finetune_recipe")
@@ -327,7 +341,9 @@ def render(data: dict, out: Path) -> None:
         "# Fine-tuning compressed models: Fashion-MNIST accuracy vs size\n",
         f"{data['model']}; dense baseline {dense_acc:.2%} test accuracy at {dense_mb:.2f} MB (fp32), trained "
         f"{dense['epochs']} epochs. Each compressed model is fine-tuned {recipe['epochs']:g} epoch(s) with "
-        "`hf_vq.finetune` (codes frozen; codebooks, BatchNorm, biases, stem train; KL to the dense model + "
+        "`hf_vq.finetune` (codebooks, BatchNorm, biases, stem train; codes frozen except in the \"code updates\" rows, "
+        f"which re-assign at most {CODE_UPDATES['code_update_fraction']:g} of each layer's blocks every "
+        f"{CODE_UPDATES['code_update_every']} steps; KL to the dense model + "
         f"cross-entropy; Adam lr {recipe['lr']:g}, cosine; batch {recipe['batch']}). Sizes are accounted by "
         "`hf_vq.size_report` (log2 k bits per code, fp16 codebooks, other tensors fp32, BN statistics folded). "
         "PQ and PQF use the same k and block sizes; AQ sums M = 2 codewords over blocks twice as long (same bits "
@@ -360,6 +376,15 @@ def render(data: dict, out: Path) -> None:
             notes.append(f"{size}: PQF − PQ = {(pqf['acc_after_ft'] - pq['acc_after_ft']) * 100:+.2f} pt after "
                          f"fine-tuning ({(pqf['acc_before_ft'] - pq['acc_before_ft']) * 100:+.2f} pt before; mean "
                          f"relative weight error {pq['mean_rel_error']:.4f} → {pqf['mean_rel_error']:.4f}).")
+    for size in SIZES:
+        cal, pqf, codes = (by.get((size, name)) for name in ("PQF, calibrated engine", "PQF", "PQF + code updates"))
+        if cal:
+            notes.append(f"{size}: the calibrated engine (output-aware encoding on 256 training images) keeps "
+                         f"{cal['acc_before_ft']:.2%} before fine-tuning, {(cal['acc_before_ft'] - dense_acc) * 100:+.2f} pt "
+                         f"from dense" + (f" (k-means PQF: {pqf['acc_before_ft']:.2%})" if pqf else "") + ".")
+        if codes and pqf:
+            notes.append(f"{size}: code updates during fine-tuning: {codes['acc_after_ft']:.2%} vs {pqf['acc_after_ft']:.2%} "
+                         f"with frozen codes ({(codes['acc_after_ft'] - pqf['acc_after_ft']) * 100:+.2f} pt).")
     if control is not None:
         best = max(rows, key=lambda r: r["acc_after_ft"]) if rows else None
         notes.append(

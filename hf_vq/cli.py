@@ -129,6 +129,12 @@ def _describe(config: VQConfig, base_model: str, library: str) -> str:
 def _compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_outputs(args, out)
+    if args.finetune_steps < 0 or not 0 <= args.finetune_codes <= 1:
+        raise SystemExit(f"hf-vq compress: --finetune-steps {args.finetune_steps} / --finetune-codes "
+                         f"{args.finetune_codes}: give a number of steps >= 0 and a share of codes in [0, 1].")
+    if args.finetune_steps and args.stream:
+        raise ValueError("--finetune-steps needs the whole dense model as the teacher; --stream never loads it. "
+                         "Drop one of them (fine-tune a streamed model later with scripts/finetune.py).")
     for flag in ("calibrate", "calibration_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"hf-vq compress: --{flag.replace('_', '-')} {getattr(args, flag)}: give a positive "
@@ -142,11 +148,13 @@ def _compress(args: argparse.Namespace) -> int:
         print(_describe(config, base_model, library) + (f", {workers.count} processes" if workers.count > 1 else ""),
               flush=True)
     start = time.perf_counter()
-    dense, model, integration = _run(args, config, library, model_dir, base_model, workers, launched_device)
-    seconds = time.perf_counter() - start
     try:
+        dense, model, integration = _run(args, config, library, model_dir, base_model, workers, launched_device)
+        before = _finetune(args, library, dense, model, model_dir, workers) if args.finetune_steps else None
+        seconds = time.perf_counter() - start
         if workers.is_main:  # the main process evaluates and writes; every process holds the same compressed model
-            _report(args, out, config, library, model_dir, base_model, dense, model, integration, seconds, workers)
+            _report(args, out, config, library, model_dir, base_model, dense, model, integration, seconds, workers,
+                    before)
     finally:
         workers.close()  # the others wait for it, then the process group is taken down on every process
     return 0
@@ -154,12 +162,16 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, out: Path, config: VQConfig, library: str, model_dir: Path | None,
             base_model: str, dense: nn.Module | None, model: nn.Module, integration: Any, seconds: float,
-            workers: Workers) -> None:
-    """Evaluate, write the folder and print (and `--json`) the report: the main process's part."""
+            workers: Workers, before: dict | None = None) -> None:
+    """Evaluate, write the folder and print (and `--json`) the report: the main process's part. `before`: the
+    fidelity before fine-tuning (`--finetune-steps`)."""
     permutation = getattr(model, "vq_permutation_report", None)
     if permutation is not None:
         print(permutation, flush=True)
     fidelity = {} if args.no_eval or dense is None else _fidelity(library, dense, model, model_dir)
+    if before:
+        fidelity.update({f"{key} before fine-tuning": value for key, value in before.items() if key in fidelity
+                         and not key.startswith(("sentences", "images"))})
     if dense is None and not args.no_eval:
         print("hf-vq: output fidelity not measured: --stream never loads the whole dense model", file=sys.stderr)
     saving = time.perf_counter()
@@ -214,6 +226,47 @@ def _run(args: argparse.Namespace, config: VQConfig, library: str, model_dir: Pa
     quantize_(model, config, device=device, progress=not args.quiet, calibration=calibration,
               base_model=base_model, accelerator=workers)
     return dense, model, integration
+
+
+def _finetune(args: argparse.Namespace, library: str, dense: nn.Module, model: nn.Module,
+              model_dir: Path | None, workers: Workers) -> dict:
+    """PQF's third step (`--finetune-steps`): distil `model` from `dense` on the calibration source, in place,
+    recording it in the model's record; returns the fidelity before fine-tuning (main process; `{}` otherwise)."""
+    from .finetune.recipe import DEFAULT_FINETUNE, finetune_compressed
+
+    from .integrations.cards import complete_record_
+
+    before = _fidelity(library, dense, model, model_dir) if workers.is_main and not args.no_eval else {}
+    tokenizer = _tokenizer(model_dir) if library == "transformers" else None
+    photos = None
+    if tokenizer is None:
+        from .data import CALIBRATION_PHOTOS, photo_folder, real_photos
+
+        photos = photo_folder(args.calibration_data) if args.calibration_data else real_photos(CALIBRATION_PHOTOS)
+    calibration = model.vq_config.record.calibration if model.vq_config.record is not None else None
+    skip = int(calibration["samples"]) if calibration else 0  # the sentences calibration used come first
+    start = time.perf_counter()
+    result = finetune_compressed(model, dense, steps=args.finetune_steps, tokenizer=tokenizer, photos=photos,
+                                 source=args.calibration_data, skip=skip, seed=args.seed,
+                                 code_update_fraction=args.finetune_codes, progress=not args.quiet)
+    model.vq_timings = {**getattr(model, "vq_timings", {}), "finetuning": time.perf_counter() - start}
+    m, b = result.metrics, result.metrics_before
+    key = "eval_loss" if "eval_loss" in m else "eval_kl"
+    trained = "codebooks, scales, norms, biases, layers left dense; " + (
+        f"codes re-assigned (at most {args.finetune_codes:g} of each layer's blocks per update)" if args.finetune_codes
+        else "codes frozen")
+    complete_record_(model.vq_config).finetuning = {  # a data-free run has no record yet
+        "data": (f"{args.calibration_data or 'gensim Wikipedia sentences'} after the {skip} calibration used"
+                 if tokenizer else f"fresh crops of {args.calibration_data or 'the calibration photos'}")
+                + f"; {m.get('eval_samples')} held out for early stopping",
+        "teacher": "the dense model (distillation: " + ("KL on logits" if key == "eval_kl" else
+                                                      "cosine of the mean-pooled last hidden state") + ")",
+        "steps": f"{result.completed_steps} of {args.finetune_steps} (batch {DEFAULT_FINETUNE['batch_size']}, AdamW lr "
+                 f"{result.learning_rate:g}, cosine; best held-out loss at step {result.best_step})",
+        "trained": trained,
+        "held-out loss": f"{b.get(key, float('nan')):.5f} -> {m.get(key, float('nan')):.5f}",
+    }
+    return before
 
 
 def _check_outputs(args: argparse.Namespace, out: Path) -> None:
@@ -345,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-output-channel scales (default: on with calibration data)")
     p.add_argument("--tune-steps", type=int, metavar="N",
                    help=f"block-wise tuning steps per block (default {DEFAULT_TUNE_STEPS}; 0 turns it off)")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                   help="after compressing, distil from the dense model for at most N steps on the calibration source "
+                        "(PQF's third step; held-out early stopping; default 0: off)")
+    p.add_argument("--finetune-codes", type=float, default=0.0, metavar="F",
+                   help="with --finetune-steps: also re-assign codes, at most this share of each layer's blocks per "
+                        "update (e.g. 0.01; default 0: codes frozen)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="the earlier calibrated path: activation-aware permutation objective and k-means weighted by "
                         "input second moments from N held-out inputs (no allocation)")

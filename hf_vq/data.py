@@ -4,16 +4,17 @@ folder of images, a 🤗 Datasets name)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .calibrate.images import PhotoCrops, random_view
 from .calibrate.sources import calibration_texts, tokenize_batches, wikipedia_sentences
 
 __all__ = ["real_sentences", "wikipedia_sentences", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS", "real_photos",
-           "real_images", "EVAL_SENTENCES", "calibration_texts", "calibration_images", "calibration_batches"]
+           "real_images", "EVAL_SENTENCES", "calibration_texts", "calibration_images", "calibration_batches", "PhotoCrops",
+           "photo_folder"]
 
 
 def real_sentences(n: int = 256, *, min_words: int = 6) -> list[str]:
@@ -100,27 +101,13 @@ def real_images(n: int = 128, *, model: nn.Module | None = None, data_config: di
 def _crops(photos: list, n: int, *, model: nn.Module | None = None, data_config: dict | None = None,
            seed: int = 0) -> torch.Tensor:
     """`n` deterministic random crops of `photos` (round robin, mirrored every other round), preprocessed."""
-    from PIL import ImageOps
-
     from .integrations.timm import eval_transform
 
     transform, _ = eval_transform(model, data_config=data_config)
     gen = torch.Generator().manual_seed(seed)
-    views = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        u = torch.rand(3, generator=gen).tolist()
-        area = w * h * (0.1 + 0.9 * u[0])
-        aspect = math.exp(math.log(3 / 4) + u[1] * (math.log(4 / 3) - math.log(3 / 4)))
-        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
-        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-        view = photo.crop((x0, y0, x0 + cw, y0 + ch))
-        if (i // len(photos)) % 2 == 1:
-            view = ImageOps.mirror(view)
-        views.append(transform(view))
-    return torch.stack(views)
+    views = [transform(random_view(photos[i % len(photos)], gen, mirror=(i // len(photos)) % 2 == 1))
+             for i in range(n)]
+    return torch.stack(views)  # [n, C, H, W]
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -136,6 +123,15 @@ def calibration_images(n: int, model: nn.Module, source: str | None = None, *, s
     """
     if source is None:
         return real_images(n, model=model, seed=seed, photos=CALIBRATION_PHOTOS)
+    return _crops(photo_folder(source), n, model=model, seed=seed)
+
+
+def photo_folder(source: str | Path) -> list:
+    """The readable images in folder `source` (any depth; jpg, png, ...) as RGB `PIL.Image`s, in path order.
+
+    Raises:
+        `ValueError`: if the folder holds no readable image (naming it).
+    """
     from PIL import Image, UnidentifiedImageError
 
     images = []
@@ -147,7 +143,7 @@ def calibration_images(n: int, model: nn.Module, source: str | None = None, *, s
                 continue
     if not images:
         raise ValueError(f"--calibration-data {source!r} holds no readable image (jpg, png, ...).")
-    return _crops(images, n, model=model, seed=seed)
+    return images
 
 
 def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = None, source: str | None = None,

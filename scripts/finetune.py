@@ -46,6 +46,12 @@ _HELP = {
     "resume_from_checkpoint": "a checkpoints/step_N or epoch_N folder, or 'latest'",
     "mixed_precision": "'no', 'fp16' or 'bf16' (default: the accelerate launch setting)",
     "loss": "'kl' (logits), 'hidden' (hidden states / embeddings) or 'auto'",
+    "hidden_target": "'pooled' (sentence embedding), 'last' (every token) or 'layers' (every layer's tokens)",
+    "code_update_fraction": "let codes move: at most this share of each layer's blocks re-assigned per update (0: off)",
+    "code_update_every": "optimizer steps between code re-assignments",
+    "eval_steps": "evaluate on the validation data every N steps",
+    "early_stopping_patience": "with --eval_steps: stop after N evaluations without improvement, keep the best weights",
+    "train_scales": "train the per-output-channel scales of modules that have them",
 }
 
 

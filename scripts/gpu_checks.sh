@@ -1,6 +1,6 @@
 #!/bin/bash
-# The checks that need a CUDA GPU in one run (CI has no GPU; these tests skip there): at most ~6.2 minutes on an H200
-# (the part limits sum to 355 s, plus a few seconds of start-up).
+# The checks that need a CUDA GPU in one run (CI has no GPU; these tests skip there): at most ~6.9 minutes on an H200
+# (the part limits sum to 395 s, plus a few seconds of start-up).
 # Most important first, each part under its own time limit; a part that fails or times out does not stop the next:
 #   1. scripts/gpu_smoke.py (<= 55 s): every kernel family against a float64 reference, the dispatcher, a CUDA-graph
 #      replay, torch.compile(mode="reduce-overhead"); compiles the kernels the benchmarks reuse;
@@ -8,9 +8,10 @@
 #   3. benchmarks/bench_generate.py (<= 140 s): generate() tok/s, prefill, peak memory, dense vs hf_vq, eager and
 #      compiled (static cache) -> generate_cuda.{json,md,png} (rows written as they are measured);
 #   4. scripts/gpu_engine_timing.py (<= 35 s): k-means and the output-aware encoder on 7B-shaped layers;
+#   4b. benchmarks/bench_train_step.py (<= 40 s): a BERT-base training step, dense vs compressed -> train_step_cuda;
 #   5. the CUDA tests (<= 45 s, HF_VQ_TRITON_AUTOTUNE=0: fixed kernels, no timing): every kernel configuration
 #      first, then compile / CUDA-graph tests, then the older kernel tests (what does not fit is cut, and says so).
-# Everything is written flat under OUT_DIR (8 files: the six above, log.txt with every part's output, summary.txt);
+# Everything is written flat under OUT_DIR (9 files: the seven above, log.txt with every part's output, summary.txt);
 # a compact summary is printed at the end.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR        (default benchmarks/results/gpu)
 set -u
@@ -46,6 +47,7 @@ part smoke 55 $PY scripts/gpu_smoke.py
 part bench_gpu 80 $PY benchmarks/bench_gpu.py --out "$OUT/gpu_kernels" --batches 1 16 512
 part bench_generate 140 $PY benchmarks/bench_generate.py --device cuda --out "$OUT/generate_cuda" --repeats 2
 part engine 35 $PY scripts/gpu_engine_timing.py
+part train_step 40 $PY benchmarks/bench_train_step.py --device cuda --out "$OUT/train_step_cuda"
 part cuda_tests 45 env HF_VQ_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider \
     tests/nn/test_triton_kernels.py tests/nn/test_compile.py tests/nn/test_kernels.py \
     tests/integrations/test_transformers.py -k "cuda or gpu or autotuned or triton_matches"
@@ -58,5 +60,6 @@ echo "----- per layer (GPU us, cold L2)"
 echo "----- generate()"
 [ -f "$OUT/generate_cuda.md" ] && grep -a "^| dense\|^| hf_vq" "$OUT/generate_cuda.md" | cut -c1-200
 echo "----- engine";         grep -a "^ENGINE" "$LOG" | cut -c1-240
+echo "----- training step";  [ -f "$OUT/train_step_cuda.md" ] && grep -a "^| dense\|^| hf_vq" "$OUT/train_step_cuda.md"
 echo "----- CUDA tests";     grep -aE "passed|failed|error" "$LOG" | grep -av "^SMOKE" | tail -3
 echo "----- summary";        cat "$SUMMARY"

@@ -86,6 +86,17 @@ def test_two_processes_write_the_same_checkpoint_as_one(small_bert, tmp_path, fl
     assert not list((tmp_path / "two").glob("*.tmp*"))  # the main process alone wrote the folder
 
 
+@pytest.mark.slow
+def test_finetune_steps_under_two_processes(small_bert, tmp_path):
+    """`hf-vq compress --finetune-steps` under `accelerate launch`: the distillation runs as DDP over the launch's
+    processes (the process group outlives it: the CLI still needs it to finish), and the report gives the fidelity
+    before and after."""
+    two = _compress(small_bert, tmp_path / "two", "-k", "64", "--no-permute", "--finetune-steps", "4", processes=2)
+    assert two["processes"] == 2
+    assert "sentence embedding cosine (mean) before fine-tuning" in two["fidelity"]
+    assert two["record"]["finetuning"]["steps"].startswith("4 of 4") and "finetuning" in two["phases"]
+
+
 def test_shares_cover_every_item_once_and_balance_cost():
     costs = [5, 1, 1, 1, 1, 1, 3, 2]
     assert split_by_cost(costs, 1) == [0] * len(costs) and Workers().share(costs) == list(range(len(costs)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["wikipedia_sentences", "calibration_texts", "tokenize_batches"]
+__all__ = ["wikipedia_sentences", "calibration_texts", "tokenize_batches", "load_dataset_any"]
 
 _WIKIPEDIA = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -65,9 +65,7 @@ def calibration_texts(n: int, source: str | None = None) -> list[str]:
             f.seek(0)
             texts = [line.strip() for line in f if line.strip()][:n]
     else:
-        import datasets
-
-        ds = datasets.load_dataset(source, split="train")
+        ds = load_dataset_any(source)["train"]
         column = next((c for c, feat in ds.features.items() if getattr(feat, "dtype", None) == "string"), None)
         if column is None:
             raise ValueError(f"--calibration-data {source!r}: the dataset has no text column (columns {ds.column_names}).")
@@ -86,3 +84,18 @@ def tokenize_batches(tokenizer, texts: list[str], *, model=None, batch_size: int
         max_length = min(max_length, positions)
     return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+def load_dataset_any(name: str, config: str | None = None):
+    """A 🤗 `DatasetDict`: a Hub id or a local dataset folder (loading script, data files), or a folder written by
+    `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with `load_from_disk`; a single split becomes
+    `train`)."""
+    import datasets
+
+    from pathlib import Path
+
+    folder = Path(name)
+    if folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(folder))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    return datasets.load_dataset(name, config)

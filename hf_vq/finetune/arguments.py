@@ -54,9 +54,21 @@ class FinetuneArguments:
         max_grad_norm (`float`, *optional*): clip the gradient norm.
         mixed_precision (`str`, *optional*): `"no"`, `"fp16"`, `"bf16"`; default: the `accelerate launch` setting.
         seed (`int`, defaults to 0): seed of everything (data order, initialisation of new heads).
-        train_norms / train_biases / train_dense (`bool`):
-            What trains besides the codebooks: norm layers (default yes), biases (default yes), every other dense
+        train_scales / train_norms / train_biases / train_dense (`bool`):
+            What trains besides the codebooks: the per-output-channel scales of modules that have them (default yes),
+            norm layers (default yes), biases (default yes), every other dense
             parameter such as the stem and a dense classifier (default no; the paper trains them).
+        code_update_fraction (`float`, defaults to 0.0):
+            Let the codes move (opt-in): every `code_update_every` optimizer steps, at most this share of each
+            layer's code blocks is re-assigned towards a straight-through continuous target (see
+            `hf_vq.finetune.codes`); `0` keeps the codes frozen. Costs a float32 copy of every compressed weight
+            (plus its optimizer state) while training; the saved format is unchanged.
+        code_update_every (`int`, defaults to 10): optimizer steps between code re-assignments.
+        code_learning_rate (`float`, *optional*): AdamW learning rate of the straight-through targets (default:
+            `learning_rate`). Adam's per-element steps bound how far a target moves between re-assignments (at most
+            about `code_learning_rate × code_update_every`), hence how far a re-assigned codeword can jump; plain
+            gradient steps were tried and let a few large-gradient blocks jump to extreme codewords (MiniLM's
+            embedding cosine fell to 0.09).
         freeze_norm_stats (`bool`, defaults to `False`):
             Keep BatchNorm running statistics fixed (BatchNorm layers in eval mode while training; their affine
             parameters still train). By default they update, as in the paper; freeze them for small batches or
@@ -69,12 +81,16 @@ class FinetuneArguments:
         task_weight (`float`, defaults to 1.0): weight of the cross-entropy on labels (when the data has labels).
         hidden_target (`str`, defaults to `"pooled"`):
             `"pooled"`: mean over the attention mask of the last hidden state (sentence embedding);
-            `"last"`: every token's last hidden state.
+            `"last"`: every token's last hidden state; `"layers"`: every token of every layer's output (a
+            transformers model run with `output_hidden_states`), which gives each block its own target.
         hidden_loss (`str`, defaults to `"cosine"`): `"cosine"` (1 - cosine similarity) or `"mse"`.
         checkpointing_steps (`str`, *optional*): save the training state every N optimizer steps (`"500"`) or
             at the end of every epoch (`"epoch"`), under `output_dir/checkpoints/`.
         resume_from_checkpoint (`str`, *optional*): a state folder to resume from, or `"latest"`.
         eval_every_epoch (`bool`, defaults to `True`): evaluate after each epoch, not only at the end.
+        eval_steps (`int`, *optional*): also evaluate every N optimizer steps (needs evaluation data).
+        early_stopping_patience (`int`, *optional*): with `eval_steps`, stop when the evaluation loss has not
+            improved for this many evaluations, and end with the best evaluated weights (codes included).
         evaluate_before (`bool`, defaults to `True`): evaluate before training (figures "before fine-tuning").
         push_to_hub (`bool`, defaults to `False`): upload `output_dir` to `hub_model_id` at the end.
         hub_model_id (`str`, *optional*): the Hub repo to push to (`org/name`). hub_token: a token.
@@ -114,21 +130,27 @@ class FinetuneArguments:
     mixed_precision: str | None = None
     seed: int = 0
     # what trains
+    train_scales: bool = True
     train_norms: bool = True
     train_biases: bool = True
     train_dense: bool = False
     freeze_norm_stats: bool = False
+    code_update_fraction: float = 0.0
+    code_update_every: int = 10
+    code_learning_rate: float | None = None
     # loss
     loss: Literal["auto", "kl", "hidden"] = "auto"
     temperature: float = 1.0
     distill_weight: float = 1.0
     task_weight: float = 1.0
-    hidden_target: Literal["pooled", "last"] = "pooled"
+    hidden_target: Literal["pooled", "last", "layers"] = "pooled"
     hidden_loss: Literal["cosine", "mse"] = "cosine"
     # checkpointing, evaluation, output
     checkpointing_steps: str | None = None
     resume_from_checkpoint: str | None = None
     eval_every_epoch: bool = True
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
     evaluate_before: bool = True
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -144,6 +166,16 @@ class FinetuneArguments:
                      "num_train_epochs", "max_seq_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer.")
+        if not 0 <= self.code_update_fraction <= 1:
+            raise bad("code_update_fraction", "must be in [0, 1] (a share of each layer's code blocks; 0 = frozen codes).")
+        for name in ("code_update_every", "eval_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(name, "must be a positive integer.")
+        if self.code_learning_rate is not None and not self.code_learning_rate > 0:
+            raise bad("code_learning_rate", "must be > 0 (or None for learning_rate).")
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise bad("early_stopping_patience", "needs eval_steps (how often the held-out loss is measured).")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise bad("max_train_steps", "must be a positive integer (or None to train num_train_epochs).")
         if not self.learning_rate > 0:
@@ -152,8 +184,9 @@ class FinetuneArguments:
             raise bad("temperature", "must be > 0.")
         if self.loss not in ("auto", "kl", "hidden"):
             raise bad("loss", "use 'auto', 'kl' (logit distillation) or 'hidden' (hidden-state distillation).")
-        if self.hidden_target not in ("pooled", "last"):
-            raise bad("hidden_target", "use 'pooled' (mean over the attention mask) or 'last' (every token).")
+        if self.hidden_target not in ("pooled", "last", "layers"):
+            raise bad("hidden_target", "use 'pooled' (mean over the attention mask), 'last' (every token) or 'layers' "
+                                       "(every token of every layer's hidden state).")
         if self.hidden_loss not in ("cosine", "mse"):
             raise bad("hidden_loss", "use 'cosine' or 'mse'.")
         if self.mixed_precision not in (None, "no", "fp16", "bf16", "fp8"):
@@ -198,7 +231,12 @@ class FinetuneResult:
         metrics (`dict`): evaluation of the fine-tuned model (fp16 codebooks, exactly what is saved), e.g.
             `eval_accuracy`, `eval_agreement`, `eval_kl`, `eval_cosine`, `teacher_accuracy`.
         metrics_before (`dict`): the same before fine-tuning (empty with `evaluate_before=False`).
-        history (`list[dict]`): per optimizer step: `step`, `epoch`, `loss` (this process), `lr`.
+        history (`list[dict]`): per optimizer step: `step`, `epoch`, `loss` (this process), `lr`; with code
+            updates, `codes_changed` (share of the blocks re-assigned) at the steps that re-assign.
+        evaluations (`list[dict]`): the held-out metrics at every `eval_steps` (with their `step`).
+        best_step (`int`, *optional*): with early stopping, the step whose weights were kept (0: the weights before
+            training, when no evaluation beat them).
+        learning_rate (`float`, *optional*): the run's (peak) learning rate.
         completed_steps (`int`): optimizer steps done (including those before a resume).
         output_dir (`Path`, *optional*): the Hub-ready folder, if one was written.
         trainable (`dict`): number of trainable tensors and values per group (codebooks, norms, biases, dense).
@@ -207,6 +245,9 @@ class FinetuneResult:
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    learning_rate: float | None = None
     completed_steps: int = 0
     output_dir: Path | None = None
     trainable: dict[str, int] = field(default_factory=dict)

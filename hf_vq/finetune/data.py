@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..calibrate.sources import load_dataset_any
 from .arguments import STRUCTURED_SUFFIXES, FinetuneArguments
 
 __all__ = ["load_raw", "preprocess", "load_text_file"]
@@ -48,7 +49,7 @@ def load_raw(args: FinetuneArguments):
     import datasets
 
     if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        raw = load_dataset_any(args.dataset_name, args.dataset_config_name)
         if "train" not in raw:
             raise ValueError(f"Dataset {args.dataset_name!r} has no 'train' split (it has {list(raw)}).")
         train = raw["train"]

@@ -3,14 +3,15 @@
 The same code runs as a plain Python process, on one or several GPUs, on several nodes, and with DDP or FSDP: the
 distribution is chosen by the `accelerate launch` configuration, never by the code.
 
-Distributed details handled here: the codes never change and are identical on every process, so DDP neither
-broadcasts them at each step nor checks them (they are excluded with DDP's ignore list); trainable parameters that
+Distributed details handled here: the codes are identical on every process (code updates re-assign them from the
+same all-reduced targets everywhere), so DDP neither broadcasts them at each step nor checks them (they are excluded with DDP's ignore list); trainable parameters that
 the loss does not reach (e.g. a pooler under a hidden-state loss) are found with one probe step before wrapping and
 frozen, so DDP runs without `find_unused_parameters`; frozen parameters are ignored by DDP's reducer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -26,13 +27,14 @@ from tqdm.auto import tqdm
 
 from ..nn import VQModuleMixin, mark_trainable_
 from .arguments import CHECKPOINTS_DIR, FinetuneArguments, FinetuneResult
+from .codes import code_deltas, disable_code_updates_, enable_code_updates_, reassign_codes_
 from .data import load_raw, preprocess
 from .losses import (Objective, check_outputs, detect_mode, hidden_state_loss, logits_of, model_inputs,
                      representation)
 from .models import asset_dirs, default_teacher, library_of, load_model
 from .output import check_output_dir, save_output
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "new_accelerator"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ def finetune(
             base model the checkpoint records).
         train_dataset / eval_dataset (*optional*): data instead of `args`' data options.
         collate_fn (`Callable`, *optional*): batches items of a torch dataset.
-        accelerator (`accelerate.Accelerator`, *optional*): one to reuse (otherwise created from `args`).
+        accelerator (`accelerate.Accelerator`, *optional*): one to reuse (otherwise created from `args`). A run that
+            creates its own ends its training at the end (trackers finished, process group destroyed); a run given
+            one leaves both to its caller (e.g. `hf-vq compress --finetune-steps` under `accelerate launch`, which
+            goes on using the process group).
 
     Returns:
         [`FinetuneResult`]: metrics after (and before) fine-tuning, the loss history, the output folder.
@@ -76,16 +81,42 @@ def finetune(
         [`hf_vq.serialization.SaveTargetError`], `PermissionError`: `output_dir` is a file, a folder of other files,
             or not writable (checked before any training).
     """
-    from accelerate.utils import set_seed
-
     check_output_dir(args)  # a file or a folder of other files at output_dir: refused before any work
     models = _resolve_models(args, student, teacher)
-    accelerator = accelerator or _new_accelerator(args)
+    with _hidden_states(args, models):
+        return _finetune(args, models, train_dataset, eval_dataset, collate_fn, accelerator)
+
+
+@contextlib.contextmanager
+def _hidden_states(args: FinetuneArguments, models: "_Models"):
+    """With `hidden_target="layers"`, both transformers models return every layer's hidden states for the run."""
+    configs = [getattr(m, "config", None) for m in (models.student, models.teacher)]
+    configs = [c for c in configs if c is not None and hasattr(c, "output_hidden_states")]
+    previous = [c.output_hidden_states for c in configs]
+    if args.hidden_target == "layers":
+        for config in configs:
+            config.output_hidden_states = True
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, previous):
+            config.output_hidden_states = value
+
+
+def _finetune(args: FinetuneArguments, models: "_Models", train_dataset: Any, eval_dataset: Any,
+              collate_fn: Callable | None, accelerator: Any) -> FinetuneResult:
+    from accelerate.utils import set_seed
+
+    owned = accelerator is None
+    accelerator = accelerator or new_accelerator(args)
+    if args.code_update_fraction > 0 and accelerator.distributed_type.value == "FSDP":
+        raise ValueError("code_update_fraction > 0 re-assigns codes from whole straight-through targets, which FSDP "
+                         "shards; run code updates under DDP (`accelerate launch --multi_gpu`) or one process.")
     set_seed(args.seed)
     train_dataset, eval_dataset, collate = _datasets(args, accelerator, models, train_dataset, eval_dataset, collate_fn)
     trainable, objective = _prepare_student(args, models, train_dataset, collate)
     run = _Run.prepare(args, accelerator, models, train_dataset, eval_dataset, collate)
-    result = FinetuneResult(trainable=trainable)
+    result = FinetuneResult(trainable=trainable, learning_rate=args.learning_rate)
     eval_kwargs = dict(objective=objective, library=models.library, progress=args.progress)
     if run.eval_loader is not None and args.evaluate_before and not args.resume_from_checkpoint:
         result.metrics_before = _evaluate(accelerator, run.model, models.teacher, run.eval_loader, teacher_metrics=True,
@@ -96,6 +127,8 @@ def finetune(
                       f"trainable {trainable}")
     result.completed_steps = _train(args, accelerator, run, models.teacher, objective, result, eval_kwargs)
     _finish(args, accelerator, run, models, result, eval_kwargs)
+    if owned:
+        accelerator.end_training()
     return result
 
 
@@ -135,7 +168,9 @@ def _resolve_models(args: FinetuneArguments, student: nn.Module | None, teacher:
     return _Models(student, teacher, library, student_dir, teacher_dir)
 
 
-def _new_accelerator(args: FinetuneArguments):
+def new_accelerator(args: FinetuneArguments):
+    """The `accelerate.Accelerator` [`finetune`] creates for `args` (mixed precision, accumulation, seedable
+    sampler, `output_dir` as the project folder), on whatever `accelerate launch` set up."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
 
@@ -167,7 +202,10 @@ def _prepare_student(args: FinetuneArguments, models: _Models, train_dataset: An
                      ) -> tuple[dict[str, int], Objective]:
     """Mark what trains, pick the loss from a probe batch, freeze what the loss never reaches (DDP-safe)."""
     student, teacher, library = models.student, models.teacher, models.library
-    trainable = mark_trainable_(student, norms=args.train_norms, biases=args.train_biases, dense=args.train_dense)
+    trainable = mark_trainable_(student, norms=args.train_norms, biases=args.train_biases, dense=args.train_dense,
+                                scales=args.train_scales)
+    if args.code_update_fraction > 0:
+        trainable["code_deltas"] = enable_code_updates_(student)
     probe = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
     probe_args, probe_kwargs = model_inputs(probe, library)
     with torch.no_grad():
@@ -209,8 +247,13 @@ class _Run:
                                   collate_fn=collate, num_workers=args.num_workers)
         eval_loader = (DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate,
                                   num_workers=args.num_workers) if eval_dataset is not None else None)
-        params = [p for p in models.student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        deltas = {id(p) for p in code_deltas(models.student)}
+        params = [p for p in models.student.parameters() if p.requires_grad and id(p) not in deltas]
+        groups = [{"params": params}]
+        if deltas:  # the straight-through code targets: their own learning rate, no decay towards zero
+            groups.append({"params": code_deltas(models.student), "weight_decay": 0.0,
+                           "lr": args.code_learning_rate or args.learning_rate})
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
         # per-process batch counts; the prepared scheduler steps once per process at every optimizer step
         batches_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * accelerator.num_processes))
         max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
@@ -250,6 +293,9 @@ def _train(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Mod
     save_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     bar = tqdm(total=run.max_steps, initial=completed, desc="finetune", unit="step",
                disable=not (args.progress and accelerator.is_local_main_process))
+    stopper = _EarlyStop(args, accelerator, run, teacher, result, eval_kwargs)
+    if completed == 0:
+        stopper.start(result.metrics_before)
     for epoch in range(start_epoch, run.epochs):
         _train_mode_(run.model, args.freeze_norm_stats)
         run.train_loader.set_epoch(epoch)
@@ -265,6 +311,11 @@ def _train(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Mod
             bar.set_postfix(loss=f"{loss.item():.4f}")
             result.history.append({"step": completed, "epoch": epoch, "loss": float(loss.item()),
                                    "lr": float(run.scheduler.get_last_lr()[0])})
+            if args.code_update_fraction > 0 and completed % args.code_update_every == 0:
+                moved = reassign_codes_(accelerator.unwrap_model(run.model), args.code_update_fraction)
+                result.history[-1]["codes_changed"] = moved["changed"] / max(moved["blocks"], 1.0)
+            if stopper.check(completed):
+                break
             if save_every and completed % save_every == 0:
                 accelerator.save_state(str(_checkpoint_dir(args.output_dir) / f"step_{completed}"))
             if completed >= run.max_steps:
@@ -275,10 +326,70 @@ def _train(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Mod
             metrics = _evaluate(accelerator, run.model, teacher, run.eval_loader, teacher_metrics=False,
                                 desc=f"eval (epoch {epoch})", **eval_kwargs)
             accelerator.print(f"hf_vq finetune: epoch {epoch}: {_fmt(metrics)}")
-        if completed >= run.max_steps:
+        if completed >= run.max_steps or stopper.stopped:
             break
     bar.close()
+    stopper.restore_best()
     return completed
+
+
+class _EarlyStop:
+    """Evaluation every `eval_steps` on the held-out data; with `early_stopping_patience`, stop when the loss has
+    not improved for that many evaluations and end with the best weights (trainable tensors and codes)."""
+
+    def __init__(self, args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Module,
+                 result: FinetuneResult, eval_kwargs: dict) -> None:
+        self.args, self.accelerator, self.run, self.teacher = args, accelerator, run, teacher
+        self.result, self.eval_kwargs = result, eval_kwargs
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.bad = 0
+        self.stopped = False
+        self.active = args.eval_steps is not None and run.eval_loader is not None
+
+    def start(self, before: dict[str, float]) -> None:
+        """The weights before training are the first candidate (step 0): a run whose every evaluation is worse than
+        its start ends where it started."""
+        loss = before.get("eval_loss", before.get("eval_kl"))
+        if self.active and self.args.early_stopping_patience is not None and loss is not None:
+            self.best = (loss, 0, self._snapshot())
+
+    def check(self, step: int) -> bool:
+        """Evaluate if `step` is an evaluation step; returns whether training should stop."""
+        if not self.active or step % self.args.eval_steps:
+            return False
+        metrics = _evaluate(self.accelerator, self.run.model, self.teacher, self.run.eval_loader, teacher_metrics=False,
+                            desc=f"eval (step {step})", **self.eval_kwargs)
+        _train_mode_(self.run.model, self.args.freeze_norm_stats)
+        loss = metrics.get("eval_loss", metrics.get("eval_kl"))
+        self.result.evaluations.append({"step": step, **metrics})
+        if self.args.early_stopping_patience is None or loss is None:
+            return False
+        if self.best is None or loss < self.best[0]:
+            self.best, self.bad = (loss, step, self._snapshot()), 0
+        else:
+            self.bad += 1
+            self.stopped = self.bad >= self.args.early_stopping_patience
+            if self.stopped:
+                self.accelerator.print(f"hf_vq finetune: early stop at step {step} (best held-out loss "
+                                       f"{self.best[0]:.5f} at step {self.best[1]})")
+        return self.stopped
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.run.model)
+        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        state.update({n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")})
+        return state
+
+    def restore_best(self) -> None:
+        """Load the best evaluated weights (when early stopping evaluated any)."""
+        if self.best is None:
+            return
+        model = self.accelerator.unwrap_model(self.run.model)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in self.best[2].items():
+                tensors[name].copy_(value)
+        self.result.best_step = self.best[1]
 
 
 def _step(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Module, objective: Objective,
@@ -306,6 +417,7 @@ def _finish(args: FinetuneArguments, accelerator: Any, run: _Run, models: _Model
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(run.model)
+    disable_code_updates_(unwrapped)  # the codes keep their last assignment; the format has no deltas
     _round_codebooks_(unwrapped)
     if run.eval_loader is not None:
         result.metrics = _evaluate(accelerator, run.model, models.teacher, run.eval_loader, teacher_metrics=True,
@@ -327,7 +439,6 @@ def _finish(args: FinetuneArguments, accelerator: Any, run: _Run, models: _Model
             save_output(to_save, args, models.library, result, student_dir=models.student_dir,
                         teacher_dir=models.teacher_dir)
         accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 def _checkpoint_dir(output_dir: str | None) -> Path:

@@ -53,6 +53,8 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str
     else:
         dist = ((s - t) ** 2).mean(-1)  # [B] or [B, T]
     if dist.dim() == 2:
+        if mask is not None and mask.shape[1] != dist.shape[1]:  # several layers' tokens, concatenated
+            mask = mask.repeat(1, dist.shape[1] // mask.shape[1])  # [B, L·T]
         m = mask.to(dist.dtype) if mask is not None else torch.ones_like(dist)  # [B, T]
         dist = (dist * m).sum(1) / m.sum(1).clamp(min=1)  # [B]
     return dist if reduction == "none" else dist.mean()
@@ -74,6 +76,11 @@ def logits_of(out: Any) -> torch.Tensor | None:
 def representation(out: Any, mask: torch.Tensor | None, target: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor):  # a headless timm model: pooled features [B, H]
         return out
+    if target == "layers":
+        layers = out.get("hidden_states") if hasattr(out, "get") else None
+        if not layers:
+            raise ValueError("hidden_target='layers' needs a transformers model that returns hidden_states.")
+        return torch.cat(layers[1:], dim=1)  # [B, L·T, H]: every layer's output, token by token
     hidden = out.get("last_hidden_state") if hasattr(out, "get") else None
     if hidden is None:
         raise ValueError("loss='hidden' needs a model returning last_hidden_state (a transformers base model) or "

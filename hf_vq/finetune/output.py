@@ -64,8 +64,11 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
         "steps": f"{result.completed_steps} (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
                  " accumulation per process)",
         "optimizer": f"AdamW lr {args.learning_rate:g}, {args.lr_scheduler_type} schedule",
-        "trained": "codebooks" + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
-                   + (", dense layers" if args.train_dense else "") + "; codes frozen",
+        "trained": "codebooks" + (", scales" if args.train_scales and result.trainable.get("scales") else "")
+                   + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
+                   + (", dense layers" if args.train_dense else "")
+                   + (f"; codes re-assigned (at most {args.code_update_fraction:g} of each layer's blocks every "
+                      f"{args.code_update_every} steps)" if args.code_update_fraction > 0 else "; codes frozen"),
         "evaluation samples": m.get("eval_samples"),
     }
     eval_dataset = None

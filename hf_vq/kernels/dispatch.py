@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu, cuda
+from .train import train_decode
 from .triton_vq import HAS_TRITON, triton_decode
 
 __all__ = ["decode_matrix", "kernel_mode", "linear_impl", "needs_grad", "select_path", "vq_linear", "vq_matmul"]
 
 _MODES = ("auto", "decode", "lut")
+#: Decode under autograd with `train.py`'s function (device decode kernel forward, scatter-add backward); `False`
+#: runs the differentiable reference (`F.embedding` gathers) instead, for benchmarks/bench_train_step.py.
+TRAIN_DECODE = True
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = threading.local()
 
@@ -200,7 +204,8 @@ def vq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, bia
 
 def decode_matrix(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The weight matrix `diag(scales) · decode(codes)` `[rows, n_blocks * d]`: the numba (CPU) or Triton (CUDA)
-    decode when no gradient is needed, else the differentiable reference.
+    decode when no gradient is needed; under autograd the same decode forward with a scatter-add backward
+    (`train.py`); the differentiable reference when traced or compiled.
 
     Args:
         codes (`torch.Tensor`): unpacked codes `[rows, n_blocks, M]`.
@@ -211,10 +216,19 @@ def decode_matrix(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch
 
     _check_scales(scales, codes)
     plain = type(codebooks) in (torch.nn.Parameter, torch.Tensor)
-    if (needs_grad(codebooks, scales) or not plain or torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
+    if not plain or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         weight = decode(codes, codebooks)  # [rows, n_blocks*d]
         return weight if scales is None else weight * scales.to(weight.dtype)[:, None]
+    if needs_grad(codebooks, scales):  # fine-tuning: the fast decode forward, a scatter-add backward
+        if not TRAIN_DECODE:  # the reference (benchmarks compare the two)
+            weight = decode(codes, codebooks)  # [rows, n_blocks*d]
+            return weight if scales is None else weight * scales.to(weight.dtype)[:, None]
+        return train_decode(codes, codebooks, scales, _fast_decode)
+    return _fast_decode(codes, codebooks, scales=scales)
+
+
+def _fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The no-grad decode of the device: Triton on CUDA, numba on CPU (each falls back to the reference)."""
     if codes.device.type == "cuda" and HAS_TRITON and codebooks.dtype in _CUDA_DTYPES:
         return triton_decode(codes, codebooks, scales=scales)
     return cpu.fast_decode(codes, codebooks, scales=scales)

@@ -231,12 +231,36 @@ class VQModuleMixin:
                    None if scales is None else (scales.data_ptr(), scales._version))
             if self._weight_cache is not None and self._weight_cache[0] == key:
                 return self._weight_cache[1]
-        weight = self._matrix_to_weight(decode_matrix(self.unpacked_codes(), self.codebooks, scales=scales))
+        matrix = decode_matrix(self.unpacked_codes(), self.codebooks, scales=scales)  # [rows, cols]
+        weight = self._matrix_to_weight(self._with_code_delta(matrix))
         if use_cache:
             self._weight_cache = (key, weight)
         else:
             self._weight_cache = None
         return weight
+
+    def _with_code_delta(self, matrix: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`matrix` with the straight-through code delta of fine-tuning with code updates: the same values, and the
+        gradient of the weight flows into `code_delta` `[rows, cols]` (see [`enable_code_updates_`]). `rows`:
+        the matrix holds only these rows (an embedding's looked-up rows)."""
+        delta = self._parameters.get("code_delta")
+        if delta is None or not (torch.is_grad_enabled() and delta.requires_grad):
+            return matrix
+        delta = delta if rows is None else delta[rows]
+        return matrix + (delta - delta.detach()).to(matrix.dtype)
+
+    def enable_code_updates_(self) -> nn.Parameter:
+        """Register `code_delta`, a trainable float32 `[rows, cols]` parameter of zeros that accumulates the weight's
+        gradient steps (straight-through: the forward still uses the decoded weight). Codes are re-assigned from it
+        by `hf_vq.finetune.codes.reassign_codes_`; [`disable_code_updates_`] removes it before saving."""
+        rows, cols = self.matrix_shape(self.weight_shape)
+        delta = nn.Parameter(torch.zeros(rows, cols, dtype=torch.float32, device=self.codes.device))  # [rows, cols]
+        self.register_parameter("code_delta", delta)
+        return delta
+
+    def disable_code_updates_(self) -> None:
+        """Remove `code_delta` (the codes keep their last assignment)."""
+        self._parameters.pop("code_delta", None)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -263,6 +287,8 @@ class VQModuleMixin:
             if self.cache_decoded or input.dtype != books.dtype or needs_grad(input, books, bias, scales):
                 return None  # the float forward on the (cached or in-graph decoded) weight
             return vq_linear(input, self._kernel_codes(), books, bias, scales=scales)
+        if "code_delta" in self._parameters and torch.is_grad_enabled():
+            return None  # fine-tuning with code updates: the straight-through weight
         cached = self.cache_decoded and self._weight_cache is not None
         return vq_matmul(input, self.unpacked_codes(), self.codebooks, bias, scales=scales, weight_is_cached=cached,
                          codes_t=self.lut_codes)

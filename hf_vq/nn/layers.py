@@ -57,6 +57,7 @@ class VQEmbedding(VQModuleMixin, nn.Embedding):
         rows = decode(codes.reshape(-1, *codes.shape[-2:]), self.codebooks)  # [input.numel(), embedding_dim]
         if self.scales is not None:
             rows = rows * self.scales[input.reshape(-1)].to(rows.dtype)[:, None]
+        rows = self._with_code_delta(rows, input.reshape(-1))
         return rows.reshape(*input.shape, self.embedding_dim)
 
 
