@@ -376,7 +376,9 @@ class _EarlyStop:
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         model = self.accelerator.unwrap_model(self.run.model)
-        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # the straight-through code targets are not kept (a float copy of every compressed weight): the codes are
+        state = {n: p.detach().clone() for n, p in model.named_parameters()
+                 if p.requires_grad and not n.endswith("code_delta")}
         state.update({n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")})
         return state
 
