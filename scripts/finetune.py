@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Fine-tune a compressed model (PQF's third step): codebooks train, codes stay frozen, the dense model teaches.
+"""Fine-tune a compressed model (PQF's third step): codebooks and scales train (codes too with
+--code_update_fraction), the dense model teaches.
 
 A thin command line over [`hf_vq.finetune.finetune`]; its flags follow the Hugging Face `*_no_trainer.py` examples.
 It runs unchanged as a plain process and under `accelerate launch`, which decides the distribution:
