@@ -232,8 +232,7 @@ def _finetune(args: argparse.Namespace, library: str, dense: nn.Module, model: n
               model_dir: Path | None, workers: Workers) -> dict:
     """PQF's third step (`--finetune-steps`): distil `model` from `dense` on the calibration source, in place,
     recording it in the model's record; returns the fidelity before fine-tuning (main process; `{}` otherwise)."""
-    from .finetune.recipe import DEFAULT_FINETUNE, finetune_compressed
-
+    from .finetune import card_sections, finetune_compressed
     from .integrations.cards import complete_record_
 
     before = _fidelity(library, dense, model, model_dir) if workers.is_main and not args.no_eval else {}
@@ -250,22 +249,11 @@ def _finetune(args: argparse.Namespace, library: str, dense: nn.Module, model: n
                                  source=args.calibration_data, skip=skip, seed=args.seed,
                                  code_update_fraction=args.finetune_codes, progress=not args.quiet)
     model.vq_timings = {**getattr(model, "vq_timings", {}), "finetuning": time.perf_counter() - start}
-    m, b = result.metrics, result.metrics_before
-    key = "eval_loss" if "eval_loss" in m else "eval_kl"
-    trained = "codebooks, scales, norms, biases, layers left dense; " + (
-        f"codes re-assigned (at most {args.finetune_codes:g} of each layer's blocks per update)" if args.finetune_codes
-        else "codes frozen")
-    complete_record_(model.vq_config).finetuning = {  # a data-free run has no record yet
-        "data": (f"{args.calibration_data or 'gensim Wikipedia sentences'} after the {skip} calibration used"
-                 if tokenizer else f"fresh crops of {args.calibration_data or 'the calibration photos'}")
-                + f"; {m.get('eval_samples')} held out for early stopping",
-        "teacher": "the dense model (distillation: " + ("KL on logits" if key == "eval_kl" else
-                                                      "cosine of the mean-pooled last hidden state") + ")",
-        "steps": f"{result.completed_steps} of {args.finetune_steps} (batch {DEFAULT_FINETUNE['batch_size']}, AdamW lr "
-                 f"{result.learning_rate:g}, cosine; best held-out loss at step {result.best_step})",
-        "trained": trained,
-        "held-out loss": f"{b.get(key, float('nan')):.5f} -> {m.get(key, float('nan')):.5f}",
-    }
+    section = card_sections(result.arguments, result)["finetuning"]
+    section["data"] = ((f"{args.calibration_data or 'gensim Wikipedia sentences'} after the {skip} calibration used"
+                        if tokenizer else f"fresh crops of {args.calibration_data or 'the calibration photos'}")
+                       + f"; {result.metrics.get('eval_samples')} held out for early stopping")
+    complete_record_(model.vq_config).finetuning = section  # a data-free run has no record yet
     return before
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["wikipedia_sentences", "calibration_texts", "tokenize_batches", "load_dataset_any"]
+__all__ = ["wikipedia_sentences", "calibration_texts", "tokenize_batches", "load_dataset_any", "input_length"]
 
 _WIKIPEDIA = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -75,13 +75,17 @@ def calibration_texts(n: int, source: str | None = None) -> list[str]:
     return texts
 
 
+def input_length(model, max_length: int) -> int:
+    """`max_length`, capped at the positions `model`'s config embeds (`max_position_embeddings`) when it has one."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(max_length, positions) if isinstance(positions, int) and positions > 0 else max_length
+
+
 def tokenize_batches(tokenizer, texts: list[str], *, model=None, batch_size: int = 32, max_length: int = 128) -> list[dict]:
     """`texts` tokenized in padded batches (dicts of `[batch, seq]` tensors), truncated to `max_length` tokens and,
     when `model` is given, to the positions its config embeds (`max_position_embeddings`): a model trained on
     shorter inputs than `max_length` is never fed longer ones."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        max_length = min(max_length, positions)
+    max_length = input_length(model, max_length)
     return [dict(tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 

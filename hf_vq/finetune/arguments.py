@@ -68,7 +68,7 @@ class FinetuneArguments:
             `learning_rate`). Adam's per-element steps bound how far a target moves between re-assignments (at most
             about `code_learning_rate × code_update_every`), hence how far a re-assigned codeword can jump; plain
             gradient steps were tried and let a few large-gradient blocks jump to extreme codewords (MiniLM's
-            embedding cosine fell to 0.09).
+            embedding cosine fell to 0.09 in an ad-hoc run, not committed).
         freeze_norm_stats (`bool`, defaults to `False`):
             Keep BatchNorm running statistics fixed (BatchNorm layers in eval mode while training; their affine
             parameters still train). By default they update, as in the paper; freeze them for small batches or
@@ -236,7 +236,7 @@ class FinetuneResult:
         evaluations (`list[dict]`): the held-out metrics at every `eval_steps` (with their `step`).
         best_step (`int`, *optional*): with early stopping, the step whose weights were kept (0: the weights before
             training, when no evaluation beat them).
-        learning_rate (`float`, *optional*): the run's (peak) learning rate.
+        arguments ([`FinetuneArguments`], *optional*): the settings of the run (what the model card describes).
         completed_steps (`int`): optimizer steps done (including those before a resume).
         output_dir (`Path`, *optional*): the Hub-ready folder, if one was written.
         trainable (`dict`): number of trainable tensors and values per group (codebooks, norms, biases, dense).
@@ -247,7 +247,7 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
     best_step: int | None = None
-    learning_rate: float | None = None
+    arguments: FinetuneArguments | None = None
     completed_steps: int = 0
     output_dir: Path | None = None
     trainable: dict[str, int] = field(default_factory=dict)

@@ -21,12 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..codec.pq import decode
 from ..nn import VQModuleMixin
 
 __all__ = ["enable_code_updates_", "disable_code_updates_", "reassign_codes_", "code_deltas"]
-
-_CHUNK = 1 << 16  # blocks per distance computation
-
 
 def enable_code_updates_(model: nn.Module) -> int:
     """Give every compressed module of `model` a trainable `code_delta`; returns the number of delta values."""
@@ -60,66 +58,43 @@ def reassign_codes_(model: nn.Module, fraction: float) -> dict[str, float]:
 
 
 def _reassign_module_(module: VQModuleMixin, fraction: float) -> tuple[int, int]:
+    from ..codec.kmeans import assign
     from ..codec.packing import pack_codes
-    from ..codec.pq import decode
 
     delta = module._parameters["code_delta"]  # [rows, cols]
-    codes = module.unpacked_codes().long()  # [rows, n_blocks, M]
+    codes = module.unpacked_codes().to(torch.int64, copy=True)  # [rows, n_blocks, M], changed in place below
     rows, n_blocks, n_books = codes.shape
     books = module.codebooks.detach().float()  # [M, k, d]
     d = books.shape[-1]
     scale = (module.scales.detach().float()[:, None, None] if module.scales is not None
              else books.new_ones(rows, 1, 1))  # [rows, 1, 1]
-    old = decode(codes, books).reshape(rows, n_blocks, d) * scale  # [rows, n_blocks, d]: Ŵ
-    target = old + delta.detach().reshape(rows, n_blocks, d)  # [rows, n_blocks, d]: T
+    safe = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)  # a zero scale: no division by 0
+    weight = (scale ** 2).expand(rows, n_blocks, 1).reshape(-1)  # [rows * n_blocks]: codebook units -> weight units
+    current = decode(codes, books).reshape(rows, n_blocks, d) * scale  # [rows, n_blocks, d]: Ŵ, kept up to date
+    target = current + delta.detach().reshape(rows, n_blocks, d)  # [rows, n_blocks, d]: T
     budget = int(fraction * rows * n_blocks)
-    new_codes = codes.clone()
     changed = 0
     for m in range(n_books):
         if budget <= 0:
             break
-        current = _decode_scaled(new_codes, books, scale)  # [rows, n_blocks, d]
+        book, now = books[m], codes[..., m].reshape(-1)  # [k, d], [rows * n_blocks]
+        words = book[now].reshape(rows, n_blocks, d) * scale  # [rows, n_blocks, d]: codebook m's share of Ŵ
         # what codebook m must supply, in codebook units: the target less the other codebooks' codewords
-        others = current - books[m][new_codes[..., m]] * scale
-        safe = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)  # a zero scale: no division by 0
-        wanted = ((target - others) / safe).reshape(-1, d)  # [rows * n_blocks, d]
-        best, gain = _nearest(wanted, books[m], new_codes[..., m].reshape(-1), (scale ** 2).expand(rows, n_blocks, 1).reshape(-1))
-        take = _top_gains(gain, budget // max(1, n_books - m))
+        wanted = ((target - current + words) / safe).reshape(-1, d)  # [rows * n_blocks, d]
+        best = assign(wanted, book)  # [rows * n_blocks]
+        gain = weight * ((wanted - book[now]).pow(2).sum(1) - (wanted - book[best]).pow(2).sum(1))
+        take = _top_gains(gain, budget // (n_books - m))
         if take.numel():
-            flat = new_codes[..., m].reshape(-1)
-            flat[take] = best[take]
-            new_codes[..., m] = flat.reshape(rows, n_blocks)
+            now = now.clone()
+            now[take] = best[take]
+            codes[..., m] = now.reshape(rows, n_blocks)
+            current += book[now].reshape(rows, n_blocks, d) * scale - words
             changed += int(take.numel())
             budget -= int(take.numel())
     if changed:
-        module.codes.copy_(pack_codes(new_codes.reshape(rows, -1).to(torch.int32), module.bits))
-        new = _decode_scaled(new_codes, books, scale)
-        delta.copy_((target - new).reshape(rows, -1))  # the part of the target the codes do not reach
+        module.codes.copy_(pack_codes(codes.reshape(rows, -1).to(torch.int32), module.bits))
+        delta.copy_((target - current).reshape(rows, -1))  # the part of the target the codes do not reach
     return changed, rows * n_blocks * n_books
-
-
-def _decode_scaled(codes: torch.Tensor, books: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    from ..codec.pq import decode
-
-    rows, n_blocks, _ = codes.shape
-    return decode(codes, books).reshape(rows, n_blocks, -1) * scale  # [rows, n_blocks, d]
-
-
-def _nearest(wanted: torch.Tensor, book: torch.Tensor, current: torch.Tensor, weight: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of `wanted` `[N, d]`: the nearest codeword of `book` `[k, d]` and the weighted gain
-    `weight · (‖wanted − book[current]‖² − ‖wanted − book[best]‖²)` (`[N]` each)."""
-    best = torch.empty_like(current)
-    gain = torch.empty(wanted.shape[0], dtype=wanted.dtype, device=wanted.device)
-    norms = book.pow(2).sum(1)  # [k]
-    for start in range(0, wanted.shape[0], _CHUNK):
-        w = wanted[start:start + _CHUNK]  # [n, d]
-        dist = norms[None, :] - 2 * (w @ book.t())  # [n, k]: ‖w − c‖² less ‖w‖²
-        value, index = dist.min(1)
-        now = dist.gather(1, current[start:start + _CHUNK, None]).squeeze(1)
-        best[start:start + _CHUNK] = index
-        gain[start:start + _CHUNK] = (now - value) * weight[start:start + _CHUNK]
-    return best, gain
 
 
 def _top_gains(gain: torch.Tensor, budget: int) -> torch.Tensor:

@@ -29,8 +29,8 @@ from ..nn import VQModuleMixin, mark_trainable_
 from .arguments import CHECKPOINTS_DIR, FinetuneArguments, FinetuneResult
 from .codes import code_deltas, disable_code_updates_, enable_code_updates_, reassign_codes_
 from .data import load_raw, preprocess
-from .losses import (Objective, check_outputs, detect_mode, hidden_state_loss, logits_of, model_inputs,
-                     representation)
+from .losses import (Objective, check_outputs, detect_mode, held_out_loss_key, hidden_state_loss, logits_of,
+                     model_inputs, representation)
 from .models import asset_dirs, default_teacher, library_of, load_model
 from .output import check_output_dir, save_output
 
@@ -105,18 +105,18 @@ def _hidden_states(args: FinetuneArguments, models: "_Models"):
 
 def _finetune(args: FinetuneArguments, models: "_Models", train_dataset: Any, eval_dataset: Any,
               collate_fn: Callable | None, accelerator: Any) -> FinetuneResult:
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     owned = accelerator is None
     accelerator = accelerator or new_accelerator(args)
-    if args.code_update_fraction > 0 and accelerator.distributed_type.value == "FSDP":
+    if args.code_update_fraction > 0 and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("code_update_fraction > 0 re-assigns codes from whole straight-through targets, which FSDP "
                          "shards; run code updates under DDP (`accelerate launch --multi_gpu`) or one process.")
     set_seed(args.seed)
     train_dataset, eval_dataset, collate = _datasets(args, accelerator, models, train_dataset, eval_dataset, collate_fn)
     trainable, objective = _prepare_student(args, models, train_dataset, collate)
     run = _Run.prepare(args, accelerator, models, train_dataset, eval_dataset, collate)
-    result = FinetuneResult(trainable=trainable, learning_rate=args.learning_rate)
+    result = FinetuneResult(trainable=trainable, arguments=args)
     eval_kwargs = dict(objective=objective, library=models.library, progress=args.progress)
     if run.eval_loader is not None and args.evaluate_before and not args.resume_from_checkpoint:
         result.metrics_before = _evaluate(accelerator, run.model, models.teacher, run.eval_loader, teacher_metrics=True,
@@ -247,12 +247,12 @@ class _Run:
                                   collate_fn=collate, num_workers=args.num_workers)
         eval_loader = (DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate,
                                   num_workers=args.num_workers) if eval_dataset is not None else None)
-        deltas = {id(p) for p in code_deltas(models.student)}
-        params = [p for p in models.student.parameters() if p.requires_grad and id(p) not in deltas]
+        deltas = code_deltas(models.student)
+        delta_ids = {id(p) for p in deltas}
+        params = [p for p in models.student.parameters() if p.requires_grad and id(p) not in delta_ids]
         groups = [{"params": params}]
         if deltas:  # the straight-through code targets: their own learning rate, no decay towards zero
-            groups.append({"params": code_deltas(models.student), "weight_decay": 0.0,
-                           "lr": args.code_learning_rate or args.learning_rate})
+            groups.append({"params": deltas, "weight_decay": 0.0, "lr": args.code_learning_rate or args.learning_rate})
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
         # per-process batch counts; the prepared scheduler steps once per process at every optimizer step
         batches_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * accelerator.num_processes))
@@ -349,9 +349,9 @@ class _EarlyStop:
     def start(self, before: dict[str, float]) -> None:
         """The weights before training are the first candidate (step 0): a run whose every evaluation is worse than
         its start ends where it started."""
-        loss = before.get("eval_loss", before.get("eval_kl"))
-        if self.active and self.args.early_stopping_patience is not None and loss is not None:
-            self.best = (loss, 0, self._snapshot())
+        key = held_out_loss_key(before)
+        if self.active and self.args.early_stopping_patience is not None and key is not None:
+            self.best = (before[key], 0, self._snapshot())
 
     def check(self, step: int) -> bool:
         """Evaluate if `step` is an evaluation step; returns whether training should stop."""
@@ -360,10 +360,11 @@ class _EarlyStop:
         metrics = _evaluate(self.accelerator, self.run.model, self.teacher, self.run.eval_loader, teacher_metrics=False,
                             desc=f"eval (step {step})", **self.eval_kwargs)
         _train_mode_(self.run.model, self.args.freeze_norm_stats)
-        loss = metrics.get("eval_loss", metrics.get("eval_kl"))
+        key = held_out_loss_key(metrics)
         self.result.evaluations.append({"step": step, **metrics})
-        if self.args.early_stopping_patience is None or loss is None:
+        if self.args.early_stopping_patience is None or key is None:
             return False
+        loss = metrics[key]
         if self.best is None or loss < self.best[0]:
             self.best, self.bad = (loss, step, self._snapshot()), 0
         else:

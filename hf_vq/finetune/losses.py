@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .arguments import FinetuneArguments
 
 __all__ = ["mean_pool", "distillation_loss", "hidden_state_loss", "model_inputs", "logits_of", "representation",
-           "Objective", "detect_mode", "check_outputs"]
+           "Objective", "detect_mode", "check_outputs", "held_out_loss_key"]
 
 
 def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +106,12 @@ class Objective:
         s = representation(student_out, mask, args.hidden_target)
         t = representation(teacher_out, mask, args.hidden_target)
         return args.distill_weight * hidden_state_loss(s, t, kind=args.hidden_loss, mask=mask)
+
+
+def held_out_loss_key(metrics: dict[str, float]) -> str | None:
+    """The evaluation metric early stopping compares: `eval_loss` (hidden-state distance, or cross-entropy when the
+    data has labels), else `eval_kl`; `None` when neither was measured."""
+    return next((key for key in ("eval_loss", "eval_kl") if key in metrics), None)
 
 
 def detect_mode(args: FinetuneArguments, out: Any) -> str:

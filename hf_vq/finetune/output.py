@@ -15,6 +15,7 @@ from ..integrations.cards import complete_record_, hub_id, render_model_card
 from ..integrations.hub import upload_folder
 from ..serialization import MANIFEST_NAME, atomic_folder, check_save_target, checkpoint_size_report
 from .arguments import CHECKPOINTS_DIR, FinetuneArguments, FinetuneResult
+from .losses import held_out_loss_key
 
 __all__ = ["card_sections", "check_output_dir", "save_output"]
 
@@ -59,10 +60,11 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
     finetuning = {
         "data": str(data) + (f" (evaluated on {validation})" if validation else ""),
         "teacher": f"{args.teacher_name_or_path or 'the dense model'} (distillation: "
-                   + ("KL on logits" + (" + cross-entropy" if args.task_weight else "") if "eval_kl" in m
-                      else f"{args.hidden_loss} on the {args.hidden_target} hidden state") + ")",
-        "steps": f"{result.completed_steps} (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
-                 " accumulation per process)",
+                   + ("KL on logits" + (" + cross-entropy" if args.task_weight and "eval_accuracy" in m else "")
+                      if "eval_kl" in m else f"{args.hidden_loss} on the {args.hidden_target} hidden state") + ")",
+        "steps": f"{result.completed_steps}" + (f" of {args.max_train_steps}" if args.max_train_steps else "")
+                 + f" (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation per "
+                 "process)" + ("" if result.best_step is None else f"; best held-out loss at step {result.best_step}"),
         "optimizer": f"AdamW lr {args.learning_rate:g}, {args.lr_scheduler_type} schedule",
         "trained": "codebooks" + (", scales" if args.train_scales and result.trainable.get("scales") else "")
                    + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
@@ -71,6 +73,9 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
                       f"{args.code_update_every} steps)" if args.code_update_fraction > 0 else "; codes frozen"),
         "evaluation samples": m.get("eval_samples"),
     }
+    key = held_out_loss_key(m)
+    if args.eval_steps and key in b:  # early-stopping runs: the loss that chose the weights, before -> after
+        finetuning["held-out loss"] = f"{b[key]:.5f} -> {m[key]:.5f}"
     eval_dataset = None
     if validation and metrics:
         name = args.dataset_name or Path(str(validation)).name

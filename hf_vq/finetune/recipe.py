@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibrate.sources import input_length
 from .arguments import FinetuneArguments, FinetuneResult
 
 __all__ = ["finetune_compressed", "DEFAULT_FINETUNE"]
 
 logger = logging.getLogger(__name__)
 
-#: The settings `hf-vq compress --finetune-steps` uses (measured on MiniLM and EfficientNet-Lite0 on 2 CPU cores,
-#: benchmarks/results/finetune_compress.md): batch, learning rates, held-out share and early stopping.
+#: The settings `hf-vq compress --finetune-steps` uses (runs on 2 CPU cores: benchmarks/results/finetune_minilm.md
+#: and finetune_compress.md): batch, learning rates (text, images), held-out samples and early stopping.
 DEFAULT_FINETUNE = dict(batch_size=16, learning_rate=2e-4, image_learning_rate=5e-5, held_out=128, eval_every=50,
                         patience=3, hidden_target="pooled")
 
@@ -69,7 +70,8 @@ def finetune_compressed(
         skip (`int`, defaults to 0): text sentences to skip at the start of the source (used by calibration).
         batch_size (`int`): samples per step.
         learning_rate (`float`, *optional*): AdamW's; default 2e-4 for text models, 5e-5 for image models (on
-            EfficientNet-Lite0 at 6x, 2e-4 made every held-out evaluation worse than the start; 5e-5 improved it).
+            EfficientNet-Lite0 at 6x, 2e-4 made every held-out evaluation worse than the start in an ad-hoc run, not
+            committed; 5e-5 improves it: benchmarks/results/finetune_compress.md).
         held_out (`int`): samples of the early-stopping set. eval_every: steps between its evaluations.
         patience (`int`, *optional*): evaluations without improvement before stopping (`None`: never stop early).
         code_update_fraction (`float`): see [`FinetuneArguments`]; `0` keeps the codes.
@@ -89,7 +91,7 @@ def finetune_compressed(
         learning_rate = DEFAULT_FINETUNE["learning_rate" if tokenizer is not None else "image_learning_rate"]
     if tokenizer is not None:
         train, val, collate = _text_data(tokenizer, source, skip=skip, n_train=steps * batch_size, held_out=held_out,
-                                         max_length=_max_length(dense, max_length))
+                                         max_length=input_length(dense, max_length))
     elif photos:
         train, val, collate = _image_data(dense, photos, n_train=steps * batch_size, held_out=held_out, seed=seed)
     else:
@@ -101,7 +103,8 @@ def finetune_compressed(
                     code_update_fraction=code_update_fraction, progress=progress,
                     train_dense=True,  # what the compressor left dense (stem, depthwise convs, heads) trains too
                     # BatchNorm statistics stay the dense model's: batches of a few photos' crops would replace
-                    # them with theirs (EfficientNet-Lite0's agreement fell from 0.55 to 0.31 when they updated)
+                    # them with theirs (in an ad-hoc run, not committed, EfficientNet-Lite0's agreement fell from
+                    # 0.55 to 0.31 when they updated)
                     freeze_norm_stats=True)
     args = FinetuneArguments(**{**settings, **overrides})
     with torch.enable_grad():  # the caller (hf-vq compress) keeps the process group: hand the run an accelerator
@@ -109,11 +112,6 @@ def finetune_compressed(
                           collate_fn=collate, accelerator=new_accelerator(args))
     model.eval()
     return result
-
-
-def _max_length(model: nn.Module, max_length: int) -> int:
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(max_length, positions) if isinstance(positions, int) and positions > 0 else max_length
 
 
 def _text_data(tokenizer: Any, source: str | None, *, skip: int, n_train: int, held_out: int, max_length: int):

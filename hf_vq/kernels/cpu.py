@@ -53,7 +53,9 @@ except ImportError:  # pragma: no cover - exercised on installs without numba
 # `parallel=True` over `numba.prange`, and serial. Work run on one thread takes the serial twin, so numba's thread
 # pool is never started by it: the pool's OpenMP threads wait actively between kernels, and two processes of an
 # `accelerate launch` on two cores (one torch thread each) ran every layer's encoding 10-25x slower once both pools
-# existed (measured while compressing MiniLM; NUMBA_NUM_THREADS=1 restored the speed).
+# existed (measured while compressing MiniLM; NUMBA_NUM_THREADS=1 restored the speed). The twins are written out as
+# two small loops rather than one Python function compiled twice: numba's on-disk cache keys a function by its bytecode
+# and signature, not its `parallel` option, so the two compilations would share (and overwrite) one cache entry.
 if HAS_NUMBA:
     _body = numba.njit(cache=True, boundscheck=False, inline="always")
 
