@@ -33,7 +33,7 @@ def test_json_round_trip():
         ({"k": 1}, ["VQConfig.k=1", "2 to 65,536"]),
         ({"k": 65_537}, ["VQConfig.k=65537"]),
         ({"k": 3.5}, ["VQConfig.k=3.5"]),
-        ({"block_size": {"conv3x3": 8}}, ["block_size['conv3x3']=8", "multiple of 9"]),
+        ({"block_size": {"conv3x3": 8}}, ["block_size['conv3x3']=8", "divide 9 or be a multiple of 9"]),
         ({"block_size": {"lineer": 4}}, ["unknown layer kind 'lineer'"]),
         ({"block_size": {"linear": -1}}, ["block_size['linear']=-1"]),
         ({"method": "sq"}, ["VQConfig.method='sq'"]),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -122,6 +120,28 @@ def test_allocation_gives_sensitive_layers_more_bits():
     bits = {n: lay.bits / lay.d for n, lay in config.layouts.items()}
     top = max(sens, key=sens.get)
     assert all(bits[top] >= bits[n] for n in bits), (sens, bits)
+
+
+def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
+    """A layer that reads few input vectors (a classifier on pooled features): fitted and measured on the same 32
+    inputs of 256 channels its error looks ~0; measured on 32 others it estimates the error on the input population."""
+    from hf_vq.codec.hessian import output_error
+    from hf_vq.codec.output_aware import encode_output_aware
+    from hf_vq.codec.pq import decode
+    from hf_vq.pipeline.allocation import _quick_error
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=gen)  # [rows, cols]
+    fit, test = torch.randn(32, 256, generator=gen), torch.randn(32, 256, generator=gen)  # isotropic inputs
+    h_fit, h_test = (fit.T @ fit / 32).double(), (test.T @ test / 32).double()  # rank 32 of 256
+    config = hf_vq.VQConfig(encoder="output-aware", target_ratio=8)
+    in_sample = _quick_error(weight, h_fit, None, 4, 256, config, True)
+    held_out = _quick_error(weight, h_fit, None, 4, 256, config, True, h_test=h_test)
+    result = encode_output_aware(weight, h_fit, k=256, d=4, scales=True, n_iter=0, kmeans_iters=8, reassign="gptq")
+    approx = decode(result.codes, result.codebooks) * result.scales[:, None]
+    population = output_error(weight, approx, torch.eye(256, dtype=torch.float64))  # E[xxᵀ] = I
+    assert in_sample < 0.05 * population, (in_sample, population)
+    assert 0.5 * population < held_out < 2 * population, (held_out, population)
 
 
 def test_allocation_measures_every_output_the_model_returns():

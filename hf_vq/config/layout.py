@@ -37,6 +37,10 @@ DEFAULT_BLOCK_SIZE: dict[str, int] = {
     "depthwise": 0,  # depthwise / grouped convs with one input channel per group: dense by default
     "embedding": 4,  # nn.Embedding rows
 }
+#: With bit allocation to a target size (`target_ratio` / `bits_per_weight`), the kinds dense by default are
+#: candidates too: the allocator measures them like any layer and may still keep them dense. Their `d` here is only
+#: the plan's starting point (1 divides every kernel); the allocation picks each layer's own.
+ALLOCATION_BLOCK_SIZE: dict[str, int] = {"conv": 1, "depthwise": 1}
 #: Every layer kind a layout may name; transformers' Conv1D (weight stored [in, out]) uses the linear block size.
 LAYER_KINDS = (*DEFAULT_BLOCK_SIZE, "conv1d")
 

@@ -28,8 +28,8 @@ import os
 import re
 from typing import Any
 
-from .layout import (DEFAULT_BLOCK_SIZE, FORMAT_VERSION, METHODS, SHARE_SCOPES, SHARING_VERSION, LayerLayout,
-                     check_k)
+from .layout import (ALLOCATION_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, METHODS, SHARE_SCOPES, SHARING_VERSION,
+                     LayerLayout, check_k)
 from .record import RECIPE_FIELDS, CompressionRecord, Recipe
 
 __all__ = ["VQConfig"]
@@ -65,7 +65,9 @@ class VQConfig:
         block_size (`dict[str, int]`, *optional*):
             Subvector length `d` per layer kind, merged into the defaults
             `{"linear": 4, "conv1x1": 4, "conv3x3": 9, "conv": 0, "depthwise": 0, "embedding": 4}`.
-            0 leaves that kind dense. 3x3 convs take a multiple of 9 (9 or 18 in the paper).
+            0 leaves that kind dense. 3x3 convs take a multiple of 9 (9 or 18 in the paper) or a divisor of 9.
+            With `target_ratio` / `bits_per_weight`, `"conv"` and `"depthwise"` default to 1 instead of 0: the
+            allocation decides whether they get bits (pass 0 to keep them dense).
         n_iter (`int`, defaults to 100):
             k-means iterations (the paper used 1000 for ResNet-50; ~100 gives decent results). For `"aq"`,
             the iterations of each k-means of the residual initialisation.
@@ -181,7 +183,9 @@ class VQConfig:
         self.k = k
         self.num_codebooks = (2 if method == "aq" else 1) if num_codebooks is None else num_codebooks
         self.share = share
-        self.block_size = {**DEFAULT_BLOCK_SIZE, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
+        allocating = recipe_kwargs.get("target_ratio") is not None or recipe_kwargs.get("bits_per_weight") is not None
+        defaults = {**DEFAULT_BLOCK_SIZE, **ALLOCATION_BLOCK_SIZE} if allocating else DEFAULT_BLOCK_SIZE
+        self.block_size = {**defaults, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
             else block_size
         self.recipe = Recipe(n_iter=n_iter, aq_iters=aq_iters, beam_size=beam_size, anneal=anneal, seed=seed,
                              permute=permute, permute_iters=permute_iters, **recipe_kwargs)
@@ -301,10 +305,11 @@ class VQConfig:
                 raise ValueError(
                     f"VQConfig.block_size[{kind!r}]={d!r} must be a non-negative integer (0 leaves {kind} layers dense)."
                 )
-        if self.block_size["conv3x3"] % 9:
+        if self.block_size["conv3x3"] % 9 and 9 % self.block_size["conv3x3"]:
             raise ValueError(
-                f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must be a multiple of 9 (one 3x3 kernel "
-                "per block = 9, two adjacent input channels = 18) so that blocks never split a kernel."
+                f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must divide 9 or be a multiple of 9 (one "
+                "3x3 kernel per block = 9, two adjacent input channels = 18; 1 or 3 within a kernel) so that blocks "
+                "never straddle two kernels."
             )
         self._check_selection()
         self._check_modules()

@@ -125,9 +125,9 @@ def fit_config(model: nn.Module, config: VQConfig | None = None) -> VQConfig:
     Returns a copy of `config` (default `VQConfig()`) with explicit per-module `overrides` appended:
 
     * depthwise convs (and convs of other kernel sizes, kind `"conv"`) whose configured block size
-      is > 0 but not a multiple of their kernel area get `d` = the smallest multiple of the kernel
-      area that is >= the configured d (one whole kernel per subvector: `depthwise=9` compresses
-      3x3 depthwise convs with d = 9 and 5x5 ones with d = 25);
+      is > 0 but neither a multiple nor a divisor of their kernel area get `d` = the smallest multiple
+      of the kernel area that is >= the configured d (one whole kernel per subvector: `depthwise=9`
+      compresses 3x3 depthwise convs with d = 9 and 5x5 ones with d = 25; `depthwise=1` stays 1);
     * layers whose row length that block size does not divide (squeeze-excite convs reading 6
       channels, ...) are left dense (`{"skip": True}`) instead of failing.
 
@@ -142,7 +142,8 @@ def fit_config(model: nn.Module, config: VQConfig | None = None) -> VQConfig:
         new_d = c.d
         if c.kind in ("depthwise", "conv"):
             area = int(math.prod(c.module.kernel_size))
-            new_d = -(-c.d // area) * area  # smallest multiple of the kernel area >= d
+            # within one kernel (d divides the area) or whole kernels: the smallest multiple of the area >= d
+            new_d = c.d if area % c.d == 0 else -(-c.d // area) * area
         if c.cols % new_d:
             added[c.name] = {"skip": True}
             logger.info("hf_vq: %s (%s, row length %d) stays dense: block size %d does not divide it.",
@@ -200,10 +201,11 @@ def _check_fits(c: Candidate, weight: torch.Tensor) -> None:
             f"(e.g. {divisors[:4]}), set overrides={{{c.name!r}: {{'d': ...}}}}, or add {c.name!r} to "
             "modules_to_not_convert."
         )
-    if c.kind in ("conv3x3", "conv", "depthwise") and c.d % (weight.shape[-1] * weight.shape[-2]):
+    area = weight.shape[-1] * weight.shape[-2]
+    if c.kind in ("conv3x3", "conv", "depthwise") and c.d % area and area % c.d:
         raise ValueError(
             f"VQConfig: block size d={c.d} for module {c.name!r} (kernel {tuple(weight.shape[-2:])}) must be a "
-            f"multiple of the kernel area {weight.shape[-1] * weight.shape[-2]} so blocks never split a kernel."
+            f"multiple or a divisor of the kernel area {area} so that no block straddles two kernels."
         )
 
 

@@ -235,6 +235,32 @@ def test_depthwise_dense_by_default_and_whole_kernels_when_enabled():
     assert {lay.d for lay in depthwise.values()} == {9, 25}
 
 
+def test_allocation_decides_whether_depthwise_convs_get_bits(tmp_path):
+    """With a target size, depthwise convs are candidates like any layer (block_size 0 keeps them out); a block
+    may also lie within one kernel (d dividing 9 or 25); the mixed checkpoint round-trips bit for bit."""
+    assert hf_vq.VQConfig(target_ratio=4).block_size["depthwise"] == 1
+    assert hf_vq.VQConfig().block_size["depthwise"] == 0
+    assert hf_vq.VQConfig(target_ratio=4, block_size={"depthwise": 0}).block_size["depthwise"] == 0
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet").eval()
+    calibration = [torch.randn(4, *model.pretrained_cfg["input_size"]) for _ in range(2)]
+    config = fit_config(model, _config(target_ratio=5.0, encoder="output-aware", scales=True))
+    hf_vq.quantize_(model, config, calibration=calibration, progress=False)
+    allocation = model.vq_config.record.allocation["layers"]
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+                 and m.groups == m.in_channels]
+    assert depthwise and all(n in allocation for n in depthwise), allocation  # every one measured
+    chosen = {n: lay for n, lay in model.vq_config.layouts.items() if lay.kind == "depthwise"}
+    assert chosen, allocation  # at 5x, 8-bit kernels (d = 1) are a cheap way to the size
+    assert all(9 % lay.d == 0 or lay.d % 9 == 0 for lay in chosen.values() if lay.shape[-1] == 3)
+    assert any(lay.d < lay.shape[-1] * lay.shape[-2] for lay in chosen.values())  # blocks inside a kernel
+    x = _input(model)
+    save_compressed(model, tmp_path / "vq")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'vq'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_grouped_conv_blocks_stay_inside_a_group(tmp_path):
     """A grouped (not depthwise) conv is compressed like the dense conv of its kernel size."""
     model = _compress("regnetx_002", _config(block_size={"conv3x3": 18}))

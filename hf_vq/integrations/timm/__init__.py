@@ -29,10 +29,12 @@ What timm users get:
 
 Convolutions follow the paper: 3x3 convs `d = 9` or `18`, pointwise convs and linear layers `d = 4`
 or `8`, the stem, norms and biases dense. Depthwise convs are dense by default; with
-`block_size["depthwise"] > 0` (see [`fit_config`]) each subvector is one whole kernel (9 values
-for 3x3, 25 for 5x5). Grouped convs that are not depthwise are compressed like the dense conv of
-their kernel size, blocks running inside one group's input channels. Layers whose row length the
-block size does not divide (e.g. a squeeze-excite conv reading 6 channels) stay dense.
+`block_size["depthwise"] > 0` (see [`fit_config`]) each subvector is one whole kernel (9 values for
+3x3, 25 for 5x5), or part of one when d divides the kernel (d = 1: scalar codes). With bit
+allocation to a target size they are candidates, and the allocator decides. Grouped convs that are
+not depthwise are compressed like the dense conv of their kernel size, blocks running inside one
+group's input channels. Layers whose row length the block size does not divide (e.g. a
+squeeze-excite conv reading 6 channels) stay dense.
 """
 
 from __future__ import annotations
