@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -140,7 +141,7 @@ def metric_reference(bits: tuple[int, ...] = (8, 6, 5, 4)) -> list[dict]:
         reference = dense(images)  # [128, 1000]
     rows = []
     for b in bits:
-        model = efficientnet_lite0_converter().convert().eval()
+        model = copy.deepcopy(dense)
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):

@@ -142,6 +142,16 @@ def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
     population = output_error(weight, approx, torch.eye(256, dtype=torch.float64))  # E[xxᵀ] = I
     assert in_sample < 0.05 * population, (in_sample, population)
     assert 0.5 * population < held_out < 2 * population, (held_out, population)
+    # the menu of a layer with both halves' statistics measures on the other half
+    from hf_vq.calibrate import LayerStatistics
+    from hf_vq.config import LayerLayout
+    from hf_vq.pipeline.allocation import _menu
+
+    layout = LayerLayout(kind="linear", shape=(128, 256), k=256, d=4, scales=True)
+    halves = LayerStatistics(hessian=h_fit * 32, count=32), LayerStatistics(hessian=h_test * 32, count=32)
+    errors = {opt.label: opt.distortion for opt, _ in _menu(layout, weight, halves[0], config, 1.0, *halves)}
+    alone = {opt.label: opt.distortion for opt, _ in _menu(layout, weight, halves[0], config, 1.0)}
+    assert errors["d4k256"] == pytest.approx(held_out) and alone["d4k256"] == pytest.approx(in_sample)
 
 
 def test_allocation_measures_every_output_the_model_returns():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "LayerLayout", "DEFAULT_BLOCK_SIZE", "LAYER_KINDS", "METHODS", "SHARE_SCOPES",
-           "SHARED_CODEBOOKS", "MIN_K", "MAX_K", "block_size_key", "shared_codebooks_key", "check_k"]
+           "SHARED_CODEBOOKS", "MIN_K", "MAX_K", "block_size_key", "shared_codebooks_key", "check_k", "fits_kernel"]
 
 #: Newest version of the on-disk format this release reads and writes. Loaders refuse newer versions.
 #: 1: product quantization, one codebook set per module. 2: adds `method="aq"` (additive quantization,
@@ -61,6 +61,12 @@ _SET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def block_size_key(kind: str) -> str:
     """The `VQConfig.block_size` key that applies to a layer kind."""
     return "linear" if kind == "conv1d" else kind
+
+
+def fits_kernel(d: int, area: int) -> bool:
+    """Whether blocks of `d` values keep to kernels of `area` taps (a conv's `kh · kw`): whole kernels (`area`
+    divides `d`) or parts of one (`d` divides `area`), never straddling two."""
+    return d % area == 0 or area % d == 0
 
 
 def shared_codebooks_key(codebook_set: str) -> str:

@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from .layout import (ALLOCATION_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, METHODS, SHARE_SCOPES, SHARING_VERSION,
-                     LayerLayout, check_k)
+                     LayerLayout, check_k, fits_kernel)
 from .record import RECIPE_FIELDS, CompressionRecord, Recipe
 
 __all__ = ["VQConfig"]
@@ -305,7 +305,7 @@ class VQConfig:
                 raise ValueError(
                     f"VQConfig.block_size[{kind!r}]={d!r} must be a non-negative integer (0 leaves {kind} layers dense)."
                 )
-        if self.block_size["conv3x3"] % 9 and 9 % self.block_size["conv3x3"]:
+        if not fits_kernel(self.block_size["conv3x3"], 9):
             raise ValueError(
                 f"VQConfig.block_size['conv3x3']={self.block_size['conv3x3']} must divide 9 or be a multiple of 9 (one "
                 "3x3 kernel per block = 9, two adjacent input channels = 18; 1 or 3 within a kernel) so that blocks "

@@ -6,11 +6,11 @@
    that will run, on a sample of at most 256 of the layer's rows, measures the layer's relative output error
    `e_l(o)`: the output-aware encoder (one GPTQ pass, a codebook and scale refit) when `config.encoder` is
    `"output-aware"`, else a short Hessian-diagonal-weighted k-means. The option is fitted on the statistics of the
-   even calibration batches and its error measured on those of the odd ones: an error measured on the inputs it
-   was fitted to is optimistic where the inputs span few directions (EfficientNet-Lite0's classifier reads one
-   pooled vector per image: 256 vectors of 1,280 channels; fitted and measured on the same ones its 2-bit error
-   was 0.0006, on held-out photos 0.077, on the other half of the calibration 0.008 — about the same 10x gap to
-   held-out photos as the layers that read thousands of rows, which the allocation can then weigh fairly). (The k-means estimate is no stand-in for the
+   even calibration batches and its error measured on those of the odd ones: measured on the inputs it was fitted
+   to, an error is optimistic where the inputs span few directions (EfficientNet-Lite0's classifier reads one
+   pooled vector per image, 256 vectors of 1,280 channels: its 2-bit error is 0.0006 in-sample, 0.008 on the other
+   half, 0.077 on the test photos — a 10x gap to the test photos like that of layers reading thousands of rows, not
+   122x; benchmarks/results/experiment_heldout_estimate.md). (The k-means estimate is no stand-in for the
    output-aware encoder: on MiniLM's last MLP output layer it put d = 1 at 0.013, the encoder reaches 2e-5, and
    the allocation kept the layer dense at 32 bits per weight: benchmarks/results/experiment_allocation_proxy.md.)
 3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
@@ -38,7 +38,7 @@ from ..codec.hessian import output_error
 from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
-from ..config import LayerLayout, VQConfig
+from ..config import LayerLayout, VQConfig, fits_kernel
 from ..nn import vq_class_for
 from .parallel import Workers, layer_cost
 from .stages import forward_batches
@@ -221,7 +221,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     for d, k in MENU:
         if layout.kind in ("conv3x3", "conv", "depthwise"):
-            d = d * area // math.gcd(d, area) if d % area and area % d else d  # within a kernel, or whole kernels
+            d = d if fits_kernel(d, area) else d * area // math.gcd(d, area)  # else the least whole-kernel multiple
         if cols % d or any(c == (d, k) for _, c in out):
             continue
         k_eff = clamp_k(k, rows * cols // d)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..codec.pq import clamp_k
-from ..config import LayerLayout, VQConfig, block_size_key
+from ..config import LayerLayout, VQConfig, block_size_key, fits_kernel
 from ..nn import layer_kind, vq_class_for
 
 __all__ = ["Candidate", "select_modules", "plan", "fit_config", "head_module", "stem_module", "unmatched_patterns"]
@@ -143,7 +143,7 @@ def fit_config(model: nn.Module, config: VQConfig | None = None) -> VQConfig:
         if c.kind in ("depthwise", "conv"):
             area = int(math.prod(c.module.kernel_size))
             # within one kernel (d divides the area) or whole kernels: the smallest multiple of the area >= d
-            new_d = c.d if area % c.d == 0 else -(-c.d // area) * area
+            new_d = c.d if fits_kernel(c.d, area) else -(-c.d // area) * area
         if c.cols % new_d:
             added[c.name] = {"skip": True}
             logger.info("hf_vq: %s (%s, row length %d) stays dense: block size %d does not divide it.",
@@ -202,7 +202,7 @@ def _check_fits(c: Candidate, weight: torch.Tensor) -> None:
             "modules_to_not_convert."
         )
     area = weight.shape[-1] * weight.shape[-2]
-    if c.kind in ("conv3x3", "conv", "depthwise") and c.d % area and area % c.d:
+    if c.kind in ("conv3x3", "conv", "depthwise") and not fits_kernel(c.d, area):
         raise ValueError(
             f"VQConfig: block size d={c.d} for module {c.name!r} (kernel {tuple(weight.shape[-2:])}) must be a "
             f"multiple or a divisor of the kernel area {area} so that no block straddles two kernels."
