@@ -63,12 +63,15 @@ AQLM_ENV = {"NUMBA_NUM_THREADS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _interleaved(fns: dict[str, callable], rounds: int, inner: int) -> dict[str, dict[str, float]]:
+def _interleaved(fns: dict[str, callable], rounds: int, inner: int, baseline: str | None = None
+                 ) -> dict[str, dict[str, float]]:
     """Median and best per-call milliseconds of each function, timed in rounds (`inner` calls per sample).
 
     The order is shuffled every round, and each sample starts with one untimed call: the function before
     it (e.g. a dense 64 MB weight) has evicted the caches, and AQLM, timed back to back in its own
-    process, never pays that.
+    process, never pays that. With `baseline`, every other function also gets `paired_ratio`: the median and
+    quartiles of its time over the baseline's in the same round (the machine is shared: its speed drifts between
+    rounds, and a ratio within one round cancels most of that).
     """
     for fn in fns.values():  # warm-up (numba compilation, allocator)
         fn()
@@ -85,7 +88,14 @@ def _interleaved(fns: dict[str, callable], rounds: int, inner: int) -> dict[str,
             for _ in range(inner):
                 fn()
             samples[name].append((time.perf_counter() - start) / inner * 1e3)
-    return {name: {"median_ms": round(statistics.median(s), 4), "best_ms": round(min(s), 4)} for name, s in samples.items()}
+    result = {name: {"median_ms": round(statistics.median(s), 4), "best_ms": round(min(s), 4)} for name, s in samples.items()}
+    if baseline is not None and rounds >= 4:
+        for name in fns:
+            if name != baseline:
+                ratios = [a / b for a, b in zip(samples[name], samples[baseline])]
+                q1, median, q3 = statistics.quantiles(ratios, n=4)
+                result[name]["paired_ratio"] = {"median": round(median, 4), "q1": round(q1, 4), "q3": round(q3, 4)}
+    return result
 
 
 def _inner(dense_ms_guess: float) -> int:
@@ -221,7 +231,7 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
         enc = tokenizer(sentences[:batch], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
         with torch.no_grad():
             timings = _interleaved({"dense_fp32": lambda: dense(**enc), "hf_vq": lambda: vq(**enc),
-                                    "hf_vq_cache_decoded": lambda: cached(**enc)}, rounds, 1)
+                                    "hf_vq_cache_decoded": lambda: cached(**enc)}, rounds, 1, baseline="dense_fp32")
         results.append({"model": "all-MiniLM-L6-v2", "input": f"{batch} x 32 tokens", "batch": batch,
                         "scheme": "k=256, d=4 (linears, embeddings), 2 bits/weight", "timings": timings})
         print(f"[e2e] MiniLM B={batch}: {timings}", flush=True)
@@ -238,7 +248,7 @@ def bench_models(rounds: int, n_iter: int) -> list[dict]:
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             timings = _interleaved({"dense_fp32": lambda: dense(x), "hf_vq": lambda: vq(x),
-                                    "hf_vq_cache_decoded": lambda: cached(x)}, rounds, 1)
+                                    "hf_vq_cache_decoded": lambda: cached(x)}, rounds, 1, baseline="dense_fp32")
         results.append({"model": "EfficientNet-Lite0", "input": f"{batch} x 3 x 224 x 224", "batch": batch,
                         "scheme": "k=256, pointwise/linear d=4, 3x3 d=9, depthwise + stem dense", "timings": timings})
         print(f"[e2e] EfficientNet-Lite0 B={batch}: {timings}", flush=True)
@@ -274,7 +284,7 @@ def _markdown(data: dict) -> str:
         "on the same codes and codebooks, in a child with `NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue` "
         "(torch 2 threads).", "",
         "Reproduce: `.venv/bin/python benchmarks/bench_inference.py`", "",
-        *([f"Kept from earlier runs of the same script (not re-measured in this one): "
+        *(["Kept from earlier runs of the same script (not re-measured in this one): "
            + ", ".join(f"{k} ({v})" for k, v in data["kept"].items()) + ".", ""] if data.get("kept") else []),
         "## Per layer (fp32, no bias)", "",
         "| scheme | in x out | batch | dense fp32 | hf_vq (path) | hf_vq LUT | hf_vq decode+linear | AQLM | hf_vq rel. err | AQLM rel. err |",
@@ -309,20 +319,38 @@ def _markdown(data: dict) -> str:
         lines += ["", "## End to end (fp32, `torch.no_grad()`)", "",
                   "hf_vq keeps the weights compressed (codes + codebooks) and decodes or runs its kernels per call; "
                   "`cache_decoded=True` keeps each decoded weight after its first use (dense memory, dense speed).", "",
+                  "hf_vq / dense is the median over rounds of the ratio within one round (quartiles in parentheses).", "",
                   "| model | input | scheme | dense fp32 | hf_vq | hf_vq / dense | hf_vq, cache_decoded=True | cached / dense |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in data["models"]:
             t = r["timings"]
-            ratio = lambda key: (f"{t[key]['median_ms'] / t['dense_fp32']['median_ms']:.2f}×"  # noqa: E731
-                                 if key in t and "median_ms" in t[key] else "n/a")
             lines.append(f"| {r['model']} | {r['input']} | {r['scheme']} | {_fmt(t['dense_fp32'])} | {_fmt(t['hf_vq'])} "
-                         f"| **{ratio('hf_vq')}** | {_fmt(t.get('hf_vq_cache_decoded'))} | {ratio('hf_vq_cache_decoded')} |")
+                         f"| **{_ratio(t, 'hf_vq')}** | {_fmt(t.get('hf_vq_cache_decoded'))} | "
+                         f"{_ratio(t, 'hf_vq_cache_decoded')} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def _bars(layers: list[dict], loading: dict | None) -> list[dict]:
+def _ratio(timings: dict, key: str) -> str:
+    """`hf_vq / dense` of an end-to-end row: the paired median (quartiles), or the ratio of medians (older runs)."""
+    entry = timings.get(key) or {}
+    if "paired_ratio" in entry:
+        p = entry["paired_ratio"]
+        return f"{p['median']:.2f}× ({p['q1']:.2f}–{p['q3']:.2f})"
+    if "median_ms" in entry:
+        return f"{entry['median_ms'] / timings['dense_fp32']['median_ms']:.2f}×"
+    return "n/a"
+
+
+def _bars(layers: list[dict], loading: dict | None, models: list[dict] | None = None) -> list[dict]:
     bars = []
+    minilm = next((r for r in models or [] if r["model"] == "all-MiniLM-L6-v2" and r["batch"] == 1), None)
+    if minilm is not None and "paired_ratio" in minilm["timings"]["hf_vq"]:
+        p = minilm["timings"]["hf_vq"]["paired_ratio"]
+        bars.append({"name": "compressed MiniLM, 1 x 32 tokens, weights compressed in memory: <= 1.3x dense (paired median)",
+                     "met": p["median"] <= 1.3,
+                     "detail": f"{minilm['timings']['hf_vq']['median_ms']} ms vs {minilm['timings']['dense_fp32']['median_ms']} "
+                               f"ms, paired median {p['median']}x, quartiles {p['q1']}x to {p['q3']}x"})
     row = next((r for r in layers if (r["in_features"], r["out_features"], r["batch"], r["M"], r["d"]) == (4096, 4096, 1, 1, 8)), None)
     if row is not None:
         ours, dense = row["timings"]["hf_vq"]["median_ms"], row["timings"]["dense_fp32"]["median_ms"]
@@ -394,13 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     if "layers" not in args.skip:
         data["layers"] = bench_layers(shapes, BATCHES, rounds, not args.no_aqlm)
     if not args.quick and "models" not in args.skip:
-        data["models"] = bench_models(max(5, rounds // 2), args.n_iter)
+        data["models"] = bench_models(2 * rounds, args.n_iter)
     if not args.quick and "loading" not in args.skip:
         data["loading"] = {"pairs": args.load_pairs, **bench_load.run(args.load_pairs)}
     for section, empty in (("layers", []), ("models", []), ("loading", None)):
         data.setdefault(section, empty)
     data["loadavg_end"] = loadavg()
-    data["bars"] = _bars(data["layers"], data["loading"])
+    data["bars"] = _bars(data["layers"], data["loading"], data["models"])
     out = Path(args.out)
     write(out, data, _markdown(data))
     if data["loading"] and "loading" not in data["kept"]:  # the same figures as bench_load.py writes, next to this report

@@ -6,7 +6,8 @@ codebooks `[M, k, d]` (`scales`, optional, one factor per output row: `W = diag(
 `torch.compile`) choose among:
 
 * **decode**: decode `W` (numba on CPU, Triton on CUDA) then `F.linear`; under autograd the differentiable
-  reference (`hf_vq.codec.decode` + `F.linear`) is the only path;
+  reference (`hf_vq.codec.decode` + `F.linear`) is the only path. A CPU module keeps its decode prepared
+  ([`PreparedDecode`]: array views and kernel choice made once per codes/codebooks version);
 * **lut** (CPU, `cpu.py`): lookup tables of the input against every codeword, summed by code, `W` never
   materialised: a GEMV kernel over output-row tiles (few input rows) and a batched kernel vectorised across
   input rows (sequences). Chosen by a cost model measured on 2 cores (`cpu.lut_path_is_faster`);
@@ -34,14 +35,14 @@ layer is a dense layer (dense speed, dense memory), on every device.
 from __future__ import annotations
 
 from . import cpu, cuda, op
-from .cpu import HAS_NUMBA, fast_decode, lut_codes, lut_is_faster, lut_matmul
+from .cpu import HAS_NUMBA, PreparedDecode, fast_decode, lut_codes, lut_is_faster, lut_matmul
 from .cuda import TRITON_MAX_BATCH, cuda_choices, cuda_errors, cuda_kernels, cuda_timings
 from .dispatch import _mode, decode_matrix, kernel_mode, linear_impl, needs_grad, select_path, vq_linear, vq_matmul
 from .triton_lut import triton_lut_matmul
 from .triton_mma import triton_mma_matmul
 from .triton_vq import HAS_TRITON, triton_decode, triton_vq_matmul
 
-__all__ = ["HAS_NUMBA", "HAS_TRITON", "TRITON_MAX_BATCH", "cuda_choices", "cuda_errors", "cuda_kernels",
+__all__ = ["HAS_NUMBA", "HAS_TRITON", "PreparedDecode", "TRITON_MAX_BATCH", "cuda_choices", "cuda_errors", "cuda_kernels",
            "cuda_timings", "decode_matrix", "fast_decode", "kernel_mode", "linear_impl", "lut_codes", "lut_is_faster",
            "lut_matmul", "needs_grad", "op", "select_path", "triton_decode", "triton_lut_matmul", "triton_mma_matmul",
            "triton_vq_matmul", "vq_linear", "vq_matmul"]

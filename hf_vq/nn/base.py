@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..codec.packing import bits_for, pack_codes, packed_row_bytes, unpack_codes
-from ..kernels import decode_matrix, needs_grad, vq_linear, vq_matmul
+from ..kernels import PreparedDecode, decode_matrix, needs_grad, vq_linear, vq_matmul
 from ..kernels import lut_codes as kernel_lut_codes
 
 __all__ = ["VQModuleMixin", "CodesError"]
@@ -90,6 +90,7 @@ class VQModuleMixin:
             _codes_cache=None,  # (key, unpacked codes [rows, n_blocks, M]) or None
             _lut_codes_cache=None,  # (key, codes [n_blocks * M, rows] for the LUT kernel) or None
             _weight_cache=None,  # (key, decoded weight) or None
+            _decode_plan=None,  # (key, kernels.PreparedDecode or None) for no-grad decodes on the CPU
         )
         n_codes = (cols // d) * num_codebooks
         self.register_buffer(
@@ -231,13 +232,29 @@ class VQModuleMixin:
                    None if scales is None else (scales.data_ptr(), scales._version))
             if self._weight_cache is not None and self._weight_cache[0] == key:
                 return self._weight_cache[1]
-        matrix = decode_matrix(self.unpacked_codes(), self.codebooks, scales=scales)  # [rows, cols]
+        prepared = None if needs_grad(self.codebooks, scales) else self._prepared_decode()
+        if prepared is not None:  # inference on the CPU: the numba decode, prepared once
+            matrix = prepared(scales)  # [rows, cols]
+        else:
+            matrix = decode_matrix(self.unpacked_codes(), self.codebooks, scales=scales)  # [rows, cols]
         weight = self._matrix_to_weight(self._with_code_delta(matrix))
         if use_cache:
             self._weight_cache = (key, weight)
         else:
             self._weight_cache = None
         return weight
+
+    def _prepared_decode(self) -> PreparedDecode | None:
+        """The CPU decode of the current codes and codebooks with its preparation done once (None where it cannot run:
+        no numba, another device, a traced or subclassed codebook tensor)."""
+        books = self.codebooks  # [M, k, d]
+        codes = self.unpacked_codes()  # [rows, n_blocks, M]
+        key = (self._codes_cache[0], books.data_ptr(), books._version, books.dtype, books.device)
+        if self._decode_plan is None or self._decode_plan[0] != key:
+            usable = type(books) in (nn.Parameter, torch.Tensor) and not torch.jit.is_tracing()
+            self._decode_plan = (key, PreparedDecode(codes, books) if usable and PreparedDecode.supports(codes, books)
+                                 else None)
+        return self._decode_plan[1]
 
     def _with_code_delta(self, matrix: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`matrix` with the straight-through code delta of fine-tuning with code updates: the same values, and the
@@ -305,7 +322,7 @@ class VQModuleMixin:
         dense._buffers = {n: b for n, b in self._buffers.items() if n != "codes"}
         dense._modules = dict(self._modules)
         for attr in ("vq_kind", "weight_shape", "k", "d", "num_codebooks", "cache_decoded", "_codes_cache", "_lut_codes_cache", "_weight_cache",
-                     "codebook_set"):
+                     "_decode_plan", "codebook_set"):
             dense.__dict__.pop(attr, None)
         return dense
 

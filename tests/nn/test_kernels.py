@@ -85,6 +85,24 @@ def test_lut_codes_cache_follows_new_codes():
         _assert_close(vq(x), _reference(vq, x), 1e-5)
 
 
+@NUMBA
+def test_prepared_decode_follows_codebook_and_code_changes():
+    """A module prepares its CPU decode once; in-place codebook updates, new codes and scales are all seen."""
+    vq = _vq_linear(48, 64, k=16, d=4)
+    x = torch.randn(5, 64)
+    with torch.no_grad(), kernel_mode("decode"):
+        _assert_close(vq(x), _reference(vq, x), 1e-5)
+        plan = vq._decode_plan[1]
+        assert isinstance(plan, cpu.PreparedDecode)
+        vq(x)
+        assert vq._decode_plan[1] is plan  # reused while nothing changed
+        vq.codebooks.mul_(-2.0)  # an in-place update (a fine-tuning step)
+        _assert_close(vq(x), _reference(vq, x), 1e-5)
+        vq.set_codes_(torch.randint(0, 16, (48, 16, 1), generator=torch.Generator().manual_seed(7)), vq.codebooks.detach())
+        _assert_close(vq(x), _reference(vq, x), 1e-5)
+        assert torch.equal(vq.decode_weight(), decode(vq.unpacked_codes(), vq.codebooks))
+
+
 def test_lut_without_bias_and_empty_batch():
     vq = _vq_linear(24, 32, k=64, d=4, bias=False)
     x = torch.randn(3, 32)
