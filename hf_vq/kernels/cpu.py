@@ -325,8 +325,9 @@ def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.T
 class PreparedDecode:
     """[`fast_decode`] of fixed codes and codebooks with its per-call preparation done once.
 
-    A compressed MiniLM decodes 36 small weights per forward: the tensor-to-array views, checks and thread choice of
-    `fast_decode` cost ~10 µs a call next to ~25 µs of copying for a 384x384 weight. A module keeps one of these while
+    A compressed MiniLM decodes 36 small weights per forward, and for a weight that small the tensor-to-array views,
+    checks and thread choice of `fast_decode` are a sizeable share of the call (one ad-hoc timing on the 2-core
+    machine: ~10 µs of preparation next to ~25 µs of copying at 384x384). A module keeps one of these while
     its codes and codebooks are unchanged (see `VQModuleMixin.decode_weight`); calling it allocates the output and
     runs the kernel. Same values as `fast_decode`. Requires numba and CPU tensors (`PreparedDecode.supports`).
     The arrays it reads are made once (views where possible, copies of non-contiguous or half-precision codebooks):
@@ -337,7 +338,7 @@ class PreparedDecode:
         codebooks (`torch.Tensor`): `[M, k, d]`.
     """
 
-    __slots__ = ("_codes", "_books", "_out_shape", "_dtype", "_native", "_work", "_kernels", "_word", "_arrays")
+    __slots__ = ("_out_shape", "_dtype", "_native", "_work", "_kernels", "_word", "_arrays")
 
     @staticmethod
     def supports(codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -347,15 +348,15 @@ class PreparedDecode:
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
         rows, n_blocks, n_books = codes.shape
         d = codebooks.shape[-1]
-        self._codes, self._books = codes, codebooks.detach()
+        books = codebooks.detach()  # [M, k, d]
         self._out_shape = (rows, n_blocks * d)
         self._dtype = codebooks.dtype
         self._native = codebooks.dtype in (torch.float32, torch.float64)
         self._work = rows * n_blocks * n_books * d
-        if n_books == 1:  # copies of machine words (see `_decode_words`)
+        if n_books == 1:  # bit copies: a codeword as the widest machine words that divide its bytes (any dtype)
             size = d * codebooks.element_size()
             self._word = next(dtype for nbytes, dtype in _WORDS if size % nbytes == 0)
-            words = self._books[0].contiguous().view(self._word).numpy()  # [k, w]: one codeword as w words
+            words = books[0].contiguous().view(self._word).numpy()  # [k, w]: one codeword as w words
             codes2d = codes.reshape(rows, -1).contiguous().numpy()  # [rows, n_blocks]
             if words.shape[1] == 1:
                 self._kernels, self._arrays = (_copy_words1_serial, _copy_words1), (codes2d, words.reshape(-1))
@@ -363,7 +364,7 @@ class PreparedDecode:
                 self._kernels, self._arrays = (_copy_words_serial, _copy_words), (codes2d, words)
         else:  # summed codewords, in float32 for half-precision codebooks
             self._word = None
-            books = self._books if self._native else self._books.float()  # [M, k, d]
+            books = books if self._native else books.float()  # [M, k, d]
             self._kernels = (_decode_rows_serial, _decode_rows)
             self._arrays = (_as_numpy(codes), _as_numpy(books))
 

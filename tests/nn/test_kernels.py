@@ -87,7 +87,7 @@ def test_lut_codes_cache_follows_new_codes():
 
 @NUMBA
 def test_prepared_decode_follows_codebook_and_code_changes():
-    """A module prepares its CPU decode once; in-place codebook updates, new codes and scales are all seen."""
+    """A module prepares its CPU decode once; in-place codebook updates and new codes are both seen."""
     vq = _vq_linear(48, 64, k=16, d=4)
     x = torch.randn(5, 64)
     with torch.no_grad(), kernel_mode("decode"):
