@@ -39,6 +39,8 @@ torch.set_num_threads(2)
 
 from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
 
+from hf_vq.cli import DEFAULT_RATIO  # noqa: E402
+
 OUT = RESULTS / "engine"
 # block size d of linear / pointwise layers (and embeddings) for the fixed-scheme rows: 4, 2.67 and 2 bits per weight
 FIXED = {"minilm": (2, 3, 4), "lite0": (2, 4)}
@@ -77,6 +79,13 @@ def _row(name: str, variant: str, args: list[str], dense_bytes: int, fidelity_ke
     return row
 
 
+def _samples(model: str) -> int:
+    """`hf-vq compress`'s default number of calibration inputs for this model's library."""
+    from hf_vq.cli import DEFAULT_SAMPLES
+
+    return DEFAULT_SAMPLES["transformers" if model == "minilm" else "timm"]
+
+
 def _variants(model: str, n: int) -> list[tuple[str, list[str]]]:
     spec = (lambda d: f"pq-1x8-l{d}p{d}c9e{d}") if model == "minilm" else (lambda d: f"pq-1x8-l{d}p{d}c9")
     rows = []
@@ -86,10 +95,14 @@ def _variants(model: str, n: int) -> list[tuple[str, list[str]]]:
         rows.append((f"engine d={d}", ["--encoder", "output-aware", "--calibration-samples", str(n), "--spec", spec(d)]))
     for ratio in RATIOS[model]:
         rows.append((f"engine + allocation R={ratio:g}", ["--ratio", str(ratio), "--calibration-samples", str(n)]))
+    if n != 256:  # what the default's calibration size buys, against the earlier 256 inputs (same run)
+        rows.append((f"engine + allocation R={DEFAULT_RATIO:g}, 256 inputs",
+                     ["--ratio", str(DEFAULT_RATIO), "--calibration-samples", "256"]))
     return rows
 
 
-def run_model(model: str, n: int, ratios: list[float] | None) -> list[dict]:
+def run_model(model: str, n: int | None, ratios: list[float] | None) -> list[dict]:
+    n = n or _samples(model)
     if ratios:
         RATIOS[model] = tuple(ratios)
     if model == "minilm":
@@ -157,11 +170,13 @@ def metric_reference(bits: tuple[int, ...] = (8, 6, 5, 4)) -> list[dict]:
 
 
 def _markdown(rows: list[dict], info: dict, command: str, reference: list[dict] | None = None,
-              kept: dict | None = None) -> str:
+              kept: dict | None = None, samples: dict | None = None) -> str:
+    samples = samples or {m: _samples(m) for m in ("minilm", "lite0")}
     lines = [f"# The calibrated engine: fidelity vs weights-file ratio\n\n`{command}` on {info['device']}, "
              f"{info['torch_threads']} torch threads, {info['date']}. No fine-tuning. Fidelity on held-out inputs "
-             "(MiniLM: 256 Lee news sentences, calibration on Wikipedia sentences; Lite0: 128 crops of 8 photos, "
-             "calibration on crops of 9 other photos).\n",
+             f"(MiniLM: 256 Lee news sentences, calibration on {samples['minilm']:,} Wikipedia sentences unless the "
+             f"row says otherwise; Lite0: 128 crops of 8 photos, calibration on {samples['lite0']:,} crops of 9 other "
+             "photos).\n",
              "| model | variant | weights file ratio | MB | fidelity | min / KL | seconds | allocation |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -187,7 +202,8 @@ def _markdown(rows: list[dict], info: dict, command: str, reference: list[dict] 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("minilm", "lite0"))
-    parser.add_argument("--samples", type=int, default=256, help="calibration inputs")
+    parser.add_argument("--samples", type=int,
+                        help="calibration inputs (default: hf-vq compress's: 1,024 texts, 256 images)")
     parser.add_argument("--ratios", type=float, nargs="*", help="allocation targets (default per model)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--merge", action="store_true",
@@ -211,7 +227,8 @@ def main() -> None:
             rows = other + rows
         reference = reference if reference is not None else old.get("metric_reference")
     write(args.out, {"machine": info, "command": command, "rows": rows, "kept": kept, "metric_reference": reference},
-          _markdown(rows, info, command, reference, kept))
+          _markdown(rows, info, command, reference, kept,
+                    {m: args.samples or _samples(m) for m in ("minilm", "lite0")}))
     _plot(rows, Path(args.out).with_suffix(".png"))
 
 

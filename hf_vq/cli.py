@@ -37,10 +37,11 @@ def _default_model_dir() -> Path:
 #: Kinds that `-d` sets (3x3 and other kernels need multiples of the kernel area: use --block-size).
 _D_KINDS = ("linear", "conv1x1", "embedding")
 #: The default of `hf-vq compress` with no scheme flag: the calibrated engine with bit allocation to this ratio of
-#: the weights file (chosen from the measured frontier, benchmarks/results/engine.md), per-output-channel scales,
-#: block-wise tuning, on this many held-out calibration inputs.
+#: the weights file (chosen from the measured frontier, benchmarks/results/engine.md), per-output-channel scales, no
+#: block-wise tuning (off until a result shows it helps), on this many held-out calibration inputs per library (a
+#: Wikipedia sentence is a few dozen tokens; engine.md has MiniLM's default with 256 sentences in the same run).
 DEFAULT_RATIO = 10.0
-DEFAULT_SAMPLES = 256
+DEFAULT_SAMPLES = {"transformers": 1024, "timm": 256}
 DEFAULT_TUNE_STEPS = 0
 _SCHEME_FLAGS = ("spec", "method", "num_codebooks", "k", "d", "block_size", "share")
 
@@ -113,12 +114,32 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Path | None, str, str]:
     return model_dir, detect_library(model_dir), args.model
 
 
+def _allocation_outputs(args: argparse.Namespace, config: VQConfig, library: str, model_dir: Path | None) -> VQConfig:
+    """`--allocation-outputs`, or for a sentence-transformers folder (its `modules.json` pools the token states) the
+    token states alone: bits then go where sentence embeddings are made, not to BERT's unused pooler."""
+    if config.target_ratio is None and config.bits_per_weight is None:
+        if args.allocation_outputs is not None:
+            raise ValueError("--allocation-outputs chooses what bit allocation protects; it needs --ratio or --bits "
+                             "(the default), not a fixed scheme.")
+        return config
+    if args.allocation_outputs is not None:
+        names = [n.strip() for n in args.allocation_outputs.split(",") if n.strip()]
+        return config.replace(allocation_outputs=None if names == ["all"] else names or None)
+    if library == "transformers" and model_dir is not None:
+        from .integrations.transformers.tools import sentence_embedding_outputs
+
+        return config.replace(allocation_outputs=sentence_embedding_outputs(model_dir))
+    return config
+
+
 def _describe(config: VQConfig, base_model: str, library: str) -> str:
     extra = f", {config.aq_iters} AQ iterations (beam {config.beam_size})" if config.method == "aq" else ""
     if config.target_ratio is not None or config.bits_per_weight is not None:
         target = (f"{config.target_ratio:g}x smaller weights file" if config.target_ratio is not None
                   else f"{config.bits_per_weight:g} bits per weight")
         scheme = f"bits allocated per layer to a {target}"
+        if config.allocation_outputs:
+            scheme += f" for its {', '.join(config.allocation_outputs)}"
     else:
         scheme = config.spec
     return (f"hf-vq: compressing {base_model} ({library}) with {scheme}, {config.encoder} encoder"
@@ -141,6 +162,7 @@ def _compress(args: argparse.Namespace) -> int:
                              "number of inputs (e.g. 256).")
     config = _config_from_args(args)
     model_dir, library, base_model = _resolve_model(args)
+    config = _allocation_outputs(args, config, library, model_dir)
     from .integrations.accelerate import launched_workers
 
     workers, launched_device = launched_workers()  # under `accelerate launch`: this process's share and device
@@ -289,7 +311,7 @@ def _calibration(args: argparse.Namespace, config: VQConfig, library: str, dense
     from .config import CompressionRecord
     from .data import calibration_batches
 
-    n = args.calibrate or (args.calibration_samples or DEFAULT_SAMPLES)
+    n = args.calibrate or (args.calibration_samples or DEFAULT_SAMPLES[library])
     if args.data_free or (not args.calibrate and config.encoder != "output-aware"):
         return None  # the data-free path (the record's calibration stays None: the card says data-free)
     if library == "transformers" and (model_dir is None or getattr(dense.config, "is_encoder_decoder", False)):
@@ -374,11 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bit allocation: a weights file R times smaller than the dense fp32 one (default {DEFAULT_RATIO:g} "
                         "when no scheme flag is given)")
     p.add_argument("--bits", type=float, metavar="B", help="bit allocation to B bits per weight of the compressed layers")
+    p.add_argument("--allocation-outputs", metavar="NAMES",
+                   help="bit allocation protects these model outputs (comma-separated fields, e.g. last_hidden_state; "
+                        "'all': every output). Default: all, or last_hidden_state for a sentence-transformers folder")
     p.add_argument("--calibration-data", metavar="SOURCE",
                    help="calibration inputs: a text file (any suffix, one sample per line), a folder of images, or a "
                         "datasets name/path (default: gensim's Wikipedia pages / bundled photos, never the evaluation's)")
     p.add_argument("--calibration-samples", type=int, metavar="N",
-                   help=f"calibration inputs to use (default {DEFAULT_SAMPLES})")
+                   help="calibration inputs to use (default: 1,024 texts, 256 images)")
     p.add_argument("--data-free", action="store_true",
                    help="no calibration data: k-means on the weights (the card says it is data-free)")
     p.add_argument("--encoder", choices=("output-aware", "kmeans"), help=argparse.SUPPRESS)

@@ -163,6 +163,48 @@ def test_allocation_measures_every_output_the_model_returns():
     assert sens["pooler.dense"] > 0.01 * max(sens.values()), sens
 
 
+def test_allocation_protects_only_the_outputs_named():
+    """A sentence-embedding model pools `last_hidden_state` and never reads BERT's pooler: with
+    `allocation_outputs=["last_hidden_state"]` the pooler's sensitivity is 0 and it gets the fewest bits of the menu,
+    which the layers that make the token states get instead."""
+    from hf_vq.codec.allocate import option_bits
+    from hf_vq.codec.pq import clamp_k
+    from hf_vq.pipeline.allocation import MENU
+
+    model = _bert(hidden=64, layers=1)
+    bits, sens = {}, {}
+    for outputs in (None, ["last_hidden_state"]):
+        config = hf_vq.quantize_(copy.deepcopy(model), hf_vq.VQConfig(n_iter=5, permute=False, bits_per_weight=4,
+                                                                      allocation_outputs=outputs),
+                                 calibration=_batches(2), progress=False)
+        assert config.record.allocation["outputs"] == (outputs or "all")
+        sens[bool(outputs)] = {n: v["sensitivity"] for n, v in config.record.allocation["layers"].items()}
+        bits[bool(outputs)] = {n: lay.bits / lay.d for n, lay in config.layouts.items()}
+    assert sens[True]["pooler.dense"] == 0.0 and sens[False]["pooler.dense"] > 0, sens
+    cheapest = min(option_bits(64, 64, d=d, k=clamp_k(k, 64 * 64 // d), scales=True) for d, k in MENU if 64 % d == 0)
+    pooler = config.layouts["pooler.dense"]
+    assert option_bits(64, 64, d=pooler.d, k=pooler.k, scales=True) == cheapest, pooler
+    assert bits[True]["pooler.dense"] < bits[False]["pooler.dense"], bits
+    others = [n for n in bits[True] if n != "pooler.dense" and n != "embeddings.word_embeddings"]
+    assert sum(bits[True][n] for n in others) > sum(bits[False][n] for n in others), bits
+    with pytest.raises(ValueError, match="allocation_outputs.*no field 'sentence_embedding'.*last_hidden_state"):
+        hf_vq.quantize_(copy.deepcopy(model), hf_vq.VQConfig(n_iter=5, permute=False, bits_per_weight=4,
+                                                             allocation_outputs=["sentence_embedding"]),
+                        calibration=_batches(2), progress=False)
+
+
+def test_sentence_transformers_folders_are_allocated_for_their_token_states(tmp_path):
+    from hf_vq.integrations.transformers.tools import sentence_embedding_outputs
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    assert sentence_embedding_outputs(tmp_path) == ("last_hidden_state",)
+    (tmp_path / "modules.json").write_text(json.dumps(modules[:1]))  # no pooling: the outputs are not known
+    assert sentence_embedding_outputs(tmp_path) is None
+    assert sentence_embedding_outputs(tmp_path / "missing") is None
+
+
 def test_texts_are_truncated_to_the_positions_the_model_embeds():
     """Calibration and fidelity text go through one tokenizer helper; a 32-position model never sees 33 tokens."""
     from hf_vq.calibrate.sources import tokenize_batches
@@ -218,6 +260,45 @@ def test_streaming_data_free_matches_in_memory_and_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, in_memory(ids).logits)
     assert loaded.vq_config.record.recipe["streaming"] is True
+
+
+def test_streaming_reads_the_layers_outside_the_blocks_one_at_a_time_when_needed(tmp_path):
+    """The embedding and the head (the largest layers of a big model) are not held while the blocks are encoded:
+    data-free they are read after the last block, each in its own read; with calibration data they are also read at
+    the start (for the first block's inputs) and dropped until then."""
+    from hf_vq.integrations.transformers.streaming import empty_model, folder_loader
+    from hf_vq.pipeline.streaming import quantize_streaming_
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    outside = {"model.embed_tokens.weight", "lm_head.weight"}
+    gen = torch.Generator().manual_seed(0)
+    calibration = [{"input_ids": torch.randint(0, 128, (4, 16), generator=gen)} for _ in range(2)]
+    for data in (None, calibration):
+        model = empty_model(tmp_path / "dense")
+        load, reads = folder_loader(tmp_path / "dense", model), []
+        embedding_during_blocks = []
+
+        def recording(keys, load=load, reads=reads, model=model, seen=embedding_during_blocks):
+            reads.append(set(keys))
+            if any(".layers." in key for key in keys):
+                seen.append(model.model.embed_tokens.weight.device.type)
+            return load(keys)
+
+        quantize_streaming_(model, hf_vq.VQConfig(k=16, n_iter=3, permute=False,
+                                                  encoder="kmeans" if data is None else "output-aware"),
+                            recording, calibration=data, progress=False)
+        last_block = max(i for i, keys in enumerate(reads) if any(".layers." in key for key in keys))
+        late = [keys & outside for keys in reads[last_block + 1:] if keys & outside]
+        assert sorted(map(sorted, late)) == [["lm_head.weight"], ["model.embed_tokens.weight"]], reads
+        early = set().union(*(keys & outside for keys in reads[:last_block]))
+        assert early == (set() if data is None else {"model.embed_tokens.weight", "lm_head.weight"}), reads
+        assert embedding_during_blocks == ["meta"] * 2, embedding_during_blocks  # dropped while the blocks encode
+        assert isinstance(model.lm_head, hf_vq.nn.VQLinear)
+        assert not any(p.device.type == "meta" for p in model.parameters())
 
 
 def test_streaming_output_aware_beats_data_free(tmp_path):

@@ -39,8 +39,14 @@ distance is `-2 (w*x) c^T + w (c*c)^T` plus a per-point constant: one inner-prod
 queries `[w*x, w]` `[n, 2d]` against `[2c, -c*c]` `[k, 2d]` (a chunked torch GEMM; a calibrated
 compression's k-means takes 2.7-4.2x as long, "k-means s" in benchmarks/results/permute.md).
 A codeword's coordinate `t` moves to the weighted mean of its members' coordinate `t` (the plain mean
-where all their weights are zero). Annealing and subsampling keep their unweighted statistics. A weighted run
-also keeps `[w*x, w]` and the weighted sums per point: about 2.5x the memory of a plain one (counted, d = 4).
+where all their weights are zero). Annealing and subsampling keep their unweighted statistics.
+
+Memory
+------
+Besides the caller's data (and weights), a run keeps only its shuffle (int32: 4 bytes per subvector, a quarter of
+the data at d = 4). Each iteration reads its window (a subsample gathered from the shuffled order, or all the data in
+place) in pieces of 2^20 subvectors, holding the codes, distances and float64 sums of one piece at a time; no float64
+copy of the data is made. The codes returned are int64 (2x the data at d = 4).
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ _MIN_POINTS_PER_CENTROID = 32
 _SAMPLE_SAFETY = 1.5
 # k-means++ seeding runs on this many (random) points per centroid.
 _KPP_POINTS_PER_CENTROID = 16
+# Points assigned and summed per piece of an iteration (bounds the codes, distances and float64 sums held at once).
+_CHUNK_POINTS = 1 << 20
 # Elements of the [chunk, k] (or [chunk, k, d]) distance block in the pure-torch search.
 _TORCH_BLOCK = 1 << 24
 
@@ -265,28 +273,32 @@ def _kmeanspp(xs: torch.Tensor, k: int, gen: torch.Generator, trials: int) -> to
 
 
 def _cluster_stats(
-    a: torch.Tensor, vals_t: torch.Tensor, k: int
+    a: torch.Tensor, mats: list[torch.Tensor], sq: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster counts and sums. a `[m]` codes, vals_t `[p, m]` float64 (transposed values).
+    """Per-cluster counts and sums. a `[m]` codes; the summed values are the columns of `mats` (each `[m, c]`,
+    float32 or float64) followed by `sq` `[m]` (float64, optional); every sum is accumulated in float64.
 
-    Returns counts `[k]` float64 and sums `[k, p]` float64. Deterministic on every device."""
-    p, m = vals_t.shape
-    if vals_t.device.type == "cpu":
-        # numpy's bincount: serial, and free of OpenMP fork/join (torch's 2-thread bincount can be
-        # 30x slower than its serial one on a busy 2-core machine).
-        an, vn = a.numpy(), vals_t.numpy()
+    Returns counts `[k]` float64 and sums `[k, p]` float64 (`p` = the columns of `mats`, + 1 with `sq`).
+    Deterministic on every device. The values are read where they are: no `[p, m]` float64 copy of the data is made
+    (a 65 M-weight layer at d = 4 would take 0.66 GB for it)."""
+    columns = [mat[:, j] for mat in mats for j in range(mat.shape[1])] + ([] if sq is None else [sq])  # [m] each
+    if a.device.type == "cpu":
+        # numpy's bincount (float64 accumulation; a float32 column is widened exactly): serial, and free of OpenMP
+        # fork/join (torch's 2-thread bincount can be 30x slower than its serial one on a busy 2-core machine).
+        an = a.numpy()
         counts = torch.from_numpy(np.bincount(an, minlength=k).astype(np.float64))  # [k]
-        sums = torch.from_numpy(np.stack([np.bincount(an, weights=vn[j], minlength=k) for j in range(p)], 1))  # [k, p]
-        return counts, sums
+        sums = torch.from_numpy(np.stack([np.bincount(an, weights=c.numpy(), minlength=k) for c in columns], 1))
+        return counts, sums  # [k], [k, p]
     # GPU: a one-hot GEMM instead of atomics (atomic float adds would break bit-reproducibility).
+    m = a.shape[0]
     counts = torch.zeros(k, dtype=torch.float64, device=a.device)
-    sums = torch.zeros(k, p, dtype=torch.float64, device=a.device)
+    sums = torch.zeros(k, len(columns), dtype=torch.float64, device=a.device)
     chunk = max(1, (1 << 23) // k)
     ar = torch.arange(k, device=a.device)
     for s in range(0, m, chunk):
         onehot = (a[None, s : s + chunk] == ar[:, None]).to(torch.float64)  # [k, c]
         counts += onehot.sum(1)
-        sums += onehot @ vals_t[:, s : s + chunk].t()
+        sums += onehot @ torch.stack([c[s : s + chunk].to(torch.float64) for c in columns], 1)  # [k, p]
     return counts, sums
 
 
@@ -325,6 +337,26 @@ def _sample_fraction(r: float, t: float) -> float:
     return min(1.0, _SAMPLE_SAFETY * r / (r + (1.0 - t)))
 
 
+def _variance64(x: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Per-column variance of `x [n, d]` (population), accumulated in float64 by row chunks: no float64 copy of the
+    whole data. Returns `[d]` float64."""
+    n = x.shape[0]
+    mean = sum(x[s : s + chunk].to(torch.float64).sum(0) for s in range(0, n, chunk)) / n  # [d]
+    return sum((x[s : s + chunk].to(torch.float64) - mean).pow(2).sum(0) for s in range(0, n, chunk)) / n
+
+
+class _Shuffled:
+    """Rows of `x [n, d]` in the shuffled order `perm [n]`, gathered on access: `shuffled[i]` is `x[perm[i]]` (i an
+    int, a slice or an index tensor). Only what is read is copied."""
+
+    def __init__(self, x: torch.Tensor, perm: torch.Tensor):
+        self.x, self.perm, self.shape, self.device = x, perm, x.shape, x.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = self.perm[index]
+        return self.x[rows] if rows.dim() == 0 else self.x.index_select(0, rows)
+
+
 class _Run:
     """State of one k-means problem (one layer). All tensors on the data's device."""
 
@@ -344,45 +376,24 @@ class _Run:
         self.chunk_size = chunk_size
         self.gen = torch.Generator(device=x.device)
         self.gen.manual_seed(seed)
-        x = x.detach().to(torch.float32)
-        self.x = x.contiguous()  # [n, d] original order, for the final assignment
-        x64 = x.to(torch.float64)
-        self.var = x64.var(0, unbiased=False)  # [d] per-dimension data variance
-        del x64
-        self.var_total = float(self.var.sum())
-        # Shuffle once; a subsample is a cyclic window of this order (`_rows` / `_cols` join the two pieces of a
-        # window that wraps around the end).
-        perm = torch.randperm(self.n, generator=self.gen, device=x.device)  # [n]
-        xp = x[perm]  # [n, d]
-        self.xp = xp
-        # Transposed float64 values for the update: d coordinates + squared norm, [d + 1, n]; weighted:
-        # w*x and w first, [3d + 1, n]. `self.sx` is the row of the first plain coordinate.
-        xp64 = xp.to(torch.float64)
-        parts = [xp64, xp64.pow(2).sum(1, keepdim=True)]  # [n, d], [n, 1]
+        self.x = x.detach().to(torch.float32).contiguous()  # [n, d] (the caller's tensor when it is float32)
+        self.w = None if weights is None else _check_weights(weights, self.x)  # [n, d]
         self.weighted = weights is not None
-        self.sx = 0
-        if self.weighted:
-            wp = _check_weights(weights, x)[perm]  # [n, d], in the shuffled order
-            self.q, self.base = _weighted_queries(xp, wp)  # [n, 2d] (its last d columns are the weights), [n]
-            self.perm = perm
-            wp64 = wp.to(torch.float64)
-            parts = [wp64 * xp64, wp64, *parts]
-            self.sx = 2 * self.d
-            del wp, wp64
-        del xp64
-        self.vals = torch.empty(sum(part.shape[1] for part in parts), self.n, dtype=torch.float64,
-                                device=x.device)  # [rows, n]
-        row = 0
-        for part in parts:
-            self.vals[row : row + part.shape[1]] = part.t()
-            row += part.shape[1]
-        del parts
+        self.var = _variance64(self.x)  # [d] per-dimension data variance
+        self.var_total = float(self.var.sum())
+        # Shuffle once; a subsample is a cyclic window of this order, gathered piece by piece (no shuffled copy).
+        self.perm = torch.randperm(self.n, generator=self.gen, device=x.device)  # [n]
+        if self.n < 2**31:
+            self.perm = self.perm.to(torch.int32)  # half the memory, the same shuffle
+        # Summed per cluster by the update: weighted, `[w*x, w]` first, then x, then |x|² (when needed).
+        self.sx = 2 * self.d if self.weighted else 0  # the column of the first plain coordinate
         if init is not None:
             if tuple(init.shape) != (k, self.d):
                 raise ValueError(f"init must be [{k}, {self.d}], got {tuple(init.shape)}.")
             self.codebook = init.detach().to(device=x.device, dtype=torch.float32).clone()  # [k, d]
         else:
-            self.codebook = _init_codebook(xp, k, self.gen, self.var.sqrt(), init_method)  # [k, d]
+            self.codebook = _init_codebook(_Shuffled(self.x, self.perm), k, self.gen, self.var.sqrt(),
+                                           init_method)  # [k, d]
         self.subsample = subsample and anneal
         self.min_sample = min(self.n, _MIN_POINTS_PER_CENTROID * k)
         self.r = 1.0  # within-cluster / total variance, re-estimated each iteration
@@ -394,13 +405,22 @@ class _Run:
             self.codebook = torch.cat([unique, unique[:1].expand(k - len(unique), -1)]).contiguous()  # [k, d]
             self.done = True
 
-    def _rows(self, t: torch.Tensor, off: int, m: int) -> torch.Tensor:
-        """Rows `off .. off + m` of `t` `[n, ...]`, cyclically (a window past the end continues at row 0)."""
-        return t[off : off + m] if off + m <= self.n else torch.cat([t[off:], t[: off + m - self.n]])
+    def _pieces(self, off: int, m: int) -> list[tuple[int, int]]:
+        """Ranges of the cyclic window `off .. off + m` of the shuffled order, at most `_CHUNK_POINTS` each."""
+        ranges = [(off, off + m)] if off + m <= self.n else [(off, self.n), (0, off + m - self.n)]
+        return [(s, min(b, s + _CHUNK_POINTS)) for a, b in ranges for s in range(a, b, _CHUNK_POINTS)]
 
-    def _cols(self, t: torch.Tensor, off: int, m: int) -> torch.Tensor:
-        """Columns `off .. off + m` of `t` `[rows, n]`, cyclically."""
-        return t[:, off : off + m] if off + m <= self.n else torch.cat([t[:, off:], t[:, : off + m - self.n]], 1)
+    def _nearest(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """Nearest codewords of the points `rows` (indices or a slice of the original order): codes `[c]`,
+        (weighted) squared distances `[c]`, the points `[c, d]` and the matrices the update sums (`[w*x, w]`, x)."""
+        take = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))  # 3x x[idx]
+        xc = take(self.x)  # [c, d]
+        if not self.weighted:
+            codes, dist = _nearest(xc, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)
+            return codes, dist, xc, [xc]
+        q, base = _weighted_queries(xc, take(self.w))  # [c, 2d], [c]
+        codes, dist = _nearest_weighted(q, base, self.codebook, chunk_size=self.chunk_size)
+        return codes, dist, xc, [q, xc]
 
     def step(self, i: int) -> None:
         """Iteration i = 1..n_iter: assign (a window of) the clean data, then the (noisy) update."""
@@ -415,26 +435,36 @@ class _Run:
             m, off = n, 0
         else:
             off = int(torch.randint(n, (1,), generator=self.gen, device=self.device))
-        xw = self._rows(self.xp, off, m)  # [m, d]
-        if self.weighted:
-            codes, dist = _nearest_weighted(self._rows(self.q, off, m), self._rows(self.base, off, m), self.codebook,
-                                            chunk_size=self.chunk_size)  # [m], [m]
-        else:
-            codes, dist = _nearest(xw, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)  # [m], [m]
+        need_sq = self.weighted or not full  # the within-cluster sums of squares are read only then
+        track = full and not self.anneal  # Lloyd stops at its fixed point: compare with the previous assignment
+        codes_now = torch.empty(n, dtype=torch.int32, device=self.device) if track else None  # [n]
+        counts = sums = None
+        dist_sum = 0.0
+        for a, b in self._pieces(off, m):  # piece by piece: [b - a, d] at a time
+            # a window of the shuffled order is gathered; all the data is read in place (the sums do not depend on
+            # the order, and gathering it would cost a third more time on large layers)
+            codes, dist, xc, mats = self._nearest(slice(a, b) if full else self.perm[a:b])
+            sq = (xc * xc).sum(1).to(torch.float64) if need_sq else None  # [c] (per point: float32 is plenty)
+            c, sm = _cluster_stats(codes, mats, sq, k)  # [k], [k, p]
+            counts, sums = (c, sm) if counts is None else (counts + c, sums + sm)
+            dist_sum += float(dist.numpy().sum(dtype=np.float64)) if dist.device.type == "cpu" \
+                else float(dist.sum(dtype=torch.float64))
+            if track:
+                codes_now[a:b] = codes
         self.points_seen += m
-        counts, sums = _cluster_stats(codes, self._cols(self.vals, off, m), k)  # [k], [k, rows of vals]
         nonempty = counts > 0  # [k]
         cnt = counts.clamp_min(1.0)[:, None]  # [k, 1]
         d, sx = self.d, self.sx
         mean = sums[:, sx : sx + d] / cnt  # [k, d] float64
         # within-cluster sum of squares of the plain coordinates, [k]
-        ss = (sums[:, sx + d] - (sums[:, sx : sx + d] ** 2).sum(1) / counts.clamp_min(1.0)).clamp_min(0)
+        ss = (sums[:, sx + d] - (sums[:, sx : sx + d] ** 2).sum(1) / counts.clamp_min(1.0)).clamp_min(0) \
+            if need_sq else None
         if self.weighted:
             wsum = sums[:, d : 2 * d]  # [k, d]
             mean = torch.where(wsum > 0, sums[:, :d] / wsum.clamp_min(1e-300), mean)  # weighted mean per entry
             sq_err = float(ss.sum())  # unweighted, like the variances the annealing schedule is made of
         else:
-            sq_err = float(dist.numpy().sum(dtype=np.float64)) if dist.device.type == "cpu" else float(dist.sum(dtype=torch.float64))
+            sq_err = dist_sum
         new = torch.where(nonempty[:, None], mean, self.codebook.to(torch.float64))  # [k, d]
         self.r = max(sq_err / max(m * self.var_total, 1e-300), 1e-6)
 
@@ -453,22 +483,18 @@ class _Run:
 
         if full:
             empty = (~nonempty).nonzero().flatten()  # [e]
-            if empty.numel():
-                _reseed_empty(new, empty, xw, dist, self.q[:, self.d :] if self.weighted else None)  # full: off 0
-            elif not self.anneal and self.prev_codes is not None and _equal(codes, self.prev_codes):
+            if empty.numel():  # rare: every point's distance to the codebook it was assigned with, again
+                _reseed_empty(new, empty, self.x, self._nearest(slice(None))[1], self.w)
+            elif track and self.prev_codes is not None and _equal(codes_now, self.prev_codes):
                 self.done = True  # Lloyd fixed point: the codebook can no longer move
-            if not self.anneal:
-                self.prev_codes = codes
+            if track:
+                self.prev_codes = codes_now
         self.codebook = new
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.weighted:
-            shuffled = _nearest_weighted(self.q, self.base, self.codebook,
-                                         chunk_size=self.chunk_size)[0]  # [n], in the shuffled order
-            codes = torch.empty_like(shuffled)
-            codes[self.perm] = shuffled  # [n], original order
-        else:
-            codes = _nearest(self.x, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)[0]  # [n]
+        codes = torch.empty(self.n, dtype=torch.int64, device=self.device)  # [n]
+        for a in range(0, self.n, _CHUNK_POINTS):
+            codes[a : a + _CHUNK_POINTS] = self._nearest(slice(a, a + _CHUNK_POINTS))[0]
         return self.codebook, codes
 
 

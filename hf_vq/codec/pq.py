@@ -54,10 +54,16 @@ def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return out.reshape(rows, n_blocks * codebooks.shape[-1])
 
 
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """`‖W − Ŵ‖² / ‖W‖²` in float64."""
-    w = weight.double()
-    return float((w - approx.double()).pow(2).sum() / w.pow(2).sum().clamp_min(1e-300))
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, *, chunk: int = 1 << 20) -> float:
+    """`‖W − Ŵ‖² / ‖W‖²`, accumulated in float64 over chunks of `chunk` entries (no float64 copy of a whole
+    weight: a 65 M-weight embedding would take 2 GB of temporaries)."""
+    w, a = weight.reshape(-1), approx.reshape(-1)  # [n], [n]
+    num = den = 0.0
+    for s in range(0, w.numel(), chunk):
+        wc = w[s : s + chunk].double()  # [chunk]
+        num += float((wc - a[s : s + chunk].double()).pow(2).sum())
+        den += float(wc.pow(2).sum())
+    return num / max(den, 1e-300)
 
 
 def quantize_matrix(

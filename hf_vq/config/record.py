@@ -44,6 +44,10 @@ class Recipe:
             file is this many times smaller than the dense fp32 one (everything left dense counts).
         bits_per_weight (`float`, *optional*): bit allocation to an average budget instead: bits per weight of the
             compressible layers (codebooks and scales included).
+        allocation_outputs (`tuple[str, ...]`, *optional*): bit allocation: the model outputs whose change counts
+            (fields of its output, e.g. `("last_hidden_state",)` for a sentence-embedding model, which pools the token
+            states and never reads BERT's `pooler_output`); default: every floating-point output. A layer that only
+            other outputs read gets the fewest bits.
     """
 
     n_iter: int = 100
@@ -59,6 +63,7 @@ class Recipe:
     max_rows: int = 65_536
     target_ratio: float | None = None
     bits_per_weight: float | None = None
+    allocation_outputs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1),
@@ -76,6 +81,13 @@ class Recipe:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= low):
                 raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g} (or None).")
+        names = self.allocation_outputs
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \
+                    or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"VQConfig.allocation_outputs={names!r} must be a non-empty list of output names, "
+                                 "e.g. ['last_hidden_state'] (or None: every output counts).")
+            self.allocation_outputs = tuple(names)
         if self.target_ratio is not None and self.bits_per_weight is not None:
             raise ValueError("VQConfig: give target_ratio (the whole file) or bits_per_weight (the compressible "
                              "layers), not both.")

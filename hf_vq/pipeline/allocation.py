@@ -15,7 +15,8 @@
    the allocation kept the layer dense at 32 bits per weight: benchmarks/results/experiment_allocation_proxy.md.)
 3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
    output error into that layer alone and measuring the relative change of the final output (HIGGS's linear
-   model of the loss increase).
+   model of the loss increase): of every floating-point output, or of those `config.allocation_outputs` names (a
+   sentence-embedding model's `last_hidden_state`: a layer only `pooler_output` reads then costs nothing to ruin).
 4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ α_l e_l(o_l)` under
    the budget: `target_ratio` of the whole weights file (every tensor left dense counts, and the safetensors
    header), or `bits_per_weight` over the compressible layers.
@@ -88,7 +89,8 @@ def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: 
     stats: dict[str, LayerStatistics] = {}
     for half in halves:
         merge_statistics(stats, half)  # all the batches
-    alphas = _sensitivities(model, modules, owners, matrices, stats, batches, workers) if batches \
+    alphas = _sensitivities(model, modules, owners, matrices, stats, batches, workers,
+                            config.allocation_outputs) if batches \
         else dict.fromkeys(owners, 1.0)
     costs = [layer_cost(min(_SAMPLE_ROWS, matrices[n].shape[0]), matrices[n].shape[1], max(k for _, k in MENU),
                         output_aware=config.encoder == "output-aware") for n in owners]
@@ -106,6 +108,7 @@ def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: 
     chosen = {name: labels[i][c] for i, (name, c) in enumerate(zip(owners, allocation.choices))}
     out = _apply(layouts, chosen)
     record = {"target_ratio": config.target_ratio, "bits_per_weight": config.bits_per_weight,
+              "outputs": list(config.allocation_outputs) if config.allocation_outputs else "all",
               "budget_bits": budget, "planned_bits": allocation.bits, "fixed_bits": fixed,
               "data": "calibration" if batches else "data-free (weight error, equal sensitivity)",
               "layers": {name: {"choice": "dense" if c is None else f"d{c[0]}k{c[1]}", "sensitivity": alphas[name]}
@@ -235,10 +238,22 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     return out
 
 
-def _final(out: Any, mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """Every floating-point tensor the model returns (`last_hidden_state` and `pooler_output`, `logits`, ...), each as
-    `[n, features]` with padding tokens dropped: a layer that only one output reads (a pooler) is measured on it."""
-    if isinstance(out, torch.Tensor):
+def _final(out: Any, mask: torch.Tensor | None, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+    """Every floating-point tensor the model returns (`last_hidden_state` and `pooler_output`, `logits`, ...), or the
+    outputs `names` (`VQConfig.allocation_outputs`), each as `[n, features]` with padding tokens dropped: a layer that
+    only one output reads (a pooler) is measured on it.
+
+    Raises:
+        `ValueError`: if the output has no field of one of `names` (names the fields it has)."""
+    if names is not None:
+        fields = list(out.keys()) if hasattr(out, "keys") else []
+        missing = [n for n in names if n not in fields]
+        if missing:
+            raise ValueError(f"VQConfig.allocation_outputs={list(names)}: the model's output has no field "
+                             f"{missing[0]!r} (it has {fields or 'no named fields'}); name fields it returns, or "
+                             "give None to count every output.")
+        values = [out[n] for n in names]
+    elif isinstance(out, torch.Tensor):
         values = [out]
     else:
         values = list(out.values()) if hasattr(out, "values") else list(out) if isinstance(out, (list, tuple)) else []
@@ -252,14 +267,15 @@ def _final(out: Any, mask: torch.Tensor | None) -> list[torch.Tensor]:
     return finals
 
 
-def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]]) -> list[list[torch.Tensor]]:
-    """`[batch][output]`: the model's floating outputs on each probe batch (see `_final`)."""
+def _outputs(model: nn.Module, batches: list[tuple[tuple, dict]], names: tuple[str, ...] | None = None
+             ) -> list[list[torch.Tensor]]:
+    """`[batch][output]`: the model's floating outputs (or those named) on each probe batch (see `_final`)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = []
     with torch.no_grad():
         for args, kwargs in batches:
             out = model(*[to_device(a, device) for a in args], **{k: to_device(v, device) for k, v in kwargs.items()})
-            outs.append(_final(out, kwargs.get("attention_mask")))
+            outs.append(_final(out, kwargs.get("attention_mask"), names))
     return outs
 
 
@@ -276,14 +292,15 @@ def _relative_change(changed: list[list[torch.Tensor]], reference: list[list[tor
 
 def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
                    matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics],
-                   batches: list[tuple[tuple, dict]], workers: Workers) -> dict[str, float]:
-    """`α_l`: relative change of the final outputs per unit of layer `l`'s relative output error (noise injection on
-    at most two batches; the noise is deterministic per layer; the most changed output counts). Each process
-    measures its share of the layers."""
+                   batches: list[tuple[tuple, dict]], workers: Workers, names: tuple[str, ...] | None = None
+                   ) -> dict[str, float]:
+    """`α_l`: relative change of the final outputs (those `names`d, default all) per unit of layer `l`'s relative
+    output error (noise injection on at most two batches; the noise is deterministic per layer; the most changed
+    output counts). Each process measures its share of the layers."""
     probe = batches[:2]
     was_training = model.training
     model.eval()
-    reference = _outputs(model, probe)
+    reference = _outputs(model, probe, names)
     if not reference or not reference[0]:
         raise ValueError("bit allocation measures each layer's effect on the model's outputs, but the model returned "
                          "no floating-point tensor on the calibration batches.")
@@ -306,7 +323,7 @@ def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list
         with torch.no_grad():
             weight.add_(delta.to(weight.device, weight.dtype))
         try:
-            changed = _outputs(model, probe)
+            changed = _outputs(model, probe, names)
         finally:
             with torch.no_grad():
                 weight.copy_(original)

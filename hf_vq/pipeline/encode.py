@@ -70,7 +70,8 @@ def encode_unit(matrices: list[torch.Tensor], layout: LayerLayout, config: VQCon
     d, k = layout.d, layout.k
     norms = [m.pow(2).mean(1).sqrt().clamp_min(1e-12) if layout.scales else None for m in matrices]  # [rows_j]
     scaled = [m if s is None else m / s[:, None] for m, s in zip(matrices, norms)]
-    x = torch.cat([split_blocks(m, d) for m in scaled])  # [n, d], every module's subvectors
+    blocks = [split_blocks(m, d) for m in scaled]  # views
+    x = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # [n, d], every module's subvectors (one: no copy)
     if layout.method == "pq":
         w = None if weights is None else torch.cat([  # [n, d] like x
             split_blocks(torch.ones_like(m) if wj is None else wj.to(m.device), d) for m, wj in zip(matrices, weights)])

@@ -2,11 +2,14 @@
 
 [`quantize_streaming_`] takes a model built on the meta device and a `load` function that reads the dense tensors of
 one submodule from disk (the transformers integration reads them from the safetensors shards of a model folder).
-It materialises the layers around the blocks (embeddings, final norm, head), then for each block: reads its
-weights, measures what its layers see (with calibration data: the block's inputs, propagated from the already
-compressed blocks before it), encodes its layers, and swaps the VQ modules in — the dense block is dropped before
-the next is read. Peak memory is the compressed model plus one dense block plus the activations of the calibration
-batches at one block boundary.
+For each block it reads the block's weights, measures what its layers see (with calibration data: the block's
+inputs, propagated from the already compressed blocks before it), encodes its layers, and swaps the VQ modules in —
+the dense block is dropped before the next is read. The compressed layers around the blocks (embeddings, head) are
+read only while needed: with calibration data at the start, for the first block's inputs, then dropped; and at the
+end one at a time (with the layers tied to it), encoded and dropped. Peak memory is the compressed model plus the
+largest of one dense block or one outside layer with its encoding's working memory (about 1.5 times the layer: its
+int64 codes and, for its error, its decoded weight; k-means's own is small, see [`hf_vq.codec.kmeans`]), plus the
+activations of the calibration batches at one block boundary.
 
 Not available here: PQF's permutation (it traces the whole dense model) and bit allocation (it measures every layer
 of the dense model); the recipe records that they were off.
@@ -14,6 +17,8 @@ of the dense model); the recipe records that they were off.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import inspect
 import logging
 from collections.abc import Callable
@@ -47,6 +52,32 @@ def _materialize_(model: nn.Module, keys: list[str], load: Loader, device: torch
 
     for key, value in load(keys).items():
         set_module_tensor_to_device(model, key, device, value=value)
+
+
+_LIBC: Any = None  # the C library, once looked up (False: not glibc)
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere). A dense block's
+    tensors below glibc's mmap threshold (up to 32 MB) are freed into the heap, which keeps its pages: without this
+    they count in the process's memory while the next block, and the embedding and head at the end, are encoded."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _release_(model: nn.Module, keys: list[str]) -> None:
+    """Put the tensors `keys` back on the meta device (their memory is freed once nothing else holds them)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for key in keys:
+        set_module_tensor_to_device(model, key, "meta")
 
 
 def _keys_under(model: nn.Module, blocks: list[str], block: str | None) -> list[str]:
@@ -178,15 +209,24 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
         raise ValueError("Streaming compresses one repeated block at a time, but this model has none (no ModuleList "
                          "of layers); compress it in memory with hf_vq.quantize_.")
     layouts = plan(model, config)
-    _materialize_(model, _keys_under(model, blocks, None), load, device)
+    outside = [n for n, lay in layouts.items()
+               if lay.tied_to is None and not any(n.startswith(b + ".") for b in blocks)]
+    # the compressed layers outside the blocks (embeddings, head), each with the layers tied to it
+    groups = {n: [n, *(t for t, lay in layouts.items() if lay.tied_to == n)] for n in outside}
+    deferred = [k for k in _keys_under(model, blocks, None)
+                if any(k.startswith(m + ".") for g in groups.values() for m in g)]
+    batches = calibration_batches(calibration) if calibration is not None else None
+    # The dense layers outside the blocks are read only while they are needed: with calibration data, for the
+    # inputs of the first block (then dropped); then one group at a time at the end, encoded and dropped.
+    _materialize_(model, [k for k in _keys_under(model, blocks, None) if batches or k not in deferred], load, device)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # a tied head left out of the files shares the loaded embedding
-    batches = calibration_batches(calibration) if calibration is not None else None
     inputs = None
     if batches:
         with workers.phase("calibration"):
             inputs = _block_inputs(model, model.get_submodule(blocks[0]), batches, device,
                                    workers.batch_indices(len(batches)))
+        _release_(model, deferred)
     report = {}
     for block_name in tqdm(blocks, desc="hf_vq stream", unit="block", disable=not (progress and workers.is_main)):
         with workers.phase("loading"):
@@ -195,13 +235,24 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
                                                     len(batches or []), device, workers)
         if inputs is not None:
             inputs = {i: _with_hidden(x, outputs[i]) for i, x in inputs.items()}
-    outside = [n for n, lay in layouts.items() if lay.tied_to is None and not any(n.startswith(b + ".") for b in blocks)]
-    with workers.phase("encoding"):  # embeddings, head: weights only (their inputs are tokens, or the last state)
-        fitted = workers.exchange({outside[j]: _fit(model, outside[j], layouts, None, config, device)
-                                   for j in workers.share([layer_cost(*layouts[n].matrix_shape, layouts[n].k,
-                                                                      output_aware=False) for n in outside])})
-    for name in outside:
-        layouts[name], report[name] = install_layer(model, name, layouts[name], *fitted[name], device)
+        _return_freed_memory()
+    # embeddings, head: weights only (their inputs are tokens, or the last state), as many groups at a time as there
+    # are processes (each process fits one)
+    for start in range(0, len(outside), workers.count):
+        names = outside[start : start + workers.count]
+        with workers.phase("loading"):
+            _materialize_(model, [k for k in deferred if any(k.startswith(m + ".") for n in names for m in groups[n])],
+                          load, device)
+            if callable(getattr(model, "tie_weights", None)):
+                model.tie_weights()
+        with workers.phase("encoding"):
+            fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, None, config, device)
+                                       for j in range(len(names)) if j == workers.index})
+        _return_freed_memory()  # the fit's temporaries, before the decoded weights of the errors
+        for name in names:
+            layouts[name], report[name] = install_layer(model, name, layouts[name], *fitted[name], device)
+        del fitted
+        _return_freed_memory()
     for name, layout in layouts.items():
         if layout.tied_to is not None:
             vq = vq_from_layout(model.get_submodule(name), layout)

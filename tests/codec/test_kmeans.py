@@ -211,3 +211,21 @@ def test_at_most_k_points_are_their_own_codewords(weighted):
         assert torch.equal(codebook[codes], x), k
     codebook, codes = kmeans(x, 39, n_iter=20, seed=0, weights=w)  # one codeword short: an error appears
     assert not torch.equal(codebook[codes], x)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("anneal", [True, False])
+def test_iterations_in_pieces_match_one_piece(monkeypatch, weighted, anneal):
+    """Large layers are assigned and summed in pieces of the data (bounded memory): the same k-means as one piece,
+    up to the order of float64 sums (wrapped subsample windows, empty-cluster repair and Lloyd's stop included)."""
+    import importlib
+
+    km = importlib.import_module("hf_vq.codec.kmeans")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6000, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0])  # [n, d]
+    w = torch.rand(6000, 4, generator=g) + 0.1 if weighted else None
+    one = kmeans(x, 64, n_iter=15, anneal=anneal, seed=2, weights=w)
+    monkeypatch.setattr(km, "_CHUNK_POINTS", 700)  # 9 pieces, windows cut across piece ends
+    pieces = kmeans(x, 64, n_iter=15, anneal=anneal, seed=2, weights=w)
+    assert torch.allclose(one[0], pieces[0], atol=1e-5)
+    assert float((one[1] == pieces[1]).float().mean()) > 0.999

@@ -11,7 +11,28 @@ from torch import nn
 from ...calibrate.sources import calibration_texts, tokenize_batches
 
 __all__ = ["is_transformers_model", "load_tokenizer", "load_image_processor", "padding_collator", "get_scheduler",
-           "calibration_from_config"]
+           "calibration_from_config", "sentence_embedding_outputs"]
+
+
+def sentence_embedding_outputs(folder: str | os.PathLike) -> tuple[str, ...] | None:
+    """The model outputs a sentence-transformers folder uses: `("last_hidden_state",)` when its `modules.json` pools
+    the token states of the transformers model at the folder's root (BERT's `pooler_output` is then never read),
+    else None (not a sentence-transformers folder, or one whose first module is elsewhere)."""
+    import json
+    from pathlib import Path
+
+    try:
+        modules = json.loads((Path(folder) / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(modules, list):
+        return None
+    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    root = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("models.Transformer")
+            and m.get("path", "") in ("", ".")]
+    if root and any(t.endswith("models.Pooling") for t in types):
+        return ("last_hidden_state",)
+    return None
 
 
 def is_transformers_model(model: nn.Module) -> bool:
