@@ -203,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("minilm", "lite0"))
     parser.add_argument("--samples", type=int,
-                        help="calibration inputs (default: hf-vq compress's: 1,024 texts, 256 images)")
+                        help="calibration inputs (default: hf-vq compress's for the model's library)")
     parser.add_argument("--ratios", type=float, nargs="*", help="allocation targets (default per model)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--merge", action="store_true",

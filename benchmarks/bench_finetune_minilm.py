@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 at 16x: what fine-tuning after `hf-vq compress` recovers, by what it trains.
 
 The model is compressed exactly as users do it (`hf-vq compress --ratio 16`: calibrated engine, bit allocation,
-per-output-channel scales; calibration on the first 256 of gensim's shuffled Wikipedia sentences), then each variant
+per-output-channel scales; calibration on the first of gensim's shuffled Wikipedia sentences, as many as its
+default takes), then each variant
 fine-tunes a fresh copy of that checkpoint with the library call behind `hf-vq compress --finetune-steps`
 (`hf_vq.finetune.recipe.finetune_compressed`): distillation from the dense model (1 − cosine of the mean-pooled
 sentence embeddings), on the Wikipedia sentences after the calibration ones, with 128 further sentences held out for early
@@ -41,7 +42,6 @@ VARIANTS = {
     "all": {},
     "all + codes": dict(code_update_fraction=0.002, code_update_every=20),
 }
-CALIBRATION = 256  # the first Wikipedia sentences: hf-vq compress's default calibration set
 
 
 def step_times(dense, model, tokenizer, texts: list[str], repeats: int = 10) -> dict[str, float]:
@@ -99,14 +99,15 @@ def main() -> None:
     lee = real_sentences(256)
     wiki = wikipedia_sentences()
     wiki_eval = wiki[-256:]  # the tail of the shuffled sentences: beyond every training sentence below
-    needed = CALIBRATION + args.steps * DEFAULT_FINETUNE["batch_size"] + DEFAULT_FINETUNE["held_out"]
-    assert needed <= len(wiki) - 256, f"{needed} training sentences overlap the held-out Wikipedia tail"
     rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         cli(["compress", "--ratio", f"{args.ratio:g}", "--out", f"{tmp}/vq", "--quiet", "--json", f"{tmp}/report.json"])
         compress_s = time.perf_counter() - start
         report = json.loads(Path(f"{tmp}/report.json").read_text())
+        calibration = int(report["record"]["calibration"]["samples"])  # the first Wikipedia sentences, as compress used
+        needed = calibration + args.steps * DEFAULT_FINETUNE["batch_size"] + DEFAULT_FINETUNE["held_out"]
+        assert needed <= len(wiki) - 256, f"{needed} training sentences overlap the held-out Wikipedia tail"
         model = AutoModel.from_pretrained(f"{tmp}/vq").eval()
         before = {"lee": embedding_cosine(dense, model, tokenizer, lee),
                   "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval)}
@@ -114,7 +115,7 @@ def main() -> None:
         for name in args.variants.split(","):
             model = AutoModel.from_pretrained(f"{tmp}/vq").eval()
             start = time.perf_counter()
-            result = finetune_compressed(model, dense, steps=args.steps, tokenizer=tokenizer, skip=CALIBRATION,
+            result = finetune_compressed(model, dense, steps=args.steps, tokenizer=tokenizer, skip=calibration,
                                          progress=False, **VARIANTS[name])
             seconds = time.perf_counter() - start
             after = {"lee": embedding_cosine(dense, model, tokenizer, lee),
@@ -131,6 +132,7 @@ def main() -> None:
         default = _default_cli(cli, tmp, args.default_steps) if args.default_steps else None
     r4 = lambda x: round(float(x), 4)  # noqa: E731
     data = {"model": "sentence-transformers/all-MiniLM-L6-v2", "ratio": report["ratio"], "compress_s": round(compress_s, 1),
+            "calibration_sentences": calibration,
             "compressed_mb": report.get("compressed_mb"),
             "before": {"lee_mean": r4(before["lee"]["mean_cosine"]), "lee_min": r4(before["lee"]["min_cosine"]),
                        "wiki_mean": r4(before["wiki"]["mean_cosine"])},
@@ -157,8 +159,8 @@ def _markdown(data: dict) -> str:
              f"{data['compress_s']:.0f} s. Fine-tuning: `finetune_compressed` (what `hf-vq compress --finetune-steps` "
              f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}, cosine "
              f"schedule, at most {data['recipe']['steps']} steps, early stopping on {data['recipe']['held_out']} held-out "
-             "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the 256 "
-             "calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",
+             "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the "
+             f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",
              "", "| variant | trains | steps (best) | minutes | Lee cosine mean / min | Wikipedia cosine | codes moved |",
              "|---|---|---|---|---|---|---|",
              f"| before fine-tuning | - | - | - | {b['lee_mean']:.4f} / {b['lee_min']:.4f} | {b['wiki_mean']:.4f} | - |"]

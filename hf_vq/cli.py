@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration inputs: a text file (any suffix, one sample per line), a folder of images, or a "
                         "datasets name/path (default: gensim's Wikipedia pages / bundled photos, never the evaluation's)")
     p.add_argument("--calibration-samples", type=int, metavar="N",
-                   help="calibration inputs to use (default: 1,024 texts, 256 images)")
+                   help=f"calibration inputs to use (default: {DEFAULT_SAMPLES['transformers']:,} texts, "
+                        f"{DEFAULT_SAMPLES['timm']} images)")
     p.add_argument("--data-free", action="store_true",
                    help="no calibration data: k-means on the weights (the card says it is data-free)")
     p.add_argument("--encoder", choices=("output-aware", "kmeans"), help=argparse.SUPPRESS)

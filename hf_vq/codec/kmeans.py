@@ -410,10 +410,11 @@ class _Run:
         ranges = [(off, off + m)] if off + m <= self.n else [(off, self.n), (0, off + m - self.n)]
         return [(s, min(b, s + _CHUNK_POINTS)) for a, b in ranges for s in range(a, b, _CHUNK_POINTS)]
 
-    def _nearest(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    def _assign(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Nearest codewords of the points `rows` (indices or a slice of the original order): codes `[c]`,
         (weighted) squared distances `[c]`, the points `[c, d]` and the matrices the update sums (`[w*x, w]`, x)."""
-        take = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))  # 3x x[idx]
+        # a slice is a view; indices are gathered with index_select (faster on CPU than advanced indexing `t[idx]`)
+        take = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
         xc = take(self.x)  # [c, d]
         if not self.weighted:
             codes, dist = _nearest(xc, self.codebook, chunk_size=self.chunk_size, use_faiss=self.use_faiss)
@@ -443,7 +444,7 @@ class _Run:
         for a, b in self._pieces(off, m):  # piece by piece: [b - a, d] at a time
             # a window of the shuffled order is gathered; all the data is read in place (the sums do not depend on
             # the order, and gathering it would cost a third more time on large layers)
-            codes, dist, xc, mats = self._nearest(slice(a, b) if full else self.perm[a:b])
+            codes, dist, xc, mats = self._assign(slice(a, b) if full else self.perm[a:b])
             sq = (xc * xc).sum(1).to(torch.float64) if need_sq else None  # [c] (per point: float32 is plenty)
             c, sm = _cluster_stats(codes, mats, sq, k)  # [k], [k, p]
             counts, sums = (c, sm) if counts is None else (counts + c, sums + sm)
@@ -484,7 +485,7 @@ class _Run:
         if full:
             empty = (~nonempty).nonzero().flatten()  # [e]
             if empty.numel():  # rare: every point's distance to the codebook it was assigned with, again
-                _reseed_empty(new, empty, self.x, self._nearest(slice(None))[1], self.w)
+                _reseed_empty(new, empty, self.x, self._assign(slice(None))[1], self.w)
             elif track and self.prev_codes is not None and _equal(codes_now, self.prev_codes):
                 self.done = True  # Lloyd fixed point: the codebook can no longer move
             if track:
@@ -494,7 +495,7 @@ class _Run:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         codes = torch.empty(self.n, dtype=torch.int64, device=self.device)  # [n]
         for a in range(0, self.n, _CHUNK_POINTS):
-            codes[a : a + _CHUNK_POINTS] = self._nearest(slice(a, a + _CHUNK_POINTS))[0]
+            codes[a : a + _CHUNK_POINTS] = self._assign(slice(a, a + _CHUNK_POINTS))[0]
         return self.codebook, codes
 
 

@@ -312,7 +312,7 @@ def fast_decode(codes: torch.Tensor, codebooks: torch.Tensor, *, scales: torch.T
     to the reference without numba. Inference only (no autograd).
 
     Args:
-        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32).
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8, int32 or int64).
         codebooks (`torch.Tensor`): `[M, k, d]`.
         scales (`torch.Tensor`, *optional*): `[rows]`; row `r` is multiplied by `scales[r]` (rounded once).
     """
@@ -326,19 +326,18 @@ class PreparedDecode:
     """[`fast_decode`] of fixed codes and codebooks with its per-call preparation done once.
 
     A compressed MiniLM decodes 36 small weights per forward, and for a weight that small the tensor-to-array views,
-    checks and thread choice of `fast_decode` are a sizeable share of the call (one ad-hoc timing on the 2-core
-    machine: ~10 µs of preparation next to ~25 µs of copying at 384x384). A module keeps one of these while
+    checks and kernel choice of `fast_decode` are part of every call. A module keeps one of these while
     its codes and codebooks are unchanged (see `VQModuleMixin.decode_weight`); calling it allocates the output and
     runs the kernel. Same values as `fast_decode`. Requires numba and CPU tensors (`PreparedDecode.supports`).
     The arrays it reads are made once (views where possible, copies of non-contiguous or half-precision codebooks):
     prepare a new one when the codes or codebooks change.
 
     Args:
-        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8 or int32).
+        codes (`torch.Tensor`): integer codes `[rows, n_blocks, M]` (uint8, int32 or int64).
         codebooks (`torch.Tensor`): `[M, k, d]`.
     """
 
-    __slots__ = ("_out_shape", "_dtype", "_native", "_work", "_kernels", "_word", "_arrays")
+    __slots__ = ("_out_shape", "_dtype", "_native", "_work", "_kernel", "_word", "_arrays")
 
     @staticmethod
     def supports(codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -359,18 +358,18 @@ class PreparedDecode:
             words = books[0].contiguous().view(self._word).numpy()  # [k, w]: one codeword as w words
             codes2d = codes.reshape(rows, -1).contiguous().numpy()  # [rows, n_blocks]
             if words.shape[1] == 1:
-                self._kernels, self._arrays = (_copy_words1_serial, _copy_words1), (codes2d, words.reshape(-1))
+                self._kernel, self._arrays = _copy_words1, (codes2d, words.reshape(-1))
             else:
-                self._kernels, self._arrays = (_copy_words_serial, _copy_words), (codes2d, words)
+                self._kernel, self._arrays = _copy_words, (codes2d, words)
         else:  # summed codewords, in float32 for half-precision codebooks
             self._word = None
             books = books if self._native else books.float()  # [M, k, d]
-            self._kernels = (_decode_rows_serial, _decode_rows)
+            self._kernel = _decode_rows
             self._arrays = (_as_numpy(codes), _as_numpy(books))
 
     def __call__(self, scales: torch.Tensor | None = None) -> torch.Tensor:
         """The weight matrix `[rows, n_blocks * d]` (times `scales` `[rows]` per row), dtype of the codebooks."""
-        kernel = self._kernels[_sync_numba_threads(self._work) > 1]  # the serial twin on one thread
+        kernel = _kernel(self._kernel, _sync_numba_threads(self._work))  # the serial twin on one thread
         if self._word is not None:
             out = torch.empty(self._out_shape, dtype=self._dtype)  # [rows, n_blocks*d]
             kernel(*self._arrays, out.view(self._word).numpy())

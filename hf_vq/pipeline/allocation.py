@@ -50,7 +50,7 @@ __all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_
 #: levels, near-lossless steps below dense for the most sensitive layers). The steps between 2 and 4 bits (k = 1024
 #: at d = 4, k = 64 at d = 2) let the knapsack give a large layer (MiniLM's word embeddings: half the weights) a
 #: little more than 2 bits without taking 4 from the rest: MiniLM at 10x, 0.9766 -> 0.9781 held-out cosine, 131 ->
-#: 145 s per `hf-vq compress` on 2 cores (benchmarks/results/engine.md and its previous commit). Larger codebooks
+#: 145 s per `hf-vq compress` on 2 cores (benchmarks/results/engine.md at commits b3dd965 and 9adc2d7). Larger codebooks
 #: (k = 4096 at d = 4) cost 16x the assignment time of the output-aware encoder and are left out.
 MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (4, 1024), (3, 256), (2, 64), (2, 256), (1, 16),
                                      (1, 256))

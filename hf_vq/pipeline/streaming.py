@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -54,22 +55,30 @@ def _materialize_(model: nn.Module, keys: list[str], load: Loader, device: torch
         set_module_tensor_to_device(model, key, device, value=value)
 
 
-_LIBC: Any = None  # the C library, once looked up (False: not glibc)
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def _return_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere). A dense block's
     tensors below glibc's mmap threshold (up to 32 MB) are freed into the heap, which keeps its pages: without this
     they count in the process's memory while the next block, and the embedding and head at the end, are encoded."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _tie_weights(model: nn.Module) -> None:
+    """transformers' weight tying, where the model has it (a head left out of the files shares its embedding)."""
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
 
 
 def _release_(model: nn.Module, keys: list[str]) -> None:
@@ -211,22 +220,22 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
     layouts = plan(model, config)
     outside = [n for n, lay in layouts.items()
                if lay.tied_to is None and not any(n.startswith(b + ".") for b in blocks)]
-    # the compressed layers outside the blocks (embeddings, head), each with the layers tied to it
-    groups = {n: [n, *(t for t, lay in layouts.items() if lay.tied_to == n)] for n in outside}
-    deferred = [k for k in _keys_under(model, blocks, None)
-                if any(k.startswith(m + ".") for g in groups.values() for m in g)]
+    # the tensors of each compressed layer outside the blocks (embeddings, head), with those of the layers tied to it
+    around = _keys_under(model, blocks, None)
+    group_keys = {n: [k for k in around if any(k.startswith(m + ".") for m, lay in layouts.items()
+                                                 if m == n or lay.tied_to == n)] for n in outside}
+    deferred = {k for keys in group_keys.values() for k in keys}
     batches = calibration_batches(calibration) if calibration is not None else None
     # The dense layers outside the blocks are read only while they are needed: with calibration data, for the
     # inputs of the first block (then dropped); then one group at a time at the end, encoded and dropped.
-    _materialize_(model, [k for k in _keys_under(model, blocks, None) if batches or k not in deferred], load, device)
-    if callable(getattr(model, "tie_weights", None)):
-        model.tie_weights()  # a tied head left out of the files shares the loaded embedding
+    _materialize_(model, [k for k in around if batches or k not in deferred], load, device)
+    _tie_weights(model)  # a tied head left out of the files shares the loaded embedding
     inputs = None
     if batches:
         with workers.phase("calibration"):
             inputs = _block_inputs(model, model.get_submodule(blocks[0]), batches, device,
                                    workers.batch_indices(len(batches)))
-        _release_(model, deferred)
+        _release_(model, sorted(deferred))
     report = {}
     for block_name in tqdm(blocks, desc="hf_vq stream", unit="block", disable=not (progress and workers.is_main)):
         with workers.phase("loading"):
@@ -241,13 +250,11 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
     for start in range(0, len(outside), workers.count):
         names = outside[start : start + workers.count]
         with workers.phase("loading"):
-            _materialize_(model, [k for k in deferred if any(k.startswith(m + ".") for n in names for m in groups[n])],
-                          load, device)
-            if callable(getattr(model, "tie_weights", None)):
-                model.tie_weights()
+            _materialize_(model, [k for n in names for k in group_keys[n]], load, device)
+            _tie_weights(model)
+        mine = names[workers.index:workers.index + 1]  # this process fits at most one
         with workers.phase("encoding"):
-            fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, None, config, device)
-                                       for j in range(len(names)) if j == workers.index})
+            fitted = workers.exchange({n: _fit(model, n, layouts, None, config, device) for n in mine})
         _return_freed_memory()  # the fit's temporaries, before the decoded weights of the errors
         for name in names:
             layouts[name], report[name] = install_layer(model, name, layouts[name], *fitted[name], device)
