@@ -56,7 +56,7 @@ def per_layer() -> list[dict]:
         sample = weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))[:256].sort().values]
         for d, k in A.MENU:
             t0 = time.perf_counter()
-            quick = A._quick_error(weight, h, None, d, k, kmeans_cfg, True)
+            quick = A._quick_error(weight, h, d, k, kmeans_cfg, True)
             t1 = time.perf_counter()
             enc = encode_output_aware(sample, h, k=min(k, sample.numel() // d // 4), d=d, scales=True, n_iter=0,
                                       kmeans_iters=8, reassign="gptq").stats["output_error"]
@@ -72,8 +72,8 @@ def end_to_end() -> list[dict]:
 
     encoder_estimate = A._quick_error
     out = []
-    for label, estimate in (("k-means estimate", lambda m, h, w, d, k, c, s: encoder_estimate(
-            m, h, w, d, k, c.replace(encoder="kmeans"), s)), ("encoder estimate", encoder_estimate)):
+    for label, estimate in (("k-means estimate", lambda m, h, d, k, c, s, **kw: encoder_estimate(
+            m, h, d, k, c.replace(encoder="kmeans"), s, **kw)), ("encoder estimate", encoder_estimate)):
         A._quick_error = estimate
         try:
             with tempfile.TemporaryDirectory() as tmp:

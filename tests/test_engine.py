@@ -135,8 +135,8 @@ def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
     fit, test = torch.randn(32, 256, generator=gen), torch.randn(32, 256, generator=gen)  # isotropic inputs
     h_fit, h_test = (fit.T @ fit / 32).double(), (test.T @ test / 32).double()  # rank 32 of 256
     config = hf_vq.VQConfig(encoder="output-aware", target_ratio=8)
-    in_sample = _quick_error(weight, h_fit, None, 4, 256, config, True)
-    held_out = _quick_error(weight, h_fit, None, 4, 256, config, True, h_test=h_test)
+    in_sample = _quick_error(weight, h_fit, 4, 256, config, True)
+    held_out = _quick_error(weight, h_fit, 4, 256, config, True, h_test=h_test)
     result = encode_output_aware(weight, h_fit, k=256, d=4, scales=True, n_iter=0, kmeans_iters=8, reassign="gptq")
     approx = decode(result.codes, result.codebooks) * result.scales[:, None]
     population = output_error(weight, approx, torch.eye(256, dtype=torch.float64))  # E[xxᵀ] = I
@@ -238,6 +238,53 @@ def test_mixed_allocation_round_trips_through_from_pretrained(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
     assert len({(lay.k, lay.d) for lay in loaded.vq_config.layouts.values()}) > 1
+
+
+def test_embedding_menu_codes_the_real_table_better_at_equal_bits(minilm):
+    """Only embedding tables get the large-codebook options, and on MiniLM's word embeddings (rows weighted by a
+    skewed use) the held-out estimate ranks d = 8, k = 2048 (1.375 bits) below d = 6, k = 256 (1.33 bits), close to
+    what the final encoder reaches on the whole table."""
+    from hf_vq.config import LayerLayout
+    from hf_vq.pipeline.allocation import EMBEDDING_MENU, _embedding_error, _menu
+    from hf_vq.pipeline.calibrated import _encode_rows_by_use
+    from hf_vq.codec.pq import decode
+
+    table = minilm.embeddings.word_embeddings.weight.detach().float()  # [30522, 384]
+    counts = torch.zeros(table.shape[0], dtype=torch.float64)
+    counts[1000:3000] = torch.arange(2000, 0, -1, dtype=torch.float64)  # a few thousand tokens in use, Zipf-like
+    use = 1 + counts.float() / counts.float().mean()  # [rows]
+    config = hf_vq.VQConfig(target_ratio=16)
+    estimates = {(d, k): _embedding_error(table, use, d, k, config, True) for d, k in ((6, 256), (8, 2048))}
+    assert estimates[8, 2048] < 0.95 * estimates[6, 256], estimates
+    layout = LayerLayout(kind="embedding", shape=tuple(table.shape), k=2048, d=8, scales=True)
+    codebooks, codes, scales = _encode_rows_by_use(table, counts, layout, config, seed=0)
+    err = (decode(codes, codebooks) * scales[:, None] - table).pow(2).sum(1)  # [rows]
+    final = float((err * use).sum() / (table.pow(2).sum(1) * use).sum())
+    assert 0.8 * final < estimates[8, 2048] < 1.25 * final, (estimates, final)
+    small = torch.randn(2048, 64)  # [rows, cols]
+    labels = {o.label for o, _ in _menu(LayerLayout(kind="embedding", shape=(2048, 64), k=256, d=4, scales=True),
+                                        small, None, config, 1.0)}
+    linear = {o.label for o, _ in _menu(LayerLayout(kind="linear", shape=(2048, 64), k=256, d=4, scales=True),
+                                        small, None, hf_vq.VQConfig(target_ratio=16, encoder="kmeans"), 1.0)}
+    assert "d8k2048" in labels and not any(f"d{d}k{k}" in linear for d, k in EMBEDDING_MENU), (labels, linear)
+
+
+def test_embeddings_with_large_codebooks_round_trip(tmp_path):
+    """An embedding coded with 4,096 codewords (12-bit codes, packed) loads bit-identically."""
+    from safetensors import safe_open
+
+    model = _bert(hidden=128, vocab=2048)
+    config = hf_vq.quantize_(model, hf_vq.VQConfig(n_iter=3, permute=False, scales=True, overrides={
+        "embeddings.word_embeddings": {"k": 4096, "d": 8}}), calibration=_batches(2, vocab=2048), progress=False)
+    assert config.layouts["embeddings.word_embeddings"].bits == 12
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        codes = f.get_tensor("embeddings.word_embeddings.codes")
+    assert codes.numel() == 2048 * (128 // 8) * 12 // 8, codes.shape  # 12 bits per code on disk
+    loaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 2048, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
 def test_streaming_data_free_matches_in_memory_and_round_trips(tmp_path):

@@ -5,8 +5,10 @@
 2. For every layer and every option of a small menu ([`MENU`]: 1 to 8 bits per weight, plus dense), the encoder
    that will run, on a sample of at most 256 of the layer's rows, measures the layer's relative output error
    `e_l(o)`: the output-aware encoder (one GPTQ pass, a codebook and scale refit) when `config.encoder` is
-   `"output-aware"`, else a short Hessian-diagonal-weighted k-means. The option is fitted on the statistics of the
-   even calibration batches and its error measured on those of the odd ones: measured on the inputs it was fitted
+   `"output-aware"`, else a short Hessian-diagonal-weighted k-means; embedding tables, whose menu adds larger
+   codebooks ([`EMBEDDING_MENU`]), a short k-means on rows drawn by use, measured on another draw. Other layers'
+   options are fitted on the statistics of the even calibration batches and their errors measured on those of the
+   odd ones: measured on the inputs it was fitted
    to, an error is optimistic where the inputs span few directions (EfficientNet-Lite0's classifier reads one
    pooled vector per image, 256 vectors of 1,280 channels: its 2-bit error is 0.0006 in-sample, 0.008 on the other
    half, 0.077 on the test photos — a 10x gap to the test photos like that of layers reading thousands of rows, not
@@ -36,15 +38,16 @@ from torch import nn
 from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
-from ..codec.kmeans import kmeans
+from ..codec.kmeans import assign, kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
 from ..config import LayerLayout, VQConfig, fits_kernel
 from ..nn import vq_class_for
+from .encode import fit_scales
 from .parallel import Workers, layer_cost
 from .stages import forward_batches
 
-__all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_PER_LAYER"]
+__all__ = ["MENU", "EMBEDDING_MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_PER_LAYER"]
 
 #: (d, k) options: 1, 1.33, 2, 2.5, 2.67, 3, 4, 4 and 8 bits per weight (d = 1 is per-layer scalar k-means: 16 or 256
 #: levels, near-lossless steps below dense for the most sensitive layers). The steps between 2 and 4 bits (k = 1024
@@ -54,6 +57,15 @@ __all__ = ["MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_
 #: (k = 4096 at d = 4) cost 16x the assignment time of the output-aware encoder and are left out.
 MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (4, 1024), (3, 256), (2, 64), (2, 256), (1, 16),
                                      (1, 256))
+#: Further options for embedding tables, whose rows are looked up (no matrix-product kernel, no output-aware
+#: assignment: plain k-means, which affords large codebooks): 1.375, 1.5, 1.83, 2 and 3 bits per weight of codes.
+#: At nearly equal bits a longer block with a larger codebook codes the table better: MiniLM's word embeddings (the
+#: dense model with only the table coded; 256 held-out Lee sentences) keep cosine 0.956 at d = 6, k = 256 (1.38 bits
+#: with scales) and 0.966 at d = 8, k = 2048 (1.44 bits with scales and codebook); 0.984 at d = 4, k = 256 (2.04)
+#: and 0.987 at d = 6, k = 4096 (2.08) (benchmarks/results/experiment_embedding_menu.md). On the weight matrices,
+#: per-layer codebooks this large cost more bits than they save (a 4096 x 6 fp16 codebook is 2.7 bits per weight of
+#: a 384 x 384 layer).
+EMBEDDING_MENU: tuple[tuple[int, int], ...] = ((8, 2048), (8, 4096), (6, 2048), (6, 4096), (4, 4096))
 #: Bytes of safetensors header per stored tensor besides twice its name (once as the tensor's key, once in the CRC32
 #: checksums of the metadata): dtype, shape, offsets and the checksum. And per allocated layer besides its name: its
 #: entry in the compression record (choice and sensitivity). Fitted on hf_vq's 10x MiniLM checkpoint (36,096 header
@@ -162,13 +174,11 @@ def _row_weights(stat: LayerStatistics | None, rows: int) -> torch.Tensor | None
     return 1 + counts / counts.mean().clamp_min(1e-12)
 
 
-def _sample_rows(rows: int, rows_w: torch.Tensor | None, groups: int, seed: int, max_rows: int) -> torch.Tensor:
-    """At most `max_rows` row indices (sorted): drawn by use for embeddings, whole groups for grouped layers."""
+def _sample_rows(rows: int, groups: int, seed: int, max_rows: int) -> torch.Tensor:
+    """At most `max_rows` row indices (sorted): whole groups for grouped layers."""
     gen = torch.Generator().manual_seed(seed)
     if rows <= max_rows:
         return torch.arange(rows)
-    if rows_w is not None:
-        return torch.multinomial(rows_w.float(), max_rows, generator=gen).sort().values
     if groups > 1:
         per = rows // groups
         chosen = torch.randperm(groups, generator=gen)[:max(1, max_rows // per)].sort().values  # [g]
@@ -176,20 +186,19 @@ def _sample_rows(rows: int, rows_w: torch.Tensor | None, groups: int, seed: int,
     return torch.randperm(rows, generator=gen)[:max_rows].sort().values
 
 
-def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int,
-                 config: VQConfig, scales: bool, max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None
-                 ) -> float:
-    """Relative output error at (d, k) on at most `max_rows` rows (drawn by use for embeddings): the output-aware
+def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
+                 max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None) -> float:
+    """Relative output error at (d, k) on at most `max_rows` rows (embeddings: [`_embedding_error`]): the output-aware
     encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted k-means, fitted
     under `h` and measured under `h_test` (inputs the fit did not see; default `h`). An estimate to compare options,
     not the final error."""
     rows, cols = matrix.shape
     groups = h.shape[0] if h.dim() == 3 else 1
     h_test = h if h_test is None else h_test
-    pick = _sample_rows(rows, rows_w, groups, config.seed, max_rows)
+    pick = _sample_rows(rows, groups, config.seed, max_rows)
     sub = matrix[pick.to(matrix.device)]  # [picked, cols]
     k = min(clamp_k(k, rows * cols // d), max(2, sub.numel() // d // 4))
-    if config.encoder == "output-aware" and rows_w is None:
+    if config.encoder == "output-aware":
         if groups > 1:
             chosen = (pick[:: rows // groups] // (rows // groups)).to(h.device)  # [picked groups]
             h, h_test = h[chosen], h_test[chosen]  # [picked groups, cols, cols]
@@ -204,13 +213,34 @@ def _quick_error(matrix: torch.Tensor, h: torch.Tensor, rows_w: torch.Tensor | N
         diag = diag.repeat_interleave(rows // diag.shape[0], dim=0)[pick.to(diag.device)]  # [picked, cols]
     w = diag.expand(sub.shape).clamp_min(1e-12)
     x, wx = split_blocks(sub, d), split_blocks(w, d)  # [n, d]
-    codebook, codes = kmeans(x, k, n_iter=8, seed=config.seed, weights=None if rows_w is not None else wx)
+    codebook, codes = kmeans(x, k, n_iter=8, seed=config.seed, weights=wx)
     approx = decode(codes.reshape(sub.shape[0], cols // d, 1), codebook[None])  # [picked, cols]
-    if rows_w is not None:  # an embedding: the rows were drawn by use, so the plain error is the used one
-        return float((sub - approx).pow(2).sum() / sub.pow(2).sum())
     if h_test.dim() == 3:
         h_test = h_test[(pick.to(h_test.device) // (rows // h_test.shape[0]))] if h_test.shape[0] > 1 else h_test
     return output_error(sub, approx, h_test)
+
+
+def _embedding_error(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int, config: VQConfig,
+                     scales: bool) -> float:
+    """Relative error of an embedding table `[rows, cols]` at (d, k), rows weighted by use (`rows_w [rows]`; uniform
+    when None): a short k-means, as the final encoder fits it (rows normalised when per-row scales are stored),
+    fitted on rows drawn by use — enough for 32 subvectors per codeword — and measured on another draw."""
+    rows, cols = matrix.shape
+    n = min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
+    weights = torch.ones(rows) if rows_w is None else rows_w.float().cpu()
+    drawn = torch.multinomial(weights, 2 * n, replacement=True,
+                              generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
+    fit, test = matrix[drawn[:n]], matrix[drawn[n:]]  # [n, cols] each
+
+    def unit(m: torch.Tensor) -> torch.Tensor:
+        return m / m.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12) if scales else m
+
+    codebook, _ = kmeans(split_blocks(unit(fit), d), min(k, n * cols // d), n_iter=8, seed=config.seed)  # [k, d]
+    codes = assign(split_blocks(unit(test), d), codebook).reshape(n, cols // d, 1)  # [n, cols / d, 1]
+    approx = decode(codes, codebook[None])  # [n, cols]
+    if scales:
+        approx = approx * fit_scales(test, approx)[:, None]
+    return float((test - approx).pow(2).sum() / test.pow(2).sum().clamp_min(1e-30))
 
 
 def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | None, config: VQConfig,
@@ -226,14 +256,16 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     rows_w = _row_weights(stat, rows)
     area = 1 if layout.kind in ("linear", "conv1d", "conv1x1", "embedding") else math.prod(layout.shape[2:])
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
-    for d, k in MENU:
+    embedding = layout.kind == "embedding"
+    for d, k in MENU + EMBEDDING_MENU if embedding else MENU:
         if layout.kind in ("conv3x3", "conv", "depthwise"):
             d = d if fits_kernel(d, area) else d * area // math.gcd(d, area)  # else the least whole-kernel multiple
         if cols % d or any(c == (d, k) for _, c in out):
             continue
         k_eff = clamp_k(k, rows * cols // d)
         bits = option_bits(rows, cols, d=d, k=k_eff, num_codebooks=1, scales=layout.scales)
-        error = _quick_error(matrix, h, rows_w, d, k, config, layout.scales, h_test=h_test)
+        error = _embedding_error(matrix, rows_w, d, k_eff, config, layout.scales) if embedding else \
+            _quick_error(matrix, h, d, k, config, layout.scales, h_test=h_test)
         out.append((Option(float(bits), alpha * error, f"d{d}k{k_eff}"), (d, k)))
     return out
 
