@@ -222,8 +222,12 @@ def main() -> None:
         old = json.loads(old_path.read_text())
         other = [r for r in old["rows"] if r["model"] not in models]
         if other:
-            kept = {"models": sorted({r["model"] for r in other}), "date": old["machine"].get("date"),
-                    "command": old.get("command")}
+            names = sorted({r["model"] for r in other})
+            prior = old.get("kept") or {}
+            # rows the previous run had itself kept come from the run it names, not from the previous run
+            origin = prior if set(names) <= set(prior.get("models", ())) else \
+                {"date": old["machine"].get("date"), "command": old.get("command")}
+            kept = {"models": names, "date": origin["date"], "command": origin["command"]}
             rows = other + rows
         reference = reference if reference is not None else old.get("metric_reference")
     write(args.out, {"machine": info, "command": command, "rows": rows, "kept": kept, "metric_reference": reference},
