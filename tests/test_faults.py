@@ -237,7 +237,10 @@ def test_finetune_output_dir_checked_before_training(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- case 3: interrupts
 _SAVE_LOOP = textwrap.dedent("""
-    import sys, timm, torch, hf_vq
+    import signal, sys, timm, torch, hf_vq
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (`pytest &`, nohup)
+    # inherits SIGINT ignored, and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from hf_vq.integrations.timm import save_compressed
     models = []
     for seed in (0, 1):
@@ -275,10 +278,16 @@ def test_interrupted_saves_leave_the_previous_folder(models, tmp_path):
     for sig, (target, proc) in procs.items():
         proc.send_signal(sig)
     x = torch.randn(1, 3, 32, 32)
+    try:
+        codes = {sig: proc.wait(timeout=60) for sig, (_, proc) in procs.items()}
+    finally:  # a save loop that ignored its signal must not outlive the test
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     for sig, (target, proc) in procs.items():
         with torch.no_grad():
             expected = [_timm_load(target.parent / "a")(x), _timm_load(target.parent / "b")(x)]
-        code = proc.wait(timeout=60)
+        code = codes[sig]
         assert code != 0, sig
         if sig != signal.SIGKILL:
             assert leftovers(target) == [], (sig, leftovers(target), proc.stderr.read()[-2000:])
