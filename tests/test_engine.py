@@ -247,12 +247,13 @@ def test_embedding_menu_codes_the_real_table_better_at_equal_bits(minilm):
     from hf_vq.config import LayerLayout
     from hf_vq.pipeline.allocation import EMBEDDING_MENU, _embedding_error, _menu
     from hf_vq.pipeline.calibrated import _encode_rows_by_use
+    from hf_vq.pipeline.encode import use_weights
     from hf_vq.codec.pq import decode
 
     table = minilm.embeddings.word_embeddings.weight.detach().float()  # [30522, 384]
     counts = torch.zeros(table.shape[0], dtype=torch.float64)
     counts[1000:3000] = torch.arange(2000, 0, -1, dtype=torch.float64)  # a few thousand tokens in use, Zipf-like
-    use = 1 + counts.float() / counts.float().mean()  # [rows]
+    use = use_weights(counts)  # [rows]
     config = hf_vq.VQConfig(target_ratio=16)
     estimates = {(d, k): _embedding_error(table, use, d, k, config, True) for d, k in ((6, 256), (8, 2048))}
     assert estimates[8, 2048] < 0.95 * estimates[6, 256], estimates
@@ -262,8 +263,11 @@ def test_embedding_menu_codes_the_real_table_better_at_equal_bits(minilm):
     final = float((err * use).sum() / (table.pow(2).sum(1) * use).sum())
     assert 0.8 * final < estimates[8, 2048] < 1.25 * final, (estimates, final)
     small = torch.randn(2048, 64)  # [rows, cols]
-    labels = {o.label for o, _ in _menu(LayerLayout(kind="embedding", shape=(2048, 64), k=256, d=4, scales=True),
-                                        small, None, config, 1.0)}
+    options = {o.label: o.distortion for o, _ in _menu(
+        LayerLayout(kind="embedding", shape=(2048, 64), k=256, d=4, scales=True), small, None, config, 1.0)}
+    labels = set(options)
+    # the menu measures an embedding's options with the estimate above (uniform use without statistics)
+    assert options["d8k2048"] == pytest.approx(_embedding_error(small, None, 8, 2048, config, True))
     linear = {o.label for o, _ in _menu(LayerLayout(kind="linear", shape=(2048, 64), k=256, d=4, scales=True),
                                         small, None, hf_vq.VQConfig(target_ratio=16, encoder="kmeans"), 1.0)}
     assert "d8k2048" in labels and not any(f"d{d}k{k}" in linear for d, k in EMBEDDING_MENU), (labels, linear)

@@ -38,12 +38,12 @@ from torch import nn
 from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
-from ..codec.kmeans import assign, kmeans
+from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
 from ..config import LayerLayout, VQConfig, fits_kernel
 from ..nn import vq_class_for
-from .encode import fit_scales
+from .encode import assign_rows, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import forward_batches
 
@@ -62,9 +62,9 @@ MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (4, 1024), (3
 #: At nearly equal bits a longer block with a larger codebook codes the table better: MiniLM's word embeddings (the
 #: dense model with only the table coded; 256 held-out Lee sentences) keep cosine 0.956 at d = 6, k = 256 (1.38 bits
 #: with scales) and 0.966 at d = 8, k = 2048 (1.44 bits with scales and codebook); 0.984 at d = 4, k = 256 (2.04)
-#: and 0.987 at d = 6, k = 4096 (2.08) (benchmarks/results/experiment_embedding_menu.md). On the weight matrices,
-#: per-layer codebooks this large cost more bits than they save (a 4096 x 6 fp16 codebook is 2.7 bits per weight of
-#: a 384 x 384 layer).
+#: and 0.987 at d = 6, k = 4096 (2.08) (benchmarks/results/experiment_embedding_menu.md). On a weight matrix a
+#: per-layer codebook this large is itself costly (a 4096 x 6 fp16 codebook is 2.7 bits per weight of a 384 x 384
+#: layer), and the output-aware encoder's assignment grows with k: the matrices keep MENU.
 EMBEDDING_MENU: tuple[tuple[int, int], ...] = ((8, 2048), (8, 4096), (6, 2048), (6, 4096), (4, 4096))
 #: Bytes of safetensors header per stored tensor besides twice its name (once as the tensor's key, once in the CRC32
 #: checksums of the metadata): dtype, shape, offsets and the checksum. And per allocated layer besides its name: its
@@ -170,8 +170,7 @@ def _hessian(stat: LayerStatistics | None, cols: int, device: torch.device) -> t
 def _row_weights(stat: LayerStatistics | None, rows: int) -> torch.Tensor | None:
     if stat is None or stat.row_counts is None:
         return None
-    counts = stat.row_counts.float()  # [rows]
-    return 1 + counts / counts.mean().clamp_min(1e-12)
+    return use_weights(stat.row_counts)  # [rows]
 
 
 def _sample_rows(rows: int, groups: int, seed: int, max_rows: int) -> torch.Tensor:
@@ -223,23 +222,20 @@ def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: 
 def _embedding_error(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int, config: VQConfig,
                      scales: bool) -> float:
     """Relative error of an embedding table `[rows, cols]` at (d, k), rows weighted by use (`rows_w [rows]`; uniform
-    when None): a short k-means, as the final encoder fits it (rows normalised when per-row scales are stored),
-    fitted on rows drawn by use — enough for 32 subvectors per codeword — and measured on another draw."""
+    when None): a short k-means, as the final encoder fits it ([`unit_rows`], [`assign_rows`]), fitted on rows drawn
+    by use — enough for 32 subvectors per codeword — and measured on another draw."""
     rows, cols = matrix.shape
     n = min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
     weights = torch.ones(rows) if rows_w is None else rows_w.float().cpu()
     drawn = torch.multinomial(weights, 2 * n, replacement=True,
                               generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
     fit, test = matrix[drawn[:n]], matrix[drawn[n:]]  # [n, cols] each
-
-    def unit(m: torch.Tensor) -> torch.Tensor:
-        return m / m.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12) if scales else m
-
-    codebook, _ = kmeans(split_blocks(unit(fit), d), min(k, n * cols // d), n_iter=8, seed=config.seed)  # [k, d]
-    codes = assign(split_blocks(unit(test), d), codebook).reshape(n, cols // d, 1)  # [n, cols / d, 1]
+    codebook, _ = kmeans(split_blocks(unit_rows(fit, scales)[0], d), min(k, n * cols // d), n_iter=8,
+                         seed=config.seed)  # [k, d]
+    codes, row_scales = assign_rows(test, codebook, scales)  # [n, cols / d, 1], [n] or None
     approx = decode(codes, codebook[None])  # [n, cols]
-    if scales:
-        approx = approx * fit_scales(test, approx)[:, None]
+    if row_scales is not None:
+        approx = approx * row_scales[:, None]
     return float((test - approx).pow(2).sum() / test.pow(2).sum().clamp_min(1e-30))
 
 

@@ -21,13 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate import HessianCollector, LayerStatistics, merge_statistics
-from ..codec.kmeans import assign, kmeans
+from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
-from ..codec.pq import decode, relative_error, split_blocks
+from ..codec.pq import relative_error, split_blocks
 from ..config import LayerLayout, VQConfig
 from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
-from .encode import encode_unit, fit_scales
+from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import Stage, forward_batches, plan_stages
 
@@ -191,23 +191,21 @@ def _tune_on_main(block: nn.Module, pairs: list, config: VQConfig, workers: Work
 def _encode_rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: LayerLayout, config: VQConfig,
                         seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Encode an embedding table `[rows, cols]` for how its rows are used: k-means fitted on rows drawn with
-    probability proportional to `1 + count / mean(count)` (every row keeps a share; frequent tokens weigh more),
-    then every row assigned to its nearest codewords. Per-row scales (layout.scales) are fitted after.
+    probability [`use_weights`]`(counts)` (every row keeps a share; frequent tokens weigh more), then every row
+    assigned to its nearest codewords ([`assign_rows`]; per-row scales fitted after, with layout.scales).
 
     Returns:
         codebooks `[1, k, d]`, codes `[rows, cols / d, 1]`, scales `[rows]` or None.
     """
     rows, cols = matrix.shape
-    weight = 1 + counts.float() / counts.float().mean().clamp_min(1e-12)  # [rows]
-    norms = matrix.pow(2).mean(1).sqrt().clamp_min(1e-12) if layout.scales else None  # [rows]
-    table = matrix if norms is None else matrix / norms[:, None]
     n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))
-    drawn = torch.multinomial(weight, n_draw, replacement=True, generator=torch.Generator().manual_seed(seed))
-    sample = split_blocks(table[drawn.to(matrix.device)], layout.d)  # [n_draw * cols / d, d]
-    codebook, _ = kmeans(sample, layout.k, n_iter=config.n_iter, anneal=config.anneal, seed=seed)  # [k, d]
+    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True,
+                              generator=torch.Generator().manual_seed(seed))
+    sample, _ = unit_rows(matrix[drawn.to(matrix.device)], layout.scales)  # [n_draw, cols]
+    codebook, _ = kmeans(split_blocks(sample, layout.d), layout.k, n_iter=config.n_iter, anneal=config.anneal,
+                         seed=seed)  # [k, d]
     codebook = codebook.half().float()
-    codes = assign(split_blocks(table, layout.d), codebook).reshape(rows, cols // layout.d, 1)  # [rows, cols/d, 1]
-    scales = None if norms is None else fit_scales(matrix, decode(codes, codebook[None]))
+    codes, scales = assign_rows(matrix, codebook, layout.scales)  # [rows, cols/d, 1], [rows] or None
     return codebook[None], codes, scales
 
 

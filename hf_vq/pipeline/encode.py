@@ -12,12 +12,13 @@ from torch import nn
 
 from ..calibrate import entry_moments
 from ..codec.aq import aq_quantize
-from ..codec.kmeans import kmeans
+from ..codec.kmeans import assign, kmeans
 from ..codec.pq import decode, split_blocks
 from ..config import LayerLayout, VQConfig
 from ..nn import VQModuleMixin
 
-__all__ = ["encoding_units", "entry_weights", "encode_unit", "fit_scales"]
+__all__ = ["encoding_units", "entry_weights", "encode_unit", "fit_scales", "unit_rows", "use_weights",
+           "assign_rows"]
 
 
 def encoding_units(layouts: dict[str, LayerLayout]) -> list[tuple[int, str | None, list[str]]]:
@@ -68,8 +69,7 @@ def encode_unit(matrices: list[torch.Tensor], layout: LayerLayout, config: VQCon
         (int64) and its scales `[rows_j]` (fp16 values) or None.
     """
     d, k = layout.d, layout.k
-    norms = [m.pow(2).mean(1).sqrt().clamp_min(1e-12) if layout.scales else None for m in matrices]  # [rows_j]
-    scaled = [m if s is None else m / s[:, None] for m, s in zip(matrices, norms)]
+    scaled, norms = zip(*(unit_rows(m, layout.scales) for m in matrices))  # [rows_j, cols_j], [rows_j] or None
     blocks = [split_blocks(m, d) for m in scaled]  # views
     x = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # [n, d], every module's subvectors (one: no copy)
     if layout.method == "pq":
@@ -90,6 +90,36 @@ def encode_unit(matrices: list[torch.Tensor], layout: LayerLayout, config: VQCon
         scales.append(None if norms[j] is None else fit_scales(m, decode(codes[-1], codebooks),
                                                                None if weights is None else weights[j]))
     return codebooks, codes, scales
+
+
+def unit_rows(matrix: torch.Tensor, scales: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With per-row scales, `matrix [rows, cols]` with each row divided by its RMS, and the RMS `[rows]` (what
+    k-means codes and the scales restore); without, `(matrix, None)`."""
+    if not scales:
+        return matrix, None
+    norms = matrix.pow(2).mean(1).sqrt().clamp_min(1e-12)  # [rows]
+    return matrix / norms[:, None], norms
+
+
+def use_weights(counts: torch.Tensor) -> torch.Tensor:
+    """How much each row of an embedding table counts, from how often calibration read it (`counts [rows]`):
+    `1 + count / mean(count)` — every row keeps a share, frequent tokens weigh more. Returns `[rows]` float32."""
+    counts = counts.float()
+    return 1 + counts / counts.mean().clamp_min(1e-12)
+
+
+def assign_rows(matrix: torch.Tensor, codebook: torch.Tensor, scales: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode each row of `matrix [rows, cols]` with the codebook `[k, d]` it was fitted for: the nearest codeword
+    of every block (of the RMS-normalised rows with `scales`), then each row's least-squares scale.
+
+    Returns:
+        codes `[rows, cols / d, 1]` and scales `[rows]` (fp16 values) or None.
+    """
+    rows, cols = matrix.shape
+    unit, _ = unit_rows(matrix, scales)
+    codes = assign(split_blocks(unit, codebook.shape[1]), codebook).reshape(rows, cols // codebook.shape[1], 1)
+    return codes, fit_scales(matrix, decode(codes, codebook[None])) if scales else None
 
 
 def fit_scales(matrix: torch.Tensor, decoded: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
