@@ -85,6 +85,69 @@ def test_block_tuning_never_worsens_the_held_out_block_error():
                for m in hf_vq.vq_modules(block).values())  # stored as fp16
 
 
+def test_block_tuning_ignores_masked_positions():
+    from hf_vq.pipeline.calibrated import tune_block_
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.LayerNorm(32))
+    dense = copy.deepcopy(block)
+    hf_vq.quantize_(block, hf_vq.VQConfig(k=16, n_iter=5, permute=False), progress=False)
+    inputs = [((torch.randn(4, 6, 32),), {}) for _ in range(6)]
+    masks = [torch.arange(6).expand(4, 6) < 4 for _ in inputs]  # [batch, seq]: the last two positions are padding
+    with torch.no_grad():
+        targets = [dense(*a) for a, _ in inputs]
+    garbage = [t.clone() for t in targets]
+    for t in garbage:
+        t[:, 4:] = 100.0  # what the model computes at padding: never read
+    tuned = {}
+    for name, tg, mk in (("clean", targets, masks), ("padding garbage", garbage, masks), ("unmasked", garbage, None)):
+        model = copy.deepcopy(block)
+        tune_block_(model, inputs, tg, steps=12, lr=1e-3, masks=mk)
+        tuned[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(tuned["clean"], tuned["padding garbage"])
+    assert not torch.allclose(tuned["clean"], tuned["unmasked"])
+
+
+def test_block_tuning_targets_the_dense_models_own_block_outputs(monkeypatch):
+    """Each block is tuned toward what the dense model computes there (its hidden state carried through the dense
+    blocks), not toward the dense block applied to the compressed prefix's outputs; padding is masked out."""
+    from hf_vq.pipeline import calibrated
+
+    dense = _bert(layers=3)
+    batches = _batches(5)
+    expected: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
+    hooks = [dense.encoder.layer[i].register_forward_hook(
+        lambda m, a, out, i=i: expected[i].append(out[0] if isinstance(out, tuple) else out)) for i in range(3)]
+    with torch.no_grad():
+        for b in batches:
+            dense(**b)
+    for h in hooks:
+        h.remove()
+    seen = []
+    real = calibrated.tune_block_
+    monkeypatch.setattr(calibrated, "tune_block_", lambda block, inputs, targets, **kw: (
+        seen.append((inputs, targets, kw["masks"])), real(block, inputs, targets, **kw))[1])
+    model = copy.deepcopy(dense)
+    config = hf_vq.quantize_(model, hf_vq.VQConfig(k=16, n_iter=5, permute=False, encoder="output-aware",
+                                                   tune_steps=3), calibration=batches, progress=False)
+    compressed_in: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}  # what each block reads in the result
+    hooks = [model.encoder.layer[i].register_forward_pre_hook(
+        lambda m, a, i=i: compressed_in[i].append(a[0])) for i in range(3)]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3
+    for i, (inputs, targets, masks) in enumerate(seen):
+        for b, (args, target, mask) in enumerate(zip(inputs, targets, masks)):
+            torch.testing.assert_close(target, expected[i][b])  # the dense model's own output
+            torch.testing.assert_close(args[0][0], compressed_in[i][b])  # trained on the compressed prefix's outputs
+            assert torch.equal(mask, batches[b]["attention_mask"].bool())
+    assert not torch.allclose(seen[1][0][0][0][0], expected[0][0])  # the prefix is compressed: inputs differ
+    assert "dense model" in config.record.calibration["block tuning target"]
+
+
 def _file_ratio(model: nn.Module, dense_folder: Path, tmp: Path) -> float:
     model.save_pretrained(tmp)
     return (dense_folder / "model.safetensors").stat().st_size / (tmp / "model.safetensors").stat().st_size

@@ -38,7 +38,8 @@ class Recipe:
             feedback, codebooks and scales refitted under the layer's output error; needs calibration data).
         refit_rounds (`int`, defaults to 2): output-aware only: alternations of codebook/scale refit and re-assignment.
         tune_steps (`int`, defaults to 0): output-aware only: Adam steps of block-wise tuning per block (codebooks,
-            scales, norms, biases trained to match the dense block's outputs; stops early on held-out batches).
+            scales, norms, biases trained toward the dense model's own outputs of the block, padding excluded; stops
+            early on held-out batches).
         max_rows (`int`, defaults to 65,536): output-aware only: input rows per batch and layer kept for `XᵀX`.
         target_ratio (`float`, *optional*): bit allocation: choose each layer's (k, d, scales) so that the weights
             file is this many times smaller than the dense fp32 one (everything left dense counts).

@@ -6,8 +6,10 @@ second moment `H = XᵀX` of the inputs it really sees ([`hf_vq.calibrate.Hessia
 minimise its output error `tr(ΔW H ΔWᵀ)` ([`hf_vq.codec.encode_output_aware`]: Hessian-weighted k-means init,
 GPTQ-style assignment with error feedback, least-squares refits of codebooks and scales). Embeddings are encoded
 with k-means weighted by how often each row was read. Then the block is tuned: its codebooks, scales, norms and
-biases (codes fixed) are trained to reproduce the dense block's outputs on the same inputs, stopping on a held-out
-share of the batches. The compressed stage then feeds the next.
+biases (codes fixed) are trained so that, fed the compressed prefix's outputs, it reproduces what the dense model
+computes there (its hidden state carried through the dense blocks, [`_DenseTrajectory`]: the block also undoes
+what the prefix got wrong), on the positions that are not padding, stopping on a held-out share of the batches. The
+compressed stage then feeds the next.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
 from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
-from .stages import Stage, forward_batches, plan_stages
+from .stages import Stage, StageDone, forward_batches, plan_stages
 
-__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_"]
+__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_", "TUNE_LR"]
 
 logger = logging.getLogger(__name__)
+
+#: Adam learning rate of block-wise tuning.
+TUNE_LR = 1e-4
 
 
 def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
@@ -60,10 +65,15 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
     stages = plan_stages(model, owners, batches[0])
     report: dict[str, Any] = {"stages": [], "encoder": "output-aware"}
+    tuned = [s.block for s in stages if s.block is not None] if config.recipe.tune_steps > 0 else []
+    with workers.phase("calibration"):
+        trajectory = _DenseTrajectory.start(model, tuned, batches, workers) if tuned else None
     bar = tqdm(total=len(owners), desc="hf_vq quantize (calibrated)", unit="layer", disable=not progress)
     for stage in stages:
         with workers.phase("calibration"):
             stats, pairs = _measure(model, stage, batches, config, workers)
+            if pairs and trajectory is not None and trajectory.covers(stage.block):  # the block is still dense
+                pairs = trajectory.retarget(model.get_submodule(stage.block), pairs)
         entry = {"stage": stage.name, "layers": {}}
         with workers.phase("encoding"):
             fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers)
@@ -74,16 +84,24 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
         if pairs:
             with workers.phase("tuning"):
                 entry["tuning"] = _tune_on_main(model.get_submodule(stage.block), pairs, config, workers)
+            entry["tuning"]["target"] = "dense model" if trajectory is not None and trajectory.covers(stage.block) \
+                else "dense block on the compressed prefix's outputs"
+            if trajectory is not None:
+                trajectory.advance(stage.block, [target for _, target, _ in pairs])
         report["stages"].append(entry)
     bar.close()
     _tie_modules(model, layouts)
     return layouts, report
 
 
+Pair = tuple[tuple[tuple, dict], torch.Tensor, "torch.Tensor | None"]  # (block inputs, target, token mask or None)
+
+
 def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], config: VQConfig, workers: Workers
-             ) -> tuple[dict[str, LayerStatistics], list[tuple[tuple[tuple, dict], torch.Tensor]]]:
+             ) -> tuple[dict[str, LayerStatistics], list[Pair]]:
     """Run the batches through the compressed prefix up to the end of `stage` (each process its share): the
-    statistics of its layers and, for a block to tune, its inputs and its dense outputs per batch, in batch order."""
+    statistics of its layers and, for a block to tune, per batch in batch order: its inputs, the dense block's
+    output on them and which positions count (a text batch's attention mask `[batch, seq]`; padding never does)."""
     modules = dict(model.named_modules())
     collector = HessianCollector({n: modules[n] for n in stage.layers}, max_rows=config.recipe.max_rows)
     seen: dict[str, Any] = {}
@@ -94,7 +112,7 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
             lambda m, a, k: seen.__setitem__("in", (_detach(a), _detach(k))), with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, out: seen.__setitem__("out", _first_tensor(out).detach())))
     total: dict[str, LayerStatistics] = {}
-    pairs: list[tuple[tuple[tuple, dict], torch.Tensor]] = []
+    pairs: list[Pair] = []
 
     def set_mask(kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -103,7 +121,9 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
     def measure(i: int) -> tuple[dict[str, LayerStatistics], Any]:
         seen.clear()
         forward_batches(model, [batches[i]], last=stage.last, on_batch=set_mask)
-        return collector.take(), ((seen["in"], seen["out"]) if "out" in seen else None)
+        if "out" not in seen:
+            return collector.take(), None
+        return collector.take(), (seen["in"], seen["out"], _token_mask(batches[i][1], seen["out"]))
 
     def merge(part: tuple[dict[str, LayerStatistics], Any]) -> None:
         merge_statistics(total, part[0])
@@ -176,8 +196,8 @@ def install_layer(model: nn.Module, name: str, layout: LayerLayout, codebooks: t
 
 def _tune_on_main(block: nn.Module, pairs: list, config: VQConfig, workers: Workers) -> dict[str, Any]:
     """Block-wise tuning on the main process (sequential optimizer steps); the others receive its parameters."""
-    history = tune_block_(block, [p[0] for p in pairs], [p[1] for p in pairs], steps=config.recipe.tune_steps) \
-        if workers.is_main else None
+    history = tune_block_(block, [p[0] for p in pairs], [p[1] for p in pairs], steps=config.recipe.tune_steps,
+                          masks=[p[2] for p in pairs]) if workers.is_main else None
     if workers.count > 1:
         params = _block_parameters(block)
         tuned = workers.broadcast([p.detach() for p in params] if workers.is_main else None)
@@ -223,6 +243,111 @@ def _tie_modules(model: nn.Module, layouts: dict[str, LayerLayout]) -> None:
             model.set_submodule(name, vq)
 
 
+class _DenseTrajectory:
+    """The dense model's hidden state entering the next block to tune, per calibration batch, so that each block is
+    tuned to the dense model's own output (what the model should compute) rather than to the dense block's output on
+    the compressed prefix's outputs (which keeps the prefix's errors). Started on the dense model (the first block's
+    input); each block's dense output becomes the next block's input where the blocks chain (checked once on the
+    dense model: a block's input is the previous block's output); past a block that does not chain, targets are
+    local again."""
+
+    def __init__(self, blocks: list[str], hidden: list[torch.Tensor], chained: set[str]) -> None:
+        self.blocks = blocks  # the blocks to tune, in execution order
+        self.block: str | None = blocks[0]  # the block `hidden` enters, or None once the chain is broken
+        self.hidden = hidden  # per batch: the dense model's hidden state entering `block`
+        self.chained = chained  # blocks whose input is the previous block's output, in the dense model
+
+    @classmethod
+    def start(cls, model: nn.Module, blocks: list[str], batches: list[tuple[tuple, dict]], workers: Workers
+              ) -> "_DenseTrajectory":
+        """Capture, on the still-dense `model`, the first block's input per batch and which of `blocks` chain."""
+        modules = dict(model.named_modules())
+        seen: dict[str, Any] = {}
+
+        def first_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = _hidden_of(args, kwargs).detach()
+            raise StageDone
+
+        def measure(i: int) -> torch.Tensor:
+            handle = modules[blocks[0]].register_forward_pre_hook(first_input, with_kwargs=True)
+            try:
+                forward_batches(model, [batches[i]])
+            finally:
+                handle.remove()
+            return seen.pop("hidden")
+
+        hidden: list[torch.Tensor] = []
+        workers.reduce_batches(len(batches), measure, hidden.append)
+        return cls(blocks, hidden, _chained_blocks(model, blocks, batches[0]))
+
+    def covers(self, block: str | None) -> bool:
+        return block is not None and block == self.block
+
+    def retarget(self, block: nn.Module, pairs: list[Pair]) -> list[Pair]:
+        """`pairs` (per batch: compressed-prefix inputs, target, mask) with the dense model's own output of the
+        still-dense `block` as target: the block run on the batch's inputs with the dense model's hidden state in
+        place of the prefix's (no hooks may be active: nothing is measured here)."""
+        out = []
+        with torch.no_grad():
+            for (inputs, _, mask), hidden in zip(pairs, self.hidden, strict=True):
+                args, kwargs = _with_hidden(*inputs, hidden)
+                out.append((inputs, _first_tensor(block(*args, **kwargs)).detach(), mask))
+        return out
+
+    def advance(self, block: str, outputs: list[torch.Tensor]) -> None:
+        """`block` is done; its dense `outputs` (per batch) enter the next block if that one chains to it."""
+        at = self.blocks.index(block) if block in self.blocks else len(self.blocks)
+        nxt = self.blocks[at + 1] if at + 1 < len(self.blocks) else None
+        if self.covers(block) and nxt in self.chained:
+            self.block, self.hidden = nxt, outputs
+        else:
+            self.block, self.hidden = None, []
+
+
+def _chained_blocks(model: nn.Module, blocks: list[str], batch: tuple[tuple, dict]) -> set[str]:
+    """The blocks (after the first) whose input, on `batch` through the dense `model`, is exactly the previous
+    block's output — nothing runs between them."""
+    modules = dict(model.named_modules())
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in blocks:
+        handles.append(modules[name].register_forward_pre_hook(
+            lambda m, a, k, n=name: ins.__setitem__(n, _hidden_of(a, k)), with_kwargs=True))
+        handles.append(modules[name].register_forward_hook(
+            lambda m, a, out, n=name: outs.__setitem__(n, _first_tensor(out))))
+    try:
+        forward_batches(model, [batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {b for a, b in zip(blocks, blocks[1:]) if a in outs and b in ins and outs[a].shape == ins[b].shape
+            and torch.equal(outs[a], ins[b])}
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's hidden-state input: its first tensor argument (positional first, then keyword)."""
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """`(args, kwargs)` with their first tensor argument (see [`_hidden_of`]) replaced by `hidden`."""
+    for j, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return (*args[:j], hidden, *args[j + 1:]), kwargs
+    key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, key: hidden}
+
+
+def _token_mask(kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of a block's `output` `[batch, seq, ...]` count in tuning: the batch's attention mask
+    `[batch, seq]` as booleans, when it has that shape; None (all) otherwise (images)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(output.shape[:2]):
+        return mask.to(output.device).bool()
+    return None
+
+
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -261,11 +386,15 @@ def _block_parameters(block: nn.Module) -> list[nn.Parameter]:
 
 @torch.enable_grad()  # quantize_ runs under no_grad
 def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *, steps: int,
-                lr: float = 1e-4, held_out: float = 0.2) -> dict[str, Any]:
+                lr: float = TUNE_LR, held_out: float = 0.2, masks: list[torch.Tensor | None] | None = None
+                ) -> dict[str, Any]:
     """Train `block`'s codebooks, scales, norms and biases (codes fixed) so that its outputs on `inputs` match the
-    dense block's `targets`; stop on the held-out share of the batches. In place; returns the losses.
+    dense `targets`; stop on the held-out share of the batches. In place; returns the losses.
 
-    The loss is the output's squared error relative to the target's energy. The best state on the held-out batches
+    The loss is the output's squared error relative to the target's energy, over the positions `masks` keeps (per
+    batch a boolean `[batch, seq]` over the output's leading dimensions, or None for all): a padded position's
+    output is read by nothing, and counted it dominated MiniLM's first block (relative error 0.16 with padding,
+    0.03 without) and tuning to it lowered the held-out sentence cosine. The best state on the held-out batches
     is kept (so tuning never makes the held-out error worse), and codebooks and scales are rounded to fp16, as
     stored.
     """
@@ -285,8 +414,11 @@ def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: lis
 
     def loss_of(i: int) -> torch.Tensor:
         args, kwargs = inputs[i]
-        out = _first_tensor(block(*args, **kwargs)).float()
+        out = _first_tensor(block(*args, **kwargs)).float()  # like the target
         target = targets[i].float()
+        mask = None if masks is None else masks[i]  # [batch, seq] bool or None
+        if mask is not None:
+            out, target = out[mask], target[mask]  # [kept positions, ...]
         return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
     def held_out_loss() -> float:

@@ -162,6 +162,9 @@ def quantize_(
         filled.record.calibration = {**(filled.record.calibration or {}), "statistics": "XᵀX per layer, block by block "
                                      "on inputs from the compressed prefix", "encoder": "output-aware",
                                      "block tuning steps": config.tune_steps}
+        if config.tune_steps:
+            targets = {stage["tuning"]["target"] for stage in engine["stages"] if "tuning" in stage}
+            filled.record.calibration["block tuning target"] = ", ".join(sorted(targets)) + " (padding excluded)"
     model.vq_config = filled
     model.vq_timings = dict(workers.seconds)
     _keep_report(model, report)
