@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench_engine import _row  # noqa: E402  (sets the torch threads, offline mode)
-from _common import RESULTS, machine, minilm_path, write  # noqa: E402
+from bench_engine import _row  # importing it sets 2 torch threads and offline mode
+from _common import RESULTS, machine, minilm_path, write
 
 OUT = RESULTS / "experiment_block_tuning"
 KEY = "sentence embedding cosine (mean)"

@@ -125,8 +125,12 @@ def test_block_tuning_targets_the_dense_models_own_block_outputs(monkeypatch):
         h.remove()
     seen = []
     real = calibrated.tune_block_
-    monkeypatch.setattr(calibrated, "tune_block_", lambda block, inputs, targets, **kw: (
-        seen.append((inputs, targets, kw["masks"])), real(block, inputs, targets, **kw))[1])
+
+    def recording_tune_block_(block, inputs, targets, **kw):  # the real tuning, its arguments kept
+        seen.append((inputs, targets, kw["masks"]))
+        return real(block, inputs, targets, **kw)
+
+    monkeypatch.setattr(calibrated, "tune_block_", recording_tune_block_)
     model = copy.deepcopy(dense)
     config = hf_vq.quantize_(model, hf_vq.VQConfig(k=16, n_iter=5, permute=False, encoder="output-aware",
                                                    tune_steps=3), calibration=batches, progress=False)
@@ -146,6 +150,26 @@ def test_block_tuning_targets_the_dense_models_own_block_outputs(monkeypatch):
             assert torch.equal(mask, batches[b]["attention_mask"].bool())
     assert not torch.allclose(seen[1][0][0][0][0], expected[0][0])  # the prefix is compressed: inputs differ
     assert "dense model" in config.record.calibration["block tuning target"]
+
+
+def test_dense_trajectory_only_follows_blocks_that_chain():
+    """Targets are carried from block to block only where nothing runs between them (else they fall back to local)."""
+    from hf_vq.pipeline.calibrated import _chained_blocks
+
+    class Gapped(nn.Module):
+        def __init__(self, gap: bool):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.gap = gap
+
+        def forward(self, x):
+            x = self.blocks[1](self.blocks[0](x))
+            return self.blocks[2](2 * x if self.gap else x)  # with a gap, block 2 reads something else
+
+    batch = ((torch.randn(4, 8),), {})
+    names = ["blocks.0", "blocks.1", "blocks.2"]
+    assert _chained_blocks(Gapped(gap=False), names, batch) == {"blocks.1", "blocks.2"}
+    assert _chained_blocks(Gapped(gap=True), names, batch) == {"blocks.1"}
 
 
 def _file_ratio(model: nn.Module, dense_folder: Path, tmp: Path) -> float:

@@ -42,6 +42,13 @@ def calibration_batches(calibration: Any) -> list[tuple[tuple, dict]]:
     raise TypeError("calibration must be a batch (a tensor or a dict of model inputs) or a non-empty list of batches.")
 
 
+def token_mask(kwargs: dict) -> torch.Tensor | None:
+    """Which tokens of a text batch are real: its `attention_mask` `[batch, seq]` as booleans (padding False), or
+    None when the batch has no 2-D mask (images, unpadded inputs)."""
+    mask = kwargs.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """`value` on `device` when it is a tensor, else unchanged."""
     return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device
+from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device, token_mask
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
 from ..codec.kmeans import kmeans
@@ -149,8 +149,7 @@ def _dense_statistics(model: nn.Module, modules: dict[str, nn.Module], owners: l
     halves: tuple[dict[str, LayerStatistics], dict[str, LayerStatistics]] = ({}, {})
 
     def on_batch(kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        collector.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        collector.token_mask = token_mask(kwargs)
 
     def measure(i: int) -> tuple[int, dict[str, LayerStatistics]]:
         forward_batches(model, [batches[i]], on_batch=on_batch)
@@ -167,7 +166,7 @@ def _hessian(stat: LayerStatistics | None, cols: int, device: torch.device) -> t
     return torch.eye(cols, dtype=torch.float64, device=device)
 
 
-def _row_weights(stat: LayerStatistics | None, rows: int) -> torch.Tensor | None:
+def _row_weights(stat: LayerStatistics | None) -> torch.Tensor | None:
     if stat is None or stat.row_counts is None:
         return None
     return use_weights(stat.row_counts)  # [rows]
@@ -249,7 +248,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     split = fit is not None and test is not None and fit.hessian is not None and test.hessian is not None
     h = _hessian(fit if split else stat, cols, matrix.device)
     h_test = _hessian(test, cols, matrix.device) if split else None
-    rows_w = _row_weights(stat, rows)
+    rows_w = _row_weights(stat)
     area = 1 if layout.kind in ("linear", "conv1d", "conv1x1", "embedding") else math.prod(layout.shape[2:])
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
@@ -340,7 +339,7 @@ def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list
         matrix = matrices[name]
         noise = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(i)).to(matrix.device)
         h = _hessian(stats.get(name), matrix.shape[1], matrix.device)
-        rows_w = _row_weights(stats.get(name), matrix.shape[0])
+        rows_w = _row_weights(stats.get(name))
         if rows_w is not None:  # embeddings: relative weight error, rows weighted by use
             ratio = float((noise.pow(2).sum(1) * rows_w).sum() / (matrix.pow(2).sum(1) * rows_w).sum())
         else:
