@@ -1,57 +1,84 @@
 #!/usr/bin/env python
 """Block-wise tuning in `hf-vq compress`: the same allocation with and without `--tune-steps`, one run.
 
-Every row is `hf-vq compress` on all-MiniLM-L6-v2 as a user runs it (in process, `hf_vq.cli.main`), no fine-tuning:
-the engine at `--ratio R` with block-wise tuning off (the default) and with `--tune-steps N` (each transformer block's
-codebooks, scales, norms and biases trained toward the dense model's own block outputs on the calibration sentences,
-padding excluded, stopping on a held-out fifth of the calibration batches). Fidelity: mean (min) cosine of mean-pooled
-sentence embeddings against the dense model on 256 held-out Lee news sentences (calibration: 1,024 Wikipedia
-sentences). The weights-file ratio is measured on the files.
+Every row is `hf-vq compress` on all-MiniLM-L6-v2 (or, with `--model lite0`, EfficientNet-Lite0) as a user runs it
+(in process, `hf_vq.cli.main`), no fine-tuning: the engine at `--ratio R` with block-wise tuning off (the default) and
+with `--tune-steps N --tune-lr LR` (each block's codebooks, scales, norms and biases trained toward the dense model's
+own block outputs on the calibration inputs, padding excluded, stopping on a held-out fifth of the calibration
+batches). Fidelity: MiniLM, mean (min) cosine of mean-pooled sentence embeddings against the dense model on 256
+held-out Lee news sentences (calibration: 1,024 Wikipedia sentences); Lite0, top-1 agreement (and KL) with the dense
+model on 128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos). The weights-file ratio is measured
+on the files. Each tuned setting is `STEPS:LR`.
 
     .venv/bin/python benchmarks/experiment_block_tuning.py                 # -> results/experiment_block_tuning.{json,md}
-    .venv/bin/python benchmarks/experiment_block_tuning.py --ratios 16 --steps 200
+    .venv/bin/python benchmarks/experiment_block_tuning.py --ratios 16 --settings 200:1e-4 400:3e-4
+    .venv/bin/python benchmarks/experiment_block_tuning.py --model lite0 --ratios 6 --settings 100:1e-4
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from bench_engine import _row  # importing it sets 2 torch threads and offline mode
-from _common import RESULTS, machine, minilm_path, write
+from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write
 
 OUT = RESULTS / "experiment_block_tuning"
-KEY = "sentence embedding cosine (mean)"
+#: Per model: the fidelity reported, the second figure shown next to it, and how the held-out set is described.
+MODELS = {
+    "minilm": ("sentence embedding cosine (mean)", "sentence embedding cosine (min)", "min cosine",
+               "256 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences)"),
+    "lite0": ("top-1 agreement with the dense model", "KL(dense || compressed) mean, nats", "KL",
+              "128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos)"),
+}
+
+
+def _dense(model: str) -> tuple[Path, int]:
+    """The dense model's folder and the size of its weights file."""
+    if model == "minilm":
+        path = minilm_path()
+    else:
+        conv = efficientnet_lite0_converter()
+        path = Path(conv.save_dense(conv.convert(), Path(tempfile.mkdtemp()) / "lite0"))
+    return path, (path / "model.safetensors").stat().st_size
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
     parser.add_argument("--ratios", type=float, nargs="+", default=[16.0, 10.0])
-    parser.add_argument("--steps", type=int, default=200, help="--tune-steps of the tuned rows")
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--settings", nargs="+", default=["200:1e-4"],
+                        help="tuned rows as STEPS:LR (--tune-steps, --tune-lr); an untuned row always runs first")
+    parser.add_argument("--out", help=f"default: {OUT.relative_to(RESULTS.parent)}[_lite0]")
     args = parser.parse_args()
-    path = minilm_path()
-    dense_bytes = (path / "model.safetensors").stat().st_size
+    key, second, second_name, held_out = MODELS[args.model]
+    path, dense_bytes = _dense(args.model)
+    settings = [(0, None)] + [(int(s.split(":")[0]), float(s.split(":")[1])) for s in args.settings]
     rows = []
     for ratio in args.ratios:
-        for steps in (0, args.steps):
-            flags = ["--ratio", f"{ratio:g}"] + (["--tune-steps", str(steps)] if steps else [])
-            row = _row("minilm", f"R={ratio:g}, tune steps {steps}", [str(path), *flags], dense_bytes, KEY)
-            row.update(ratio=ratio, tune_steps=steps)
+        for steps, lr in settings:
+            flags = ["--ratio", f"{ratio:g}"] + (["--tune-steps", str(steps), "--tune-lr", f"{lr:g}"] if steps else [])
+            row = _row(args.model, f"R={ratio:g}, tune steps {steps}, lr {lr}", [str(path), *flags], dense_bytes, key)
+            row.update(ratio=ratio, tune_steps=steps, tune_lr=lr)
             rows.append(row)
     info = machine()
     command = "python benchmarks/experiment_block_tuning.py " + " ".join(sys.argv[1:])
-    lines = ["# Block-wise tuning in `hf-vq compress` (MiniLM)\n",
+    lines = [f"# Block-wise tuning in `hf-vq compress` ({'MiniLM' if args.model == 'minilm' else 'EfficientNet-Lite0'})\n",
              f"`{command.strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             "Each row is `hf-vq compress --ratio R [--tune-steps N]`; tuning trains each block's codebooks, scales, "
-             "norms and biases toward the dense model's own block outputs (padding excluded), stopping on a held-out "
-             "fifth of the 1,024 calibration sentences. Fidelity on 256 held-out Lee news sentences; no fine-tuning.\n",
-             "| --ratio | --tune-steps | weights file ratio | mean cosine | min cosine | seconds |",
-             "|---|---|---|---|---|---|"]
+             "Each row is `hf-vq compress --ratio R [--tune-steps N --tune-lr LR]`; tuning trains each block's "
+             "codebooks, scales, norms and biases toward the dense model's own block outputs (padding excluded), "
+             f"stopping on a held-out fifth of the calibration batches. Fidelity ({key}) on {held_out}; "
+             "no fine-tuning.\n",
+             f"| --ratio | --tune-steps | --tune-lr | weights file ratio | fidelity | {second_name} | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['ratio']:g} | {r['tune_steps']} | {r['file_ratio']:.2f}× | **{r['fidelity']:.4f}** | "
-                     f"{r['fidelity_all'].get('sentence embedding cosine (min)')} | {r['seconds']:.0f} |")
-    write(args.out, {"machine": info, "command": command.strip(), "rows": rows}, "\n".join(lines) + "\n")
+        lr = "-" if not r["tune_steps"] else f"{r['tune_lr']:g}"
+        lines.append(f"| {r['ratio']:g} | {r['tune_steps']} | {lr} | {r['file_ratio']:.2f}× | **{r['fidelity']:.4f}** | "
+                     f"{r['fidelity_all'].get(second)} | {r['seconds']:.0f} |")
+    out = args.out or str(OUT) + ("" if args.model == "minilm" else f"_{args.model}")
+    write(out, {"machine": info, "command": command.strip(), "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

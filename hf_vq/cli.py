@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_BLOCK_SIZE, VQConfig
+from .config import DEFAULT_BLOCK_SIZE, Recipe, VQConfig
 from .serialization import CheckpointError, check_save_target, check_writable, checkpoint_size_report
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
                   target_ratio=args.ratio if args.ratio is not None or explicit or not engine else DEFAULT_RATIO,
                   scales=args.scales if args.scales is not None else engine,
                   tune_steps=args.tune_steps if args.tune_steps is not None else (DEFAULT_TUNE_STEPS if engine else 0))
+    if args.tune_lr is not None:
+        kwargs.update(tune_lr=args.tune_lr)
     if args.bits is not None:
         kwargs.update(target_ratio=None, bits_per_weight=args.bits)
     if getattr(args, "stream", False):
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-output-channel scales (default: on with calibration data)")
     p.add_argument("--tune-steps", type=int, metavar="N",
                    help=f"block-wise tuning steps per block (default {DEFAULT_TUNE_STEPS}; 0 turns it off)")
+    p.add_argument("--tune-lr", type=float, metavar="LR",
+                   help=f"Adam learning rate of block-wise tuning (default {Recipe.tune_lr:g})")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="after compressing, distil from the dense model for at most N steps on the calibration source "
                         "(PQF's third step; held-out early stopping; default 0: off)")

@@ -128,12 +128,13 @@ def test_block_tuning_targets_the_dense_models_own_block_outputs(monkeypatch):
 
     def recording_tune_block_(block, inputs, targets, **kw):  # the real tuning, its arguments kept
         seen.append((inputs, targets, kw["masks"]))
+        assert kw["lr"] == 3e-4  # VQConfig.tune_lr
         return real(block, inputs, targets, **kw)
 
     monkeypatch.setattr(calibrated, "tune_block_", recording_tune_block_)
     model = copy.deepcopy(dense)
     config = hf_vq.quantize_(model, hf_vq.VQConfig(k=16, n_iter=5, permute=False, encoder="output-aware",
-                                                   tune_steps=3), calibration=batches, progress=False)
+                                                   tune_steps=3, tune_lr=3e-4), calibration=batches, progress=False)
     compressed_in: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}  # what each block reads in the result
     hooks = [model.encoder.layer[i].register_forward_pre_hook(
         lambda m, a, i=i: compressed_in[i].append(a[0])) for i in range(3)]
@@ -150,6 +151,18 @@ def test_block_tuning_targets_the_dense_models_own_block_outputs(monkeypatch):
             assert torch.equal(mask, batches[b]["attention_mask"].bool())
     assert not torch.allclose(seen[1][0][0][0][0], expected[0][0])  # the prefix is compressed: inputs differ
     assert "dense model" in config.record.calibration["block tuning target"]
+
+
+def test_tuning_learning_rate_is_validated_and_reaches_the_config_from_the_cli():
+    from hf_vq.cli import _config_from_args, build_parser
+
+    for bad in (0, -1e-3, float("nan"), True):
+        with pytest.raises(ValueError, match="tune_lr"):
+            hf_vq.VQConfig(tune_lr=bad)
+    args = build_parser().parse_args(["compress", "model", "--out", "o", "--tune-steps", "400", "--tune-lr", "3e-4"])
+    assert _config_from_args(args).recipe.tune_lr == 3e-4
+    args = build_parser().parse_args(["compress", "model", "--out", "o"])
+    assert _config_from_args(args).recipe.tune_lr == hf_vq.Recipe.tune_lr
 
 
 def test_dense_trajectory_only_follows_blocks_that_chain():

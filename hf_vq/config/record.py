@@ -40,6 +40,7 @@ class Recipe:
         tune_steps (`int`, defaults to 0): output-aware only: Adam steps of block-wise tuning per block (codebooks,
             scales, norms, biases trained toward the dense model's own outputs of the block, padding excluded; stops
             early on held-out batches).
+        tune_lr (`float`, defaults to 1e-4): output-aware only: Adam learning rate of block-wise tuning.
         max_rows (`int`, defaults to 65,536): output-aware only: input rows per batch and layer kept for `XᵀX`.
         target_ratio (`float`, *optional*): bit allocation: choose each layer's (k, d, scales) so that the weights
             file is this many times smaller than the dense fp32 one (everything left dense counts).
@@ -61,6 +62,7 @@ class Recipe:
     encoder: str = "kmeans"
     refit_rounds: int = 2
     tune_steps: int = 0
+    tune_lr: float = 1e-4
     max_rows: int = 65_536
     target_ratio: float | None = None
     bits_per_weight: float | None = None
@@ -77,11 +79,12 @@ class Recipe:
                 raise ValueError(f"VQConfig.{name}={getattr(self, name)!r} must be True or False.")
         if self.encoder not in ENCODERS:
             raise ValueError(f"VQConfig.encoder={self.encoder!r} is not one of {ENCODERS}.")
-        for name, low in (("target_ratio", 1.0), ("bits_per_weight", 0.0)):
+        for name, low in (("target_ratio", 1.0), ("bits_per_weight", 0.0), ("tune_lr", 0.0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= low):
-                raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g} (or None).")
+                raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g}"
+                                 + ("." if name == "tune_lr" else " (or None)."))
         names = self.allocation_outputs
         if names is not None:
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \

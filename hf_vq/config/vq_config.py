@@ -115,7 +115,7 @@ class VQConfig:
             methods and scales with 3). Configs from a format newer than [`FORMAT_VERSION`] are refused; older ones
             load unchanged (version 1 as per-layer product quantization).
         n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters, encoder, refit_rounds, tune_steps,
-        max_rows, target_ratio, bits_per_weight, allocation_outputs:
+        tune_lr, max_rows, target_ratio, bits_per_weight, allocation_outputs:
             The [`Recipe`] (see there): how codes are computed — including the calibrated engine
             (`encoder="output-aware"`) and bit allocation to a target size (`target_ratio` / `bits_per_weight`).
             Kept in `config.recipe`, recorded in the model card and the weights' metadata, never written into

@@ -26,7 +26,7 @@ from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, tok
 from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import relative_error, split_blocks
-from ..config import LayerLayout, VQConfig
+from ..config import LayerLayout, Recipe, VQConfig
 from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
 from .encode import assign_rows, encode_unit, unit_rows, use_weights
@@ -37,8 +37,8 @@ __all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "
 
 logger = logging.getLogger(__name__)
 
-#: Adam learning rate of block-wise tuning.
-TUNE_LR = 1e-4
+#: Adam learning rate of block-wise tuning (`VQConfig.tune_lr`'s default).
+TUNE_LR = Recipe.tune_lr
 
 
 def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
@@ -198,7 +198,7 @@ def install_layer(model: nn.Module, name: str, layout: LayerLayout, codebooks: t
 def _tune_on_main(block: nn.Module, pairs: list, config: VQConfig, workers: Workers) -> dict[str, Any]:
     """Block-wise tuning on the main process (sequential optimizer steps); the others receive its parameters."""
     history = tune_block_(block, [p[0] for p in pairs], [p[1] for p in pairs], steps=config.recipe.tune_steps,
-                          masks=[p[2] for p in pairs]) if workers.is_main else None
+                          lr=config.recipe.tune_lr, masks=[p[2] for p in pairs]) if workers.is_main else None
     if workers.count > 1:
         params = _block_parameters(block)
         tuned = workers.broadcast([p.detach() for p in params] if workers.is_main else None)
