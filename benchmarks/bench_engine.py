@@ -101,21 +101,28 @@ def _variants(model: str, n: int) -> list[tuple[str, list[str]]]:
     return rows
 
 
+#: The fidelity `hf-vq compress` reports for each model (a key of its report's "fidelity").
+FIDELITY = {"minilm": "sentence embedding cosine (mean)", "lite0": "top-1 agreement with the dense model"}
+
+
+def dense_folder(model: str) -> tuple[Path, int]:
+    """The dense model's folder (MiniLM's package folder; Lite0 converted to a timm folder in a temporary directory)
+    and the size of its weights file."""
+    if model == "minilm":
+        path = minilm_path()
+    else:
+        conv = efficientnet_lite0_converter()
+        path = Path(conv.save_dense(conv.convert(), Path(tempfile.mkdtemp()) / "lite0"))
+    return path, (path / "model.safetensors").stat().st_size
+
+
 def run_model(model: str, n: int | None, ratios: list[float] | None) -> list[dict]:
     n = n or _samples(model)
     if ratios:
         RATIOS[model] = tuple(ratios)
-    if model == "minilm":
-        path = minilm_path()
-        dense_bytes, target, key = (path / "model.safetensors").stat().st_size, [str(path)], \
-            "sentence embedding cosine (mean)"
-    else:
-        conv = efficientnet_lite0_converter()
-        dense = conv.convert()
-        folder = conv.save_dense(dense, Path(tempfile.mkdtemp()) / "lite0")
-        dense_bytes = (Path(folder) / "model.safetensors").stat().st_size
-        target, key = [str(folder)], "top-1 agreement with the dense model"
-    return [_row(model, variant, target + args, dense_bytes, key) for variant, args in _variants(model, n)]
+    folder, dense_bytes = dense_folder(model)
+    return [_row(model, variant, [str(folder), *args], dense_bytes, FIDELITY[model])
+            for variant, args in _variants(model, n)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -19,30 +19,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-from bench_engine import _row  # importing it sets 2 torch threads and offline mode
-from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write
+from bench_engine import FIDELITY, _row, dense_folder  # importing it sets 2 torch threads and offline mode
+from _common import RESULTS, machine, write
 
 OUT = RESULTS / "experiment_block_tuning"
-#: Per model: the fidelity reported, the second figure shown next to it, and how the held-out set is described.
+#: Per model: the second figure shown next to the fidelity, its column name, and how the held-out set is described.
 MODELS = {
-    "minilm": ("sentence embedding cosine (mean)", "sentence embedding cosine (min)", "min cosine",
+    "minilm": ("sentence embedding cosine (min)", "min cosine",
                "256 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences)"),
-    "lite0": ("top-1 agreement with the dense model", "KL(dense || compressed) mean, nats", "KL",
+    "lite0": ("KL(dense || compressed) mean, nats", "KL",
               "128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos)"),
 }
-
-
-def _dense(model: str) -> tuple[Path, int]:
-    """The dense model's folder and the size of its weights file."""
-    if model == "minilm":
-        path = minilm_path()
-    else:
-        conv = efficientnet_lite0_converter()
-        path = Path(conv.save_dense(conv.convert(), Path(tempfile.mkdtemp()) / "lite0"))
-    return path, (path / "model.safetensors").stat().st_size
 
 
 def main() -> None:
@@ -53,8 +41,8 @@ def main() -> None:
                         help="tuned rows as STEPS:LR (--tune-steps, --tune-lr); an untuned row always runs first")
     parser.add_argument("--out", help=f"default: {OUT.relative_to(RESULTS.parent)}[_lite0]")
     args = parser.parse_args()
-    key, second, second_name, held_out = MODELS[args.model]
-    path, dense_bytes = _dense(args.model)
+    key, (second, second_name, held_out) = FIDELITY[args.model], MODELS[args.model]
+    path, dense_bytes = dense_folder(args.model)
     settings = [(0, None)] + [(int(s.split(":")[0]), float(s.split(":")[1])) for s in args.settings]
     rows = []
     for ratio in args.ratios:
@@ -65,7 +53,8 @@ def main() -> None:
             rows.append(row)
     info = machine()
     command = "python benchmarks/experiment_block_tuning.py " + " ".join(sys.argv[1:])
-    lines = [f"# Block-wise tuning in `hf-vq compress` ({'MiniLM' if args.model == 'minilm' else 'EfficientNet-Lite0'})\n",
+    title = "MiniLM" if args.model == "minilm" else "EfficientNet-Lite0"
+    lines = [f"# Block-wise tuning in `hf-vq compress` ({title})\n",
              f"`{command.strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
              "Each row is `hf-vq compress --ratio R [--tune-steps N --tune-lr LR]`; tuning trains each block's "
              "codebooks, scales, norms and biases toward the dense model's own block outputs (padding excluded), "
@@ -75,8 +64,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lr = "-" if not r["tune_steps"] else f"{r['tune_lr']:g}"
-        lines.append(f"| {r['ratio']:g} | {r['tune_steps']} | {lr} | {r['file_ratio']:.2f}× | **{r['fidelity']:.4f}** | "
-                     f"{r['fidelity_all'].get(second)} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['ratio']:g} | {r['tune_steps']} | {lr} | {r['file_ratio']:.2f}× | "
+                     f"**{r['fidelity']:.4f}** | {r['fidelity_all'].get(second)} | {r['seconds']:.0f} |")
     out = args.out or str(OUT) + ("" if args.model == "minilm" else f"_{args.model}")
     write(out, {"machine": info, "command": command.strip(), "rows": rows}, "\n".join(lines) + "\n")
 

@@ -5,5 +5,5 @@ from .batches import as_args_kwargs, calibration_batches, to_device, token_mask
 from .hessian import HessianCollector, LayerStatistics, merge_statistics, permute_hessian
 from .moments import entry_moments, input_moments, permute_moments
 
-__all__ = ["as_args_kwargs", "calibration_batches", "to_device", "token_mask", "entry_moments", "input_moments", "permute_moments",
-           "HessianCollector", "LayerStatistics", "merge_statistics", "permute_hessian"]
+__all__ = ["as_args_kwargs", "calibration_batches", "to_device", "token_mask", "entry_moments", "input_moments",
+           "permute_moments", "HessianCollector", "LayerStatistics", "merge_statistics", "permute_hessian"]

@@ -83,8 +83,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= low):
-                raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g}"
-                                 + ("." if name == "tune_lr" else " (or None)."))
+                optional = " (or None)" if getattr(Recipe, name) is None else ""
+                raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g}{optional}.")
         names = self.allocation_outputs
         if names is not None:
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \

@@ -33,12 +33,9 @@ from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import Stage, StageDone, forward_batches, plan_stages
 
-__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_", "TUNE_LR"]
+__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_"]
 
 logger = logging.getLogger(__name__)
-
-#: Adam learning rate of block-wise tuning (`VQConfig.tune_lr`'s default).
-TUNE_LR = Recipe.tune_lr
 
 
 def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
@@ -72,7 +69,8 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
     for stage in stages:
         with workers.phase("calibration"):
             stats, pairs = _measure(model, stage, batches, config, workers)
-            if pairs and trajectory is not None and trajectory.covers(stage.block):  # the block is still dense
+            dense_target = trajectory is not None and trajectory.covers(stage.block)
+            if pairs and dense_target:  # the block is still dense
                 pairs = trajectory.retarget(model.get_submodule(stage.block), pairs)
         entry = {"stage": stage.name, "layers": {}}
         with workers.phase("encoding"):
@@ -84,8 +82,8 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
         if pairs:
             with workers.phase("tuning"):
                 entry["tuning"] = _tune_on_main(model.get_submodule(stage.block), pairs, config, workers)
-            entry["tuning"]["target"] = "dense model" if trajectory is not None and trajectory.covers(stage.block) \
-                else "dense block on the compressed prefix's outputs"
+            entry["tuning"]["target"] = ("dense model" if dense_target
+                                         else "dense block on the compressed prefix's outputs")
             if trajectory is not None:
                 trajectory.advance(stage.block, [target for _, target, _ in pairs])
         report["stages"].append(entry)
@@ -122,7 +120,7 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
         forward_batches(model, [batches[i]], last=stage.last, on_batch=set_mask)
         if "out" not in seen:
             return collector.take(), None
-        mask = token_mask(batches[i][1])  # [batch, seq] or None
+        mask = collector.token_mask  # this batch's [batch, seq], set by set_mask, or None
         fits = mask is not None and tuple(mask.shape) == tuple(seen["out"].shape[:2])
         return collector.take(), (seen["in"], seen["out"], mask.to(seen["out"].device) if fits else None)
 
@@ -270,15 +268,15 @@ class _DenseTrajectory:
             raise StageDone
 
         def measure(i: int) -> torch.Tensor:
-            handle = modules[blocks[0]].register_forward_pre_hook(first_input, with_kwargs=True)
-            try:
-                forward_batches(model, [batches[i]])
-            finally:
-                handle.remove()
+            forward_batches(model, [batches[i]])
             return seen.pop("hidden")
 
         hidden: list[torch.Tensor] = []
-        workers.reduce_batches(len(batches), measure, hidden.append)
+        handle = modules[blocks[0]].register_forward_pre_hook(first_input, with_kwargs=True)
+        try:
+            workers.reduce_batches(len(batches), measure, hidden.append)
+        finally:
+            handle.remove()
         return cls(blocks, hidden, _chained_blocks(model, blocks, batches[0]))
 
     def covers(self, block: str | None) -> bool:
@@ -377,7 +375,7 @@ def _block_parameters(block: nn.Module) -> list[nn.Parameter]:
 
 @torch.enable_grad()  # quantize_ runs under no_grad
 def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *, steps: int,
-                lr: float = TUNE_LR, held_out: float = 0.2, masks: list[torch.Tensor | None] | None = None
+                lr: float = Recipe.tune_lr, held_out: float = 0.2, masks: list[torch.Tensor | None] | None = None
                 ) -> dict[str, Any]:
     """Train `block`'s codebooks, scales, norms and biases (codes fixed) so that its outputs on `inputs` match the
     dense `targets`; stop on the held-out share of the batches. In place; returns the losses.
