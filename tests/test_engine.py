@@ -185,50 +185,6 @@ def test_dense_trajectory_only_follows_blocks_that_chain():
     assert _chained_blocks(Gapped(gap=True), names, batch) == {"blocks.1"}
 
 
-def test_norm_row_weights_are_each_channels_gain_through_the_batchnorm_reading_it():
-    """A conv whose output goes straight into a BatchNorm gets the norm's squared derivative per output channel:
-    (γ/σ)² for a plain norm, times the share of positions a fused ReLU passes; a conv read through another op
-    first, or a model without BatchNorm, gets none."""
-    from hf_vq.pipeline.calibrated import norm_row_weights
-
-    class BatchNormReLU(nn.BatchNorm2d):  # like timm's BatchNormAct2d
-        def forward(self, x):
-            return torch.relu(super().forward(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.bn_a = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
-            self.b, self.bn_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
-            self.c, self.bn_c = nn.Conv2d(8, 8, 1), BatchNormReLU(8)
-            self.head = nn.Linear(8, 4)
-
-        def forward(self, x):
-            x = torch.relu(self.bn_a(self.a(x)))
-            x = self.bn_b(torch.relu(self.b(x)))  # b's output is changed before its norm reads it
-            return self.head(self.bn_c(self.c(x)).mean((2, 3)))
-
-    net = Net().eval()
-    with torch.no_grad():
-        for bn in (net.bn_a, net.bn_b, net.bn_c):
-            bn.weight.uniform_(0.5, 2)
-            bn.running_var.uniform_(1e-3, 4)
-            bn.bias.uniform_(-1, 1)
-    x = torch.randn(2, 3, 12, 12)
-    weights = norm_row_weights(net, ["a", "b", "c", "head"], ((x,), {}))
-    assert set(weights) == {"a", "c"}
-
-    def gain(bn):
-        return bn.weight.detach().double() ** 2 / (bn.running_var.double() + bn.eps)  # [channels]
-
-    assert torch.allclose(weights["a"].double(), gain(net.bn_a), rtol=1e-6)
-    with torch.no_grad():
-        c_out = net.c(net.bn_b(torch.relu(net.b(torch.relu(net.bn_a(net.a(x)))))))
-        passed = (nn.BatchNorm2d.forward(net.bn_c, c_out) > 0).double().mean((0, 2, 3))  # [channels]
-    assert torch.allclose(weights["c"].double(), gain(net.bn_c) * passed, rtol=1e-6)
-    assert norm_row_weights(_bert(), ["encoder.layer.0.attention.self.query"], ((), _batches(1)[0])) == {}
-
-
 def _file_ratio(model: nn.Module, dense_folder: Path, tmp: Path) -> float:
     model.save_pretrained(tmp)
     return (dense_folder / "model.safetensors").stat().st_size / (tmp / "model.safetensors").stat().st_size

@@ -170,7 +170,7 @@ def encode_output_aware(
     weight: torch.Tensor, hessian: torch.Tensor, *, k: int = 256, d: int = 4, num_codebooks: int = 1,
     scales: bool = False, seed: int = 0, n_iter: int = 2, kmeans_iters: int = 50, damp: float = 0.01,
     act_order: bool = True, block_size: int = 128, reassign: str = "gptq+icm", refit_iters: int = 10,
-    beam_size: int = 8, row_weights: torch.Tensor | None = None,
+    beam_size: int = 8,
 ) -> OutputAwareResult:
     """Codebooks, codes (and per-row scales) of `weight` that minimise its output error `tr(ΔW H ΔWᵀ)`.
 
@@ -194,26 +194,18 @@ def encode_output_aware(
         refit_iters (`int`, defaults to 10): conjugate-gradient iterations per codebook refit (measured on
             MiniLM: converged to 1e-5 after 4-5).
         beam_size (`int`, defaults to 8): beam of the additive search when `num_codebooks > 1`.
-        row_weights (`torch.Tensor`, *optional*): how much each row's output error counts, `[rows]` (>= 0; e.g.
-            `(γ / σ)²` of the BatchNorm that reads the layer's output): the objective becomes
-            `Σ_r row_weights[r] · ‖ΔW_r X‖²`. Rows are weighted by encoding `diag(√w) · W` (the scales, or fixed
-            scales `√w` without them, take the factor back). Normalised to mean 1 and floored at 1e-4.
 
     Returns:
         [`OutputAwareResult`]: `(codebooks [M, k, d], codes [rows, cols / d, M], scales [rows] or None, stats)`.
-        With `row_weights`, the output errors in `stats` are the weighted ones.
 
     Raises:
         `ValueError`: for inconsistent shapes or out-of-range settings (the message names the argument).
     """
     _validate(weight, k, d, num_codebooks, n_iter, reassign)
     t_start = time.perf_counter()
-    root = None if row_weights is None else _row_roots(row_weights, weight.shape[0]).to(weight.device)  # [rows]
     w = weight.detach().float()  # [rows, cols]
-    if root is not None:
-        w = w * root[:, None]  # the weighted problem: ‖(√w_r ΔW_r) X‖² = w_r ‖ΔW_r X‖²
     h = as_grouped(w, hessian)[1].to(w.device, torch.float64)  # [G, cols, cols]
-    st = _State(w, h, _init_scales(w) if scales else root)
+    st = _State(w, h, _init_scales(w) if scales else None)
     st.books, codes = weighted_residual_kmeans(st.normalized(), hessian_entry_weights(h, w.shape[0], d, st.s),
                                                num_codebooks=num_codebooks, k=k, d=d, n_iter=kmeans_iters, seed=seed)
     st.take(codes)
@@ -245,21 +237,6 @@ def encode_output_aware(
         st.record()
         stats["seconds_reassign"] += time.perf_counter() - t0
     approx = st.approx(st.codes)  # [rows, cols]
-    stats.update(history=st.history, output_error=output_error(w, approx, h), seconds=time.perf_counter() - t_start)
-    out_scales = st.s if scales else None  # [rows] or None
-    if root is not None and out_scales is not None:  # back to the layer's own rows
-        out_scales = (out_scales / root).clamp(-65504.0, 65504.0).half().float()
-    if root is not None:
-        approx = decode(st.codes, st.books) if out_scales is None else decode(st.codes, st.books) * out_scales[:, None]
-    stats["weight_error"] = relative_error(weight.detach().float(), approx)
-    return OutputAwareResult(st.books, st.codes, out_scales, stats)
-
-
-def _row_roots(row_weights: torch.Tensor, rows: int) -> torch.Tensor:
-    """`√w` of row weights `[rows]` normalised to mean 1 and floored at 1e-4 (no row drops out entirely)."""
-    if row_weights.shape != (rows,):
-        raise ValueError(f"row_weights must be [rows]={rows}; got shape {tuple(row_weights.shape)}.")
-    w = row_weights.detach().double()
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError("row_weights must be finite, >= 0 and not all zero.")
-    return (w / w.mean()).clamp_min(1e-4).sqrt().float()
+    stats.update(history=st.history, output_error=output_error(w, approx, h), weight_error=relative_error(w, approx),
+                 seconds=time.perf_counter() - t_start)
+    return OutputAwareResult(st.books, st.codes, st.s, stats)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import Stage, StageDone, forward_batches, plan_stages
 
-__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "norm_row_weights", "tune_block_"]
+__all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
     tuned = [s.block for s in stages if s.block is not None] if config.recipe.tune_steps > 0 else []
     with workers.phase("calibration"):
         trajectory = _DenseTrajectory.start(model, tuned, batches, workers) if tuned else None
-        row_weights = norm_row_weights(model, owners, batches[0])
     bar = tqdm(total=len(owners), desc="hf_vq quantize (calibrated)", unit="layer", disable=not progress)
     for stage in stages:
         with workers.phase("calibration"):
@@ -76,7 +74,7 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
                 pairs = trajectory.retarget(model.get_submodule(stage.block), pairs)
         entry = {"stage": stage.name, "layers": {}}
         with workers.phase("encoding"):
-            fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers, row_weights)
+            fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers)
         for name in stage.layers:
             layouts[name], entry["layers"][name] = install_layer(model, name, layouts[name], *fitted[name], device)
             bar.update(1)
@@ -145,23 +143,20 @@ Fitted = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, floa
 
 def encode_layers(model: nn.Module, names: list[str], layouts: dict[str, LayerLayout],
                   stats: dict[str, LayerStatistics], config: VQConfig, device: torch.device,
-                  workers: Workers, row_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Fitted]:
+                  workers: Workers) -> dict[str, Fitted]:
     """Fit the named layers (this process its share by cost, see [`Workers.share`]); every process gets them all:
-    name -> (codebooks `[M, k, d]`, codes `[rows, cols / d, M]`, scales `[rows]` or None, errors). `row_weights`:
-    see [`norm_row_weights`]."""
-    row_weights = row_weights or {}
+    name -> (codebooks `[M, k, d]`, codes `[rows, cols / d, M]`, scales `[rows]` or None, errors)."""
     costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=stats.get(n) is not None
                         and stats[n].hessian is not None) for n in names]
-    mine = {names[j]: fit_layer(model, names[j], layouts[names[j]], stats.get(names[j]), config, device,
-                                row_weights.get(names[j])) for j in workers.share(costs)}
+    mine = {names[j]: fit_layer(model, names[j], layouts[names[j]], stats.get(names[j]), config, device)
+            for j in workers.share(costs)}
     return workers.exchange(mine)
 
 
 def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStatistics | None, config: VQConfig,
-              device: torch.device, row_weights: torch.Tensor | None = None) -> Fitted:
+              device: torch.device) -> Fitted:
     """Encode one layer for its outputs (an embedding: its rows by how often they are read; a layer the data never
-    reached: its weights). `row_weights` `[rows]`: how much each output channel's error counts (see
-    [`norm_row_weights`]). The model is not changed (see [`install_layer`])."""
+    reached: its weights). The model is not changed (see [`install_layer`])."""
     module = model.get_submodule(name)
     matrix = vq_class_for(type(module))._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)
     seed = config.seed + _stable_index(name)
@@ -170,8 +165,7 @@ def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStati
         h = stat.mean_hessian().to(device)  # [cols, cols] or [G, cols, cols]
         result = encode_output_aware(matrix, h, k=layout.k, d=layout.d, num_codebooks=layout.num_codebooks,
                                      scales=layout.scales, seed=seed, n_iter=config.recipe.refit_rounds,
-                                     kmeans_iters=min(config.n_iter, 20),  # an init: the GPTQ pass re-encodes
-                                     row_weights=row_weights)
+                                     kmeans_iters=min(config.n_iter, 20))  # an init: the GPTQ pass re-encodes
         codebooks, codes, scales = result.codebooks, result.codes, result.scales
         errors = {"output_error": float(result.stats["output_error"]),
                   "output_error_init": float(result.stats["output_error_init"])}
@@ -232,53 +226,6 @@ def _encode_rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: Laye
     codebook = codebook.half().float()
     codes, scales = assign_rows(matrix, codebook, layout.scales)  # [rows, cols/d, 1], [rows] or None
     return codebook[None], codes, scales
-
-
-def norm_row_weights(model: nn.Module, names: list[str], batch: tuple[tuple, dict]) -> dict[str, torch.Tensor]:
-    """For each named layer whose output goes straight into a BatchNorm (a conv and the norm after it, timm's fused
-    norm + activation included): how much each output channel's error counts after that module, `E[(∂y_j/∂x_j)²]`
-    `[channels]` over the batch's positions — `(γ_j / √(running_var_j + eps))²` for a plain norm, times the share of
-    positions where a fused activation passes the change on. A channel with a small running variance magnifies its
-    error (its mean shift above all) unless the activation clips it. Measured on one batch through the model as it
-    is now (a norm whose input *is* the layer's output tensor; the module runs element-wise per channel, so one
-    backward gives every channel's derivative); `{}` for models without BatchNorm (transformers keep their
-    LayerNorms after a residual add: nothing to weight)."""
-    modules = dict(model.named_modules())
-    norms = [m for m in modules.values() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None]
-    if not norms:
-        return {}
-    produced: dict[int, tuple[str, weakref.ref]] = {}  # id(output) -> (layer, the output, weakly)
-    gains: dict[str, torch.Tensor] = {}
-
-    def after(name: str):
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                produced[id(out)] = (name, weakref.ref(out))
-        return hook
-
-    def before(module: nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
-        entry = produced.get(id(x)) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
-        if entry is None or entry[1]() is not x or entry[0] in gains:  # not the very tensor (a reused id)
-            return
-        with torch.enable_grad():
-            xg = x.detach().float().requires_grad_(True)  # [batch, channels, ...]
-            (grad,) = torch.autograd.grad(module.forward(xg).sum(), xg)  # ∂y/∂x, element-wise: [batch, channels, ...]
-        gains[entry[0]] = grad.double().pow(2).transpose(0, 1).reshape(x.shape[1], -1).mean(1)  # [channels]
-
-    handles = [modules[n].register_forward_hook(after(n)) for n in names if n in modules]
-    handles += [m.register_forward_pre_hook(before) for m in norms]
-    try:
-        forward_batches(model, [batch])
-    finally:
-        for handle in handles:
-            handle.remove()
-    weights = {}
-    for name, gain in gains.items():
-        rows = vq_class_for(type(modules[name]))._weight_to_matrix(modules[name]._parameters["weight"]).shape[0]
-        if gain.shape == (rows,) and bool(torch.isfinite(gain).all()) and float(gain.sum()) > 0:
-            weights[name] = gain.float()
-    return weights
 
 
 def _stable_index(name: str) -> int:

@@ -143,35 +143,6 @@ def test_encoder_shapes_determinism_and_decode_consistency():
     assert stats["output_error"] < 0.8 * stats["output_error_init"]
 
 
-@pytest.mark.parametrize("scales", [True, False])
-def test_row_weights_make_the_heavy_rows_output_error_count(scales):
-    # a conv whose output channels feed a BatchNorm: channel j's error reaches the model times (γ_j / σ_j)
-    w, h, _ = _synthetic(64, 32)
-    weights = torch.ones(64)
-    weights[::8] = 400.0  # 8 rows whose error is magnified 20x (a small running variance)
-    root = (weights / weights.mean()).sqrt()[:, None]  # [rows, 1]
-
-    def weighted(result) -> float:  # the objective Σ_r w_r ‖ΔW_r X‖² (relative)
-        return output_error(w * root, _approx(result) * root, h)
-
-    plain = encode_output_aware(w, h, k=16, d=4, scales=scales, seed=0, kmeans_iters=20)
-    heavy = encode_output_aware(w, h, k=16, d=4, scales=scales, seed=0, kmeans_iters=20, row_weights=weights)
-    assert (heavy.scales is None) == (not scales)
-    if scales:  # the weight is taken back out of the stored scales
-        assert torch.equal(heavy.scales, heavy.scales.half().float())
-    assert heavy.stats["output_error"] == pytest.approx(weighted(heavy), rel=1e-3)
-    assert heavy.stats["weight_error"] == pytest.approx(float((w - _approx(heavy)).pow(2).sum() / w.pow(2).sum()),
-                                                        rel=1e-4)
-    assert weighted(heavy) < 0.8 * weighted(plain)
-    # uniform weights are the unweighted problem
-    same = encode_output_aware(w, h, k=16, d=4, scales=scales, seed=0, kmeans_iters=20, row_weights=torch.full((64,), 3.0))
-    assert torch.equal(same.codes, plain.codes)
-    with pytest.raises(ValueError, match="row_weights must be \\[rows\\]=64"):
-        encode_output_aware(w, h, k=16, d=4, row_weights=torch.ones(63))
-    with pytest.raises(ValueError, match="finite, >= 0"):
-        encode_output_aware(w, h, k=16, d=4, row_weights=-weights)
-
-
 def test_grouped_hessians_give_each_row_group_its_own_metric():
     # a depthwise 3x3 conv: 16 channels, one 9-weight kernel each (d = 9 = cols), H [16, 9, 9]
     gen = torch.Generator().manual_seed(7)
