@@ -14,6 +14,8 @@ rows are the engine this script runs now. The weighting was removed; its rows di
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
+    .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 1 2 --tune-steps 400 \
+        --tune-lr 3e-4 --out benchmarks/results/experiment_seeds_minilm_tuned   # other flags go to hf-vq compress
 """
 
 from __future__ import annotations
@@ -35,36 +37,39 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=6.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help=f"default: {OUT.relative_to(RESULTS.parent)}_<model>")
-    args = parser.parse_args()
-    second, second_name, held_out = MODELS[args.model]
+    args, flags = parser.parse_known_args()  # the rest: hf-vq compress flags, the same for every seed
+    second = MODELS[args.model][0]
     path, dense_bytes = dense_folder(args.model)
     rows = []
     for seed in args.seeds:
-        row = _row(args.model, f"engine, seed {seed}", [str(path), "--ratio", f"{args.ratio:g}", "--seed", str(seed)],
-                   dense_bytes, FIDELITY[args.model])
-        row.update(variant="engine", seed=seed, second=row["fidelity_all"].get(second))
+        cli_args = [str(path), "--ratio", f"{args.ratio:g}", "--seed", str(seed), *flags]
+        row = _row(args.model, f"seed {seed}", cli_args, dense_bytes, FIDELITY[args.model])
+        row.update(seed=seed, second=row["fidelity_all"].get(second))
         rows.append(row)
+    data = {"machine": machine(), "command": "python benchmarks/experiment_seeds.py " + " ".join(sys.argv[1:]),
+            "model": args.model, "ratio": args.ratio, "flags": flags, "rows": rows}
+    write(args.out or f"{OUT}_{args.model}", data, markdown(data))
+
+
+def markdown(data: dict) -> str:
+    """The Markdown table of a run's JSON (`data`: what `main` writes)."""
+    rows, info, model = data["rows"], data["machine"], data["model"]
+    second, second_name, held_out = MODELS[model]
     fid, sec = [r["fidelity"] for r in rows], [r["second"] for r in rows]
-    summary = {"engine": {"mean": statistics.fmean(fid), "min": min(fid), "max": max(fid),
-                          "second_mean": statistics.fmean(sec), "second_min": min(sec), "second_max": max(sec)}}
-    info = machine()
-    command = "python benchmarks/experiment_seeds.py " + " ".join(sys.argv[1:])
-    title = "MiniLM" if args.model == "minilm" else "EfficientNet-Lite0"
-    lines = [f"# `hf-vq compress --ratio {args.ratio:g}` across seeds ({title})\n",
-             f"`{command.strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `hf-vq compress --ratio {args.ratio:g} --seed S`, no fine-tuning; fidelity on {held_out}.\n",
-             f"| variant | seed | weights file ratio | {FIDELITY[args.model]} | {second_name} | seconds | allocation |",
-             "|---|---|---|---|---|---|---|"]
+    title = "MiniLM" if model == "minilm" else "EfficientNet-Lite0"
+    run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *data["flags"]])
+    lines = [f"# `{run}` across seeds ({title})\n",
+             f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
+             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {held_out}.\n",
+             f"| seed | weights file ratio | {FIDELITY[model]} | {second_name} | seconds | allocation |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         alloc = ", ".join(f"{k}×{v}" for k, v in (r["allocation"] or {}).items())
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['file_ratio']:.2f}× | {r['fidelity']:.4f} | "
-                     f"{r['second']:.4g} | {r['seconds']:.0f} | {alloc} |")
-    lines += ["", f"| variant | mean | range | {second_name} mean | {second_name} range |", "|---|---|---|---|---|"]
-    for variant, s in summary.items():
-        lines.append(f"| {variant} | **{s['mean']:.4f}** | {s['min']:.4f} to {s['max']:.4f} | {s['second_mean']:.4g} | "
-                     f"{s['second_min']:.4g} to {s['second_max']:.4g} |")
-    write(args.out or f"{OUT}_{args.model}", {"machine": info, "ratio": args.ratio, "rows": rows, "summary": summary},
-          "\n".join(lines) + "\n")
+        lines.append(f"| {r['seed']} | {r['file_ratio']:.2f}× | {r['fidelity']:.4f} | {r['second']:.4g} | "
+                     f"{r['seconds']:.0f} | {alloc} |")
+    lines += ["", f"Mean over the {len(rows)} seeds: **{statistics.fmean(fid):.4f}** (range {min(fid):.4f} to "
+              f"{max(fid):.4f}); {second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to {max(sec):.4g})."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
