@@ -24,8 +24,7 @@ import argparse
 import statistics
 import sys
 
-from bench_engine import FIDELITY, _row, dense_folder  # importing it sets 2 torch threads and offline mode
-from experiment_block_tuning import MODELS
+from bench_engine import REPORTED, _row, dense_folder  # importing it sets 2 torch threads and offline mode
 from _common import RESULTS, machine, write
 
 OUT = RESULTS / "experiment_seeds"
@@ -33,18 +32,18 @@ OUT = RESULTS / "experiment_seeds"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="lite0")
+    parser.add_argument("--model", choices=sorted(REPORTED), default="lite0")
     parser.add_argument("--ratio", type=float, default=6.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help=f"default: {OUT.relative_to(RESULTS.parent)}_<model>")
     args, flags = parser.parse_known_args()  # the rest: hf-vq compress flags, the same for every seed
-    second = MODELS[args.model][0]
+    report = REPORTED[args.model]
     path, dense_bytes = dense_folder(args.model)
     rows = []
     for seed in args.seeds:
         cli_args = [str(path), "--ratio", f"{args.ratio:g}", "--seed", str(seed), *flags]
-        row = _row(args.model, f"seed {seed}", cli_args, dense_bytes, FIDELITY[args.model])
-        row.update(seed=seed, second=row["fidelity_all"].get(second))
+        row = _row(args.model, f"seed {seed}", cli_args, dense_bytes, report.fidelity)
+        row.update(seed=seed, second=row["fidelity_all"].get(report.second))
         rows.append(row)
     data = {"machine": machine(), "command": "python benchmarks/experiment_seeds.py " + " ".join(sys.argv[1:]),
             "model": args.model, "ratio": args.ratio, "flags": flags, "rows": rows}
@@ -53,22 +52,21 @@ def main() -> None:
 
 def markdown(data: dict) -> str:
     """The Markdown table of a run's JSON (`data`: what `main` writes)."""
-    rows, info, model = data["rows"], data["machine"], data["model"]
-    second, second_name, held_out = MODELS[model]
+    rows, info, report = data["rows"], data["machine"], REPORTED[data["model"]]
     fid, sec = [r["fidelity"] for r in rows], [r["second"] for r in rows]
-    title = "MiniLM" if model == "minilm" else "EfficientNet-Lite0"
     run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *data["flags"]])
-    lines = [f"# `{run}` across seeds ({title})\n",
+    lines = [f"# `{run}` across seeds ({report.title})\n",
              f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {held_out}.\n",
-             f"| seed | weights file ratio | {FIDELITY[model]} | {second_name} | seconds | allocation |",
+             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.\n",
+             f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         alloc = ", ".join(f"{k}×{v}" for k, v in (r["allocation"] or {}).items())
         lines.append(f"| {r['seed']} | {r['file_ratio']:.2f}× | {r['fidelity']:.4f} | {r['second']:.4g} | "
                      f"{r['seconds']:.0f} | {alloc} |")
     lines += ["", f"Mean over the {len(rows)} seeds: **{statistics.fmean(fid):.4f}** (range {min(fid):.4f} to "
-              f"{max(fid):.4f}); {second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to {max(sec):.4g})."]
+              f"{max(fid):.4f}); {report.second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to "
+              f"{max(sec):.4g})."]
     return "\n".join(lines) + "\n"
 
 
