@@ -8,12 +8,15 @@ measured when it moves the mean over seeds by more than their spread. Fidelity a
 MiniLM, mean (min) sentence-embedding cosine on 256 held-out Lee news sentences; Lite0, top-1 agreement (and KL) on
 128 crops of 8 held-out photos.
 
-`results/experiment_seeds_lite0.md` was run at commit 799851b, whose engine also weighted each output channel's error
-by its gain through the BatchNorm reading it (`--variants engine "no norm weights"` there): its `no norm weights`
-rows are the engine this script runs now. The weighting was removed; its rows did not beat the seeds' spread.
+The committed results for `lite0`, `minilm` (16x) and `minilm_10x` are of the allocation that measures a layer by
+the error a quick coding of it leaves (benchmarks/experiment_sensitivity.py); those of the noise-injection allocation
+before it, and the BatchNorm channel weighting tried at commit 799851b, are the same files at commit 5d5df25.
+`experiment_seeds_minilm_tuned` is of that earlier allocation.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
+    .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 10 --seeds 0 1 2 \
+        --out benchmarks/results/experiment_seeds_minilm_10x
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 1 2 --tune-steps 400 \
         --tune-lr 3e-4 --out benchmarks/results/experiment_seeds_minilm_tuned   # other flags go to hf-vq compress
 """

@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=float, metavar="B", help="bit allocation to B bits per weight of the compressed layers")
     p.add_argument("--allocation-outputs", metavar="NAMES",
                    help="bit allocation protects these model outputs (comma-separated fields, e.g. last_hidden_state; "
-                        "'all': every output). Default: all, or last_hidden_state for a sentence-transformers folder")
+                        "FIELD:mean averages one over each sequence's tokens; 'all': every output). Default: all, or "
+                        "last_hidden_state:mean for a mean-pooling sentence-transformers folder")
     p.add_argument("--calibration-data", metavar="SOURCE",
                    help="calibration inputs: a text file (any suffix, one sample per line), a folder of images, or a "
                         "datasets name/path (default: gensim's Wikipedia pages / bundled photos, never the evaluation's)")

@@ -294,12 +294,65 @@ def test_allocation_protects_only_the_outputs_named():
                         calibration=_batches(2), progress=False)
 
 
+def test_allocation_can_measure_a_token_average():
+    """`field:mean` measures the field averaged over each sequence's real tokens: padding positions do not move it,
+    a change that only reorders the tokens does not either, and any other name suffix is refused."""
+    from hf_vq.pipeline.allocation import _final
+
+    states = torch.randn(2, 5, 8)  # [batch, seq, features]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    pooled, = _final({"last_hidden_state": states}, mask, ("last_hidden_state:mean",))
+    torch.testing.assert_close(pooled, torch.stack([states[0, :3].mean(0), states[1].mean(0)]))
+    moved = states.clone()
+    moved[0, 3:] += 100  # padding
+    moved[1] = moved[1].flip(0)  # the same tokens in another order
+    torch.testing.assert_close(_final({"last_hidden_state": moved}, mask, ("last_hidden_state:mean",))[0], pooled)
+    tokens, = _final({"last_hidden_state": states}, mask, ("last_hidden_state",))
+    assert tokens.shape == (8, 8)  # every real token, padding dropped
+    with pytest.raises(ValueError, match="allocation_outputs.*':mean'"):
+        hf_vq.VQConfig(target_ratio=8, allocation_outputs=["last_hidden_state:max"])
+
+
+def test_allocation_measures_the_embedding_table_in_the_model():
+    """The table's options are measured end to end: each coded table goes into the model, which is left exactly as
+    it was; fewer bits change the outputs more, and a zero change costs nothing."""
+    from hf_vq.calibrate import merge_statistics
+    from hf_vq.pipeline import allocation as A
+    from hf_vq.pipeline.parallel import Workers
+    from hf_vq.pipeline.select import plan
+
+    model = _bert(hidden=64, layers=1)
+    batches = [((), b) for b in _batches(2)]
+    config = hf_vq.VQConfig(permute=False, target_ratio=8, encoder="output-aware", scales=True)
+    name = "embeddings.word_embeddings"
+    layout, module = plan(model, config)[name], model.get_submodule(name)
+    stats = {}
+    for half in A._dense_statistics(model, {name: module}, [name], batches, Workers()):
+        merge_statistics(stats, half)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = A._Probe(model, batches, ("last_hidden_state:mean",))
+    assert probe.change(module, torch.zeros_like(module.weight)) == 0.0
+    menu = {c: o for o, c in A._menu(layout, module.weight.detach(), stats[name], config, 1.0,
+                                     change=lambda delta: probe.change(module, delta))}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert menu[(8, 256)].distortion > menu[(4, 256)].distortion > menu[(1, 256)].distortion > 0
+    assert menu[None].distortion == 0.0
+    whole = A._table_delta(module.weight.detach(), A._row_weights(stats[name]), 8, 256, config, layout.scales)
+    assert probe.change(module, whole) == pytest.approx(menu[(8, 256)].distortion, rel=1e-5)  # only read rows count
+
+
 def test_sentence_transformers_folders_are_allocated_for_their_token_states(tmp_path):
     from hf_vq.integrations.transformers.tools import sentence_embedding_outputs
 
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
+    assert sentence_embedding_outputs(tmp_path) == ("last_hidden_state",)  # pooling unknown: every token counts
+    (tmp_path / "1_Pooling").mkdir()
+    mode = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(mode))
+    assert sentence_embedding_outputs(tmp_path) == ("last_hidden_state:mean",)  # what the embedding is made of
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(mode | {"pooling_mode_cls_token": True}))
     assert sentence_embedding_outputs(tmp_path) == ("last_hidden_state",)
     (tmp_path / "modules.json").write_text(json.dumps(modules[:1]))  # no pooling: the outputs are not known
     assert sentence_embedding_outputs(tmp_path) is None

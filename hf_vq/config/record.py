@@ -47,9 +47,10 @@ class Recipe:
         bits_per_weight (`float`, *optional*): bit allocation to an average budget instead: bits per weight of the
             compressible layers (codebooks and scales included).
         allocation_outputs (`tuple[str, ...]`, *optional*): bit allocation: the model outputs whose change counts
-            (fields of its output, e.g. `("last_hidden_state",)` for a sentence-embedding model, which pools the token
-            states and never reads BERT's `pooler_output`); default: every floating-point output. A layer that only
-            other outputs read gets the fewest bits.
+            (fields of its output, e.g. `("last_hidden_state",)`); `field:mean` counts the field averaged over each
+            sequence's tokens (`("last_hidden_state:mean",)` for a mean-pooling sentence-embedding model, which never
+            reads BERT's `pooler_output`); default: every floating-point output. A layer that only other outputs read
+            gets the fewest bits.
     """
 
     n_iter: int = 100
@@ -88,9 +89,11 @@ class Recipe:
         names = self.allocation_outputs
         if names is not None:
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \
-                    or not all(isinstance(n, str) and n for n in names):
+                    or not all(isinstance(n, str) and n.partition(":")[0] and n.partition(":")[2] in ("", "mean")
+                               for n in names):
                 raise ValueError(f"VQConfig.allocation_outputs={names!r} must be a non-empty list of output names, "
-                                 "e.g. ['last_hidden_state'] (or None: every output counts).")
+                                 "each optionally pooled over its tokens with ':mean', e.g. ['last_hidden_state'] or "
+                                 "['last_hidden_state:mean'] (or None: every output counts).")
             self.allocation_outputs = tuple(names)
         if self.target_ratio is not None and self.bits_per_weight is not None:
             raise ValueError("VQConfig: give target_ratio (the whole file) or bits_per_weight (the compressible "

@@ -8,28 +8,41 @@
    `"output-aware"`, else a short Hessian-diagonal-weighted k-means; embedding tables, whose menu adds larger
    codebooks ([`EMBEDDING_MENU`]), a short k-means on rows drawn by use, measured on another draw. Other layers'
    options are fitted on the statistics of the even calibration batches and their errors measured on those of the
-   odd ones: measured on the inputs it was fitted
-   to, an error is optimistic where the inputs span few directions (EfficientNet-Lite0's classifier reads one
-   pooled vector per image, 256 vectors of 1,280 channels: its 2-bit error is 0.0006 in-sample, 0.008 on the other
-   half, 0.077 on the test photos — a 10x gap to the test photos like that of layers reading thousands of rows, not
-   122x; benchmarks/results/experiment_heldout_estimate.md). (The k-means estimate is no stand-in for the
-   output-aware encoder: on MiniLM's last MLP output layer it put d = 1 at 0.013, the encoder reaches 2e-5, and
-   the allocation kept the layer dense at 32 bits per weight: benchmarks/results/experiment_allocation_proxy.md.)
-3. The layer's effect on the model's final output, `α_l`, is measured by injecting noise of a known relative
-   output error into that layer alone and measuring the relative change of the final output (HIGGS's linear
-   model of the loss increase): of every floating-point output, or of those `config.allocation_outputs` names (a
-   sentence-embedding model's `last_hidden_state`: a layer only `pooler_output` reads then costs nothing to ruin).
-4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ α_l e_l(o_l)` under
-   the budget: `target_ratio` of the whole weights file (every tensor left dense counts, and the safetensors
-   header), or `bits_per_weight` over the compressible layers.
+   odd ones: measured on the inputs it was fitted to, an error is optimistic where the inputs span few directions
+   (EfficientNet-Lite0's classifier reads one pooled vector per image, 256 vectors of 1,280 channels: its 2-bit
+   error is 0.0006 in-sample, 0.008 on the other half, 0.077 on the test photos — a 10x gap to the test photos
+   like that of layers reading thousands of rows, not 122x; benchmarks/results/experiment_heldout_estimate.md).
+   (The k-means estimate is no stand-in for the output-aware encoder: on MiniLM's last MLP output layer it put
+   d = 1 at 0.013, the encoder reaches 2e-5, and the allocation kept the layer dense at 32 bits per weight:
+   benchmarks/results/experiment_allocation_proxy.md.)
+3. The layer's effect on the model's final output, `α_l`: the error a quick 2-bit encoding ([`_REFERENCE`]) leaves
+   in that layer alone goes into the model, and the relative change of the final output per unit of the layer's
+   relative output error is measured (HIGGS's linear model of the loss increase): of every floating-point output,
+   or of those `config.allocation_outputs` names (a sentence-embedding model's `last_hidden_state:mean`, the token
+   states averaged per sentence: a layer only `pooler_output` reads then costs nothing to ruin). A quantization
+   error, not Gaussian noise: the two differ in where the error lands in the layer's outputs; on MiniLM, against
+   one layer's real cost on held-out text, noise overestimated the attention value layers 5-6x and the other
+   matrices 1.4-3.6x, and the spread of log(truth / estimate) falls from 0.43 to 0.25 with quantization error,
+   0.16 with the pooled output (benchmarks/results/experiment_sensitivity.md). An embedding table's options are
+   measured end to end instead of `α·e`: each option's quickly coded table (the rows calibration read) goes into
+   the model — a table is cheap to code, and its 1-bit options, at relative errors near 0.3, are far from the
+   linear regime. (On one layer's cost this overestimates the table's 1-bit option 2x, against 1.4-1.8x for the
+   other estimates; in whole `hf-vq compress` runs at 16x it kept seed 1 from giving the table 1 bit.)
+4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ_l D_l(o_l)` (the
+   distortion `D_l(o) = α_l e_l(o)`, or the table's measured change) under the budget: `target_ratio` of the whole
+   weights file (every tensor left dense counts, and the safetensors header), or `bits_per_weight` over the
+   compressible layers.
 
-Without calibration data the allocation is data-free: `H = I` (weight error) and `α_l = 1`.
+Without calibration data the allocation is data-free: `H = I` (weight error), `α_l = 1` and `D_l = e_l`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,7 +87,9 @@ HEADER_BYTES_PER_TENSOR = 100
 RECORD_BYTES_PER_LAYER = 70
 _HEADER_BYTES_FIXED = 2_000  # the format keys, the spec and the record's other fields
 _SAMPLE_ROWS = 256  # rows of a layer each menu option is measured on
-_NOISE = 1e-2  # relative output error of the injected noise (the linear regime of the final output)
+#: The option whose quick encoding measures each layer's sensitivity: 2 bits per weight, the middle of the menu (a
+#: kernel it does not fit takes the next smaller block that does: d = 3 for a 3 x 3 depthwise conv).
+_REFERENCE = (4, 256)
 
 
 def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: VQConfig,
@@ -101,13 +116,15 @@ def allocate_layouts(model: nn.Module, layouts: dict[str, LayerLayout], config: 
     stats: dict[str, LayerStatistics] = {}
     for half in halves:
         merge_statistics(stats, half)  # all the batches
-    alphas = _sensitivities(model, modules, owners, matrices, stats, batches, workers,
-                            config.allocation_outputs) if batches \
+    probe = _Probe(model, batches, config.allocation_outputs) if batches else None
+    alphas = _sensitivities(probe, modules, owners, matrices, stats, workers, layouts, config) if probe \
         else dict.fromkeys(owners, 1.0)
     costs = [layer_cost(min(_SAMPLE_ROWS, matrices[n].shape[0]), matrices[n].shape[1], max(k for _, k in MENU),
                         output_aware=config.encoder == "output-aware") for n in owners]
     menus = workers.exchange({owners[j]: _menu(layouts[owners[j]], matrices[owners[j]], stats.get(owners[j]), config,
-                                               alphas[owners[j]], halves[0].get(owners[j]), halves[1].get(owners[j]))
+                                               alphas[owners[j]], halves[0].get(owners[j]), halves[1].get(owners[j]),
+                                               None if probe is None else functools.partial(probe.change,
+                                                                                            modules[owners[j]]))
                               for j in workers.share(costs)})
     options = [[opt for opt, _ in menus[name]] for name in owners]
     labels = [[choice for _, choice in menus[name]] for name in owners]
@@ -190,32 +207,38 @@ def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: 
     encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted k-means, fitted
     under `h` and measured under `h_test` (inputs the fit did not see; default `h`). An estimate to compare options,
     not the final error."""
+    rows = matrix.shape[0]
+    h_test = h if h_test is None else h_test
+    pick, approx = _quick_fit(matrix, h, d, k, config, scales, max_rows)
+    groups = h_test.shape[0] if h_test.dim() == 3 else 1
+    if groups > 1:
+        index = pick[:: rows // groups] if config.encoder == "output-aware" else pick  # [picked groups] or [picked]
+        h_test = h_test[(index // (rows // groups)).to(h_test.device)]
+    return output_error(matrix[pick.to(matrix.device)], approx, h_test)
+
+
+def _quick_fit(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
+               max_rows: int = _SAMPLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(picked rows [picked], their approximation [picked, cols])` at (d, k), as [`_quick_error`] fits them."""
     rows, cols = matrix.shape
     groups = h.shape[0] if h.dim() == 3 else 1
-    h_test = h if h_test is None else h_test
     pick = _sample_rows(rows, groups, config.seed, max_rows)
     sub = matrix[pick.to(matrix.device)]  # [picked, cols]
     k = min(clamp_k(k, rows * cols // d), max(2, sub.numel() // d // 4))
     if config.encoder == "output-aware":
         if groups > 1:
-            chosen = (pick[:: rows // groups] // (rows // groups)).to(h.device)  # [picked groups]
-            h, h_test = h[chosen], h_test[chosen]  # [picked groups, cols, cols]
+            h = h[(pick[:: rows // groups] // (rows // groups)).to(h.device)]  # [picked groups, cols, cols]
         result = encode_output_aware(sub, h, k=k, d=d, scales=scales, seed=config.seed, n_iter=0, kmeans_iters=8,
                                      reassign="gptq")
         approx = decode(result.codes, result.codebooks)  # [picked, cols]
-        if result.scales is not None:
-            approx = approx * result.scales[:, None]
-        return output_error(sub, approx, h_test)
+        return pick, approx * result.scales[:, None] if result.scales is not None else approx
     diag = torch.diagonal(h, dim1=-2, dim2=-1).float()  # [cols] or [G, cols]
     if diag.dim() == 2:  # grouped conv: each row takes its group's diagonal
         diag = diag.repeat_interleave(rows // diag.shape[0], dim=0)[pick.to(diag.device)]  # [picked, cols]
     w = diag.expand(sub.shape).clamp_min(1e-12)
     x, wx = split_blocks(sub, d), split_blocks(w, d)  # [n, d]
     codebook, codes = kmeans(x, k, n_iter=8, seed=config.seed, weights=wx)
-    approx = decode(codes.reshape(sub.shape[0], cols // d, 1), codebook[None])  # [picked, cols]
-    if h_test.dim() == 3:
-        h_test = h_test[(pick.to(h_test.device) // (rows // h_test.shape[0]))] if h_test.shape[0] > 1 else h_test
-    return output_error(sub, approx, h_test)
+    return pick, decode(codes.reshape(sub.shape[0], cols // d, 1), codebook[None])  # [picked, cols]
 
 
 def _embedding_error(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int, config: VQConfig,
@@ -229,66 +252,117 @@ def _embedding_error(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, 
     drawn = torch.multinomial(weights, 2 * n, replacement=True,
                               generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
     fit, test = matrix[drawn[:n]], matrix[drawn[n:]]  # [n, cols] each
-    codebook, _ = kmeans(split_blocks(unit_rows(fit, scales)[0], d), min(k, n * cols // d), n_iter=8,
-                         seed=config.seed)  # [k, d]
-    codes, row_scales = assign_rows(test, codebook, scales)  # [n, cols / d, 1], [n] or None
-    approx = decode(codes, codebook[None])  # [n, cols]
-    if row_scales is not None:
-        approx = approx * row_scales[:, None]
+    approx = _assign_table(test, _table_codebook(fit, d, k, config, scales), scales)  # [n, cols]
     return float((test - approx).pow(2).sum() / test.pow(2).sum().clamp_min(1e-30))
 
 
+def _table_delta(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: int, config: VQConfig,
+                 scales: bool, read: torch.Tensor | None = None) -> torch.Tensor:
+    """`ΔW [rows, cols]` of an embedding table coded at (d, k) with a short k-means codebook fitted on rows drawn by
+    use (as many as [`_embedding_error`] fits on): of every row, or of the rows `read [rows]` (bool) marks, the
+    others left at 0 (a probe of the calibration batches reads no other row)."""
+    rows, cols = matrix.shape
+    n = min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
+    weights = torch.ones(rows) if rows_w is None else rows_w.float().cpu()
+    drawn = torch.multinomial(weights, n, replacement=True,
+                              generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
+    codebook = _table_codebook(matrix[drawn], d, k, config, scales)  # [k, d]
+    if read is None:
+        return _assign_table(matrix, codebook, scales) - matrix
+    delta = torch.zeros_like(matrix)
+    index = read.nonzero().squeeze(1).to(matrix.device)  # [read rows]
+    delta[index] = _assign_table(matrix[index], codebook, scales) - matrix[index]
+    return delta
+
+
+def _table_codebook(fit: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool) -> torch.Tensor:
+    """A short k-means codebook `[k, d]` of the rows `fit [n, cols]` (RMS-normalised with `scales`)."""
+    codebook, _ = kmeans(split_blocks(unit_rows(fit, scales)[0], d), min(k, fit.numel() // d), n_iter=8,
+                         seed=config.seed)
+    return codebook
+
+
+def _assign_table(matrix: torch.Tensor, codebook: torch.Tensor, scales: bool) -> torch.Tensor:
+    """`matrix [rows, cols]` as the final encoder codes it with `codebook [k, d]` (nearest codewords, row scales)."""
+    codes, row_scales = assign_rows(matrix, codebook, scales)  # [rows, cols / d, 1], [rows] or None
+    approx = decode(codes, codebook[None])  # [rows, cols]
+    return approx * row_scales[:, None] if row_scales is not None else approx
+
+
+def _option_d(layout: LayerLayout, d: int) -> int:
+    """The block size a menu entry `d` takes for this layer: for a kernel, `d` if it tiles whole kernels, else the
+    least multiple of the kernel area and `d`."""
+    area = 1 if layout.kind in ("linear", "conv1d", "conv1x1", "embedding") else math.prod(layout.shape[2:])
+    if layout.kind in ("conv3x3", "conv", "depthwise"):
+        return d if fits_kernel(d, area) else d * area // math.gcd(d, area)
+    return d
+
+
 def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | None, config: VQConfig,
-          alpha: float, fit: LayerStatistics | None = None, test: LayerStatistics | None = None
-          ) -> list[tuple[Option, tuple[int, int] | None]]:
-    """The options of one layer: (size, distortion) for each (d, k) of the menu that fits, and dense. With the
-    statistics of two halves of the calibration batches (`fit`, `test`), each option is fitted on one and measured
-    on the other."""
+          alpha: float, fit: LayerStatistics | None = None, test: LayerStatistics | None = None,
+          change: Callable[[torch.Tensor], float] | None = None) -> list[tuple[Option, tuple[int, int] | None]]:
+    """The options of one layer: (size, distortion) for each (d, k) of the menu that fits, and dense; the distortion
+    is `alpha` times the option's estimated error. With the statistics of two halves of the calibration batches
+    (`fit`, `test`), each option is fitted on one and measured on the other. An embedding table with `change` (the
+    model outputs' relative change for a `ΔW`, [`_Probe.change`]) is measured end to end instead: each option's
+    table as quickly coded ([`_table_delta`]; the rows calibration read, a superset of what the probe reads) goes
+    into the model."""
     rows, cols = matrix.shape
     split = fit is not None and test is not None and fit.hessian is not None and test.hessian is not None
     h = _hessian(fit if split else stat, cols, matrix.device)
     h_test = _hessian(test, cols, matrix.device) if split else None
     rows_w = _row_weights(stat)
-    area = 1 if layout.kind in ("linear", "conv1d", "conv1x1", "embedding") else math.prod(layout.shape[2:])
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
     for d, k in MENU + EMBEDDING_MENU if embedding else MENU:
-        if layout.kind in ("conv3x3", "conv", "depthwise"):
-            d = d if fits_kernel(d, area) else d * area // math.gcd(d, area)  # else the least whole-kernel multiple
+        d = _option_d(layout, d)
         if cols % d or any(c == (d, k) for _, c in out):
             continue
         k_eff = clamp_k(k, rows * cols // d)
         bits = option_bits(rows, cols, d=d, k=k_eff, num_codebooks=1, scales=layout.scales)
-        error = _embedding_error(matrix, rows_w, d, k_eff, config, layout.scales) if embedding else \
-            _quick_error(matrix, h, d, k, config, layout.scales, h_test=h_test)
-        out.append((Option(float(bits), alpha * error, f"d{d}k{k_eff}"), (d, k)))
+        if embedding and change is not None:
+            read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows]
+            distortion = change(_table_delta(matrix, rows_w, d, k_eff, config, layout.scales, read))
+        elif embedding:
+            distortion = alpha * _embedding_error(matrix, rows_w, d, k_eff, config, layout.scales)
+        else:
+            distortion = alpha * _quick_error(matrix, h, d, k, config, layout.scales, h_test=h_test)
+        out.append((Option(float(bits), distortion, f"d{d}k{k_eff}"), (d, k)))
     return out
 
 
 def _final(out: Any, mask: torch.Tensor | None, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:
     """Every floating-point tensor the model returns (`last_hidden_state` and `pooler_output`, `logits`, ...), or the
     outputs `names` (`VQConfig.allocation_outputs`), each as `[n, features]` with padding tokens dropped: a layer that
-    only one output reads (a pooler) is measured on it.
+    only one output reads (a pooler) is measured on it. A name `field:mean` is that field `[batch, seq, features]`
+    averaged over each sequence's tokens (`[batch, features]`, padding excluded): what a mean-pooling sentence
+    embedding is made of.
 
     Raises:
         `ValueError`: if the output has no field of one of `names` (names the fields it has)."""
+    pooled = set()
     if names is not None:
         fields = list(out.keys()) if hasattr(out, "keys") else []
-        missing = [n for n in names if n not in fields]
+        keys = [n.partition(":")[0] for n in names]
+        missing = [n for n in keys if n not in fields]
         if missing:
             raise ValueError(f"VQConfig.allocation_outputs={list(names)}: the model's output has no field "
                              f"{missing[0]!r} (it has {fields or 'no named fields'}); name fields it returns, or "
                              "give None to count every output.")
-        values = [out[n] for n in names]
+        values = [out[n] for n in keys]
+        pooled = {i for i, n in enumerate(names) if n.endswith(":mean")}
     elif isinstance(out, torch.Tensor):
         values = [out]
     else:
         values = list(out.values()) if hasattr(out, "values") else list(out) if isinstance(out, (list, tuple)) else []
     finals = []
-    for value in values:
+    for i, value in enumerate(values):
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1):
             continue
-        if mask is not None and value.dim() == 3 and tuple(value.shape[:2]) == tuple(mask.shape):
+        if i in pooled and value.dim() == 3:
+            weight = (mask if mask is not None else torch.ones(value.shape[:2])).to(value)[..., None]  # [batch, seq, 1]
+            value = (value * weight).sum(1) / weight.sum(1).clamp_min(1)  # [batch, features]
+        elif mask is not None and value.dim() == 3 and tuple(value.shape[:2]) == tuple(mask.shape):
             value = value[mask.bool()]
         finals.append(value.reshape(-1, value.shape[-1]).float())
     return finals
@@ -317,46 +391,77 @@ def _relative_change(changed: list[list[torch.Tensor]], reference: list[list[tor
     return worst
 
 
-def _sensitivities(model: nn.Module, modules: dict[str, nn.Module], owners: list[str],
-                   matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics],
-                   batches: list[tuple[tuple, dict]], workers: Workers, names: tuple[str, ...] | None = None
-                   ) -> dict[str, float]:
-    """`α_l`: relative change of the final outputs (those `names`d, default all) per unit of layer `l`'s relative
-    output error (noise injection on at most two batches; the noise is deterministic per layer; the most changed
-    output counts). Each process measures its share of the layers."""
-    probe = batches[:2]
-    was_training = model.training
-    model.eval()
-    reference = _outputs(model, probe, names)
-    if not reference or not reference[0]:
-        raise ValueError("bit allocation measures each layer's effect on the model's outputs, but the model returned "
-                         "no floating-point tensor on the calibration batches.")
-    alphas = {}
-    for i in workers.share([1.0] * len(owners)):
-        name = owners[i]
-        weight = modules[name]._parameters["weight"]
-        cls = vq_class_for(type(modules[name]))
-        matrix = matrices[name]
-        noise = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(i)).to(matrix.device)
-        h = _hessian(stats.get(name), matrix.shape[1], matrix.device)
-        rows_w = _row_weights(stats.get(name))
-        if rows_w is not None:  # embeddings: relative weight error, rows weighted by use
-            ratio = float((noise.pow(2).sum(1) * rows_w).sum() / (matrix.pow(2).sum(1) * rows_w).sum())
-        else:
-            ratio = output_error(matrix, matrix + noise, h)  # relative output error of unit noise
-        noise = noise * math.sqrt(_NOISE / max(ratio, 1e-30))
+class _Probe:
+    """The model's outputs on at most two calibration batches, and how much they change when one layer's weight
+    moves by `ΔW` ([`_final`], [`_relative_change`]: the most changed output counts). The model is left as it was."""
+
+    def __init__(self, model: nn.Module, batches: list[tuple[tuple, dict]], names: tuple[str, ...] | None) -> None:
+        self.model, self.batches, self.names = model, batches[:2], names
+        with self._eval():
+            self.reference = _outputs(model, self.batches, names)
+        if not self.reference or not self.reference[0]:
+            raise ValueError("bit allocation measures each layer's effect on the model's outputs, but the model "
+                             "returned no floating-point tensor on the calibration batches.")
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def change(self, module: nn.Module, delta: torch.Tensor) -> float:
+        """Relative change of the outputs with `delta [rows, cols]` (the layer's matrix view) added to its weight."""
+        weight = module._parameters["weight"]
+        cls = vq_class_for(type(module))
         original = weight.detach().clone()
-        delta = noise.t() if getattr(cls, "default_kind", None) == "conv1d" else noise.reshape(weight.shape)
+        delta = delta.t() if getattr(cls, "default_kind", None) == "conv1d" else delta.reshape(weight.shape)
         with torch.no_grad():
             weight.add_(delta.to(weight.device, weight.dtype))
         try:
-            changed = _outputs(model, probe, names)
+            with self._eval():
+                changed = _outputs(self.model, self.batches, self.names)
         finally:
             with torch.no_grad():
                 weight.copy_(original)
-        alphas[name] = _relative_change(changed, reference) / _NOISE
-    model.train(was_training)
+        return _relative_change(changed, self.reference)
+
+
+def _sensitivities(probe: _Probe, modules: dict[str, nn.Module], owners: list[str],
+                   matrices: dict[str, torch.Tensor], stats: dict[str, LayerStatistics], workers: Workers,
+                   layouts: dict[str, LayerLayout], config: VQConfig) -> dict[str, float]:
+    """`α_l`: relative change of the final outputs (those `config.allocation_outputs` names, default all) per unit
+    of layer `l`'s relative output error, the error being what a quick encoding at [`_REFERENCE`] leaves in it
+    ([`_reference_error`]). Each process measures its share of the layers."""
+    alphas = {}
+    for i in workers.share([1.0] * len(owners)):
+        name = owners[i]
+        delta, ratio = _reference_error(layouts[name], matrices[name], stats.get(name), config)
+        alphas[name] = probe.change(modules[name], delta) / max(ratio, 1e-30)
     return workers.exchange(alphas)
+
+
+def _reference_error(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | None, config: VQConfig
+                     ) -> tuple[torch.Tensor, float]:
+    """`(ΔW [rows, cols], its relative error)`: the error a quick encoding at the reference option leaves in the
+    layer — of every row for an embedding table (relative weight error, rows weighted by use), of the rows
+    [`_quick_fit`] samples otherwise (the others unchanged; relative output error under the layer's `H`)."""
+    rows, cols = matrix.shape
+    d_ref, k = _REFERENCE
+    d = next(d for d in (_option_d(layout, d) for d in range(d_ref, 0, -1)) if cols % d == 0)  # or the next finer
+    k = clamp_k(k, rows * cols // d)
+    rows_w = _row_weights(stat)
+    if layout.kind == "embedding":
+        delta = _table_delta(matrix, rows_w, d, k, config, layout.scales)
+        w = torch.ones(rows, device=matrix.device) if rows_w is None else rows_w.float().to(matrix.device)  # [rows]
+        return delta, float((delta.pow(2).sum(1) * w).sum() / (matrix.pow(2).sum(1) * w).sum().clamp_min(1e-30))
+    h = _hessian(stat, cols, matrix.device)
+    pick, approx = _quick_fit(matrix, h, d, k, config, layout.scales)
+    delta = torch.zeros_like(matrix)
+    delta[pick.to(matrix.device)] = approx - matrix[pick.to(matrix.device)]
+    return delta, output_error(matrix, matrix + delta, h)
 
 
 def _budget(model: nn.Module, layouts: dict[str, LayerLayout], owners: list[str], config: VQConfig) -> tuple[float, float]:

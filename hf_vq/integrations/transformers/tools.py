@@ -15,9 +15,10 @@ __all__ = ["is_transformers_model", "load_tokenizer", "load_image_processor", "p
 
 
 def sentence_embedding_outputs(folder: str | os.PathLike) -> tuple[str, ...] | None:
-    """The model outputs a sentence-transformers folder uses: `("last_hidden_state",)` when its `modules.json` pools
-    the token states of the transformers model at the folder's root (BERT's `pooler_output` is then never read),
-    else None (not a sentence-transformers folder, or one whose first module is elsewhere)."""
+    """The model outputs a sentence-transformers folder uses: `("last_hidden_state:mean",)` when its `modules.json`
+    mean-pools the token states of the transformers model at the folder's root (its `Pooling` config has only
+    `pooling_mode_mean_tokens`), `("last_hidden_state",)` for another pooling (BERT's `pooler_output` is then never
+    read), else None (not a sentence-transformers folder, or one whose first module is elsewhere)."""
     import json
     from pathlib import Path
 
@@ -27,12 +28,18 @@ def sentence_embedding_outputs(folder: str | os.PathLike) -> tuple[str, ...] | N
         return None
     if not isinstance(modules, list):
         return None
-    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
     root = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("models.Transformer")
             and m.get("path", "") in ("", ".")]
-    if root and any(t.endswith("models.Pooling") for t in types):
-        return ("last_hidden_state",)
-    return None
+    pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("models.Pooling")]
+    if not (root and pooling):
+        return None
+    try:
+        mode = json.loads((Path(folder) / str(pooling[0].get("path", "")) / "config.json").read_text())
+    except (OSError, ValueError):
+        mode = {}
+    mean_only = isinstance(mode, dict) and mode.get("pooling_mode_mean_tokens") is True and not any(
+        mode.get(key) for key in mode if key.startswith("pooling_mode_") and key != "pooling_mode_mean_tokens")
+    return ("last_hidden_state:mean",) if mean_only else ("last_hidden_state",)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
