@@ -40,14 +40,18 @@ def per_layer() -> list[dict]:
 
     from hf_vq import VQConfig
     from hf_vq.codec.output_aware import encode_output_aware
+    from hf_vq.calibrate import merge_statistics
     from hf_vq.data import calibration_batches
     from hf_vq.pipeline import allocation as A
+    from hf_vq.pipeline.parallel import Workers
 
     path = minilm_path()
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     batches = [((), b) for b in calibration_batches(64, tokenizer=tok, model=model)]
     modules = dict(model.named_modules())
-    stats = A._dense_statistics(model, modules, list(LAYERS), batches)
+    stats = {}
+    for half in A._dense_statistics(model, modules, list(LAYERS), batches, Workers()):
+        merge_statistics(stats, half)
     kmeans_cfg = VQConfig(encoder="kmeans", scales=True)
     rows = []
     for name in LAYERS:
