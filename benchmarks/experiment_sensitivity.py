@@ -49,7 +49,7 @@ def main() -> None:
     from hf_vq.calibrate import merge_statistics
     from hf_vq.codec.hessian import output_error
     from hf_vq.data import calibration_batches
-    from hf_vq.evaluate import EVAL_SENTENCES, real_sentences
+    from hf_vq.evaluate import EVAL_SENTENCES, mean_pool, real_sentences
     from hf_vq.calibrate.sources import tokenize_batches
     from hf_vq.pipeline import allocation as A
     from hf_vq.pipeline.calibrated import fit_layer, install_layer
@@ -75,12 +75,7 @@ def main() -> None:
 
     @torch.no_grad()
     def pooled(model) -> torch.Tensor:  # [sentences, hidden]
-        outs = []
-        for b in held_out:
-            hs = model(**b).last_hidden_state
-            m = b["attention_mask"][..., None].to(hs)
-            outs.append((hs * m).sum(1) / m.sum(1))
-        return torch.cat(outs)
+        return torch.cat([mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in held_out])
 
     reference = pooled(dense)
     rows = []

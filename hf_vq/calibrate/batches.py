@@ -49,6 +49,15 @@ def token_mask(kwargs: dict) -> torch.Tensor | None:
     return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sentence embeddings `[batch, hidden]`: mean of `last_hidden_state [batch, seq, hidden]` over the mask
+    `[batch, seq]` (over every token when it is None)."""
+    if attention_mask is None:
+        return last_hidden_state.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # [batch, seq, 1]
+    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """`value` on `device` when it is a tensor, else unchanged."""
     return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -7,19 +7,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..calibrate import mean_pool
 from .arguments import FinetuneArguments
 
 __all__ = ["mean_pool", "distillation_loss", "hidden_state_loss", "model_inputs", "logits_of", "representation",
            "Objective", "detect_mode", "check_outputs", "held_out_loss_key"]
-
-
-def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Sentence embeddings `[batch, hidden]`: mean of `last_hidden_state [batch, seq, hidden]` over the mask
-    `[batch, seq]` (over every token when it is None)."""
-    if attention_mask is None:
-        return last_hidden_state.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # [batch, seq, 1]
-    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,

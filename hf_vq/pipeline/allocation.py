@@ -27,7 +27,8 @@
    measured end to end instead of `α·e`: each option's quickly coded table (the rows calibration read) goes into
    the model — a table is cheap to code, and its 1-bit options, at relative errors near 0.3, are far from the
    linear regime. (On one layer's cost this overestimates the table's 1-bit option 2x, against 1.4-1.8x for the
-   other estimates; in whole `hf-vq compress` runs at 16x it kept seed 1 from giving the table 1 bit.)
+   other estimates; with it, `hf-vq compress --ratio 16 --seed 1` no longer gives the table 1 bit:
+   benchmarks/results/experiment_seeds_minilm.md.)
 4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ_l D_l(o_l)` (the
    distortion `D_l(o) = α_l e_l(o)`, or the table's measured change) under the budget: `target_ratio` of the whole
    weights file (every tensor left dense counts, and the safetensors header), or `bits_per_weight` over the
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibrate import HessianCollector, LayerStatistics, merge_statistics, to_device, token_mask
+from ..calibrate import HessianCollector, LayerStatistics, mean_pool, merge_statistics, to_device, token_mask
 from ..codec.allocate import Option, allocate_bits, option_bits
 from ..codec.hessian import output_error
 from ..codec.kmeans import kmeans
@@ -246,11 +247,8 @@ def _embedding_error(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, 
     """Relative error of an embedding table `[rows, cols]` at (d, k), rows weighted by use (`rows_w [rows]`; uniform
     when None): a short k-means, as the final encoder fits it ([`unit_rows`], [`assign_rows`]), fitted on rows drawn
     by use — enough for 32 subvectors per codeword — and measured on another draw."""
-    rows, cols = matrix.shape
-    n = min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
-    weights = torch.ones(rows) if rows_w is None else rows_w.float().cpu()
-    drawn = torch.multinomial(weights, 2 * n, replacement=True,
-                              generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
+    n = _table_sample_size(matrix.shape, d, k)
+    drawn = _draw_rows(matrix, rows_w, 2 * n, config.seed)  # [2n]
     fit, test = matrix[drawn[:n]], matrix[drawn[n:]]  # [n, cols] each
     approx = _assign_table(test, _table_codebook(fit, d, k, config, scales), scales)  # [n, cols]
     return float((test - approx).pow(2).sum() / test.pow(2).sum().clamp_min(1e-30))
@@ -261,11 +259,7 @@ def _table_delta(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: i
     """`ΔW [rows, cols]` of an embedding table coded at (d, k) with a short k-means codebook fitted on rows drawn by
     use (as many as [`_embedding_error`] fits on): of every row, or of the rows `read [rows]` (bool) marks, the
     others left at 0 (a probe of the calibration batches reads no other row)."""
-    rows, cols = matrix.shape
-    n = min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
-    weights = torch.ones(rows) if rows_w is None else rows_w.float().cpu()
-    drawn = torch.multinomial(weights, n, replacement=True,
-                              generator=torch.Generator().manual_seed(config.seed)).to(matrix.device)
+    drawn = _draw_rows(matrix, rows_w, _table_sample_size(matrix.shape, d, k), config.seed)  # [n]
     codebook = _table_codebook(matrix[drawn], d, k, config, scales)  # [k, d]
     if read is None:
         return _assign_table(matrix, codebook, scales) - matrix
@@ -273,6 +267,19 @@ def _table_delta(matrix: torch.Tensor, rows_w: torch.Tensor | None, d: int, k: i
     index = read.nonzero().squeeze(1).to(matrix.device)  # [read rows]
     delta[index] = _assign_table(matrix[index], codebook, scales) - matrix[index]
     return delta
+
+
+def _table_sample_size(shape: tuple[int, int], d: int, k: int) -> int:
+    """Rows to fit a table's (d, k) codebook on: enough for 32 subvectors per codeword, at least [`_SAMPLE_ROWS`]."""
+    rows, cols = shape
+    return min(rows, max(_SAMPLE_ROWS, -(-32 * k * d // cols)))
+
+
+def _draw_rows(matrix: torch.Tensor, rows_w: torch.Tensor | None, count: int, seed: int) -> torch.Tensor:
+    """`count` row indices of `matrix` drawn with replacement by use (`rows_w [rows]`; uniform when None), seeded."""
+    weights = torch.ones(matrix.shape[0]) if rows_w is None else rows_w.float().cpu()
+    return torch.multinomial(weights, count, replacement=True,
+                             generator=torch.Generator().manual_seed(seed)).to(matrix.device)
 
 
 def _table_codebook(fit: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool) -> torch.Tensor:
@@ -314,6 +321,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     rows_w = _row_weights(stat)
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
+    read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows] calibration read
     for d, k in MENU + EMBEDDING_MENU if embedding else MENU:
         d = _option_d(layout, d)
         if cols % d or any(c == (d, k) for _, c in out):
@@ -321,7 +329,6 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
         k_eff = clamp_k(k, rows * cols // d)
         bits = option_bits(rows, cols, d=d, k=k_eff, num_codebooks=1, scales=layout.scales)
         if embedding and change is not None:
-            read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows]
             distortion = change(_table_delta(matrix, rows_w, d, k_eff, config, layout.scales, read))
         elif embedding:
             distortion = alpha * _embedding_error(matrix, rows_w, d, k_eff, config, layout.scales)
@@ -360,8 +367,7 @@ def _final(out: Any, mask: torch.Tensor | None, names: tuple[str, ...] | None = 
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1):
             continue
         if i in pooled and value.dim() == 3:
-            weight = (mask if mask is not None else torch.ones(value.shape[:2])).to(value)[..., None]  # [batch, seq, 1]
-            value = (value * weight).sum(1) / weight.sum(1).clamp_min(1)  # [batch, features]
+            value = mean_pool(value, mask)  # [batch, features]
         elif mask is not None and value.dim() == 3 and tuple(value.shape[:2]) == tuple(mask.shape):
             value = value[mask.bool()]
         finals.append(value.reshape(-1, value.shape[-1]).float())
@@ -450,7 +456,8 @@ def _reference_error(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStati
     [`_quick_fit`] samples otherwise (the others unchanged; relative output error under the layer's `H`)."""
     rows, cols = matrix.shape
     d_ref, k = _REFERENCE
-    d = next(d for d in (_option_d(layout, d) for d in range(d_ref, 0, -1)) if cols % d == 0)  # or the next finer
+    blocks = [_option_d(layout, size) for size in range(d_ref, 0, -1)]  # the reference, then finer blocks
+    d = next(size for size in blocks if cols % size == 0)  # d = 1 always fits
     k = clamp_k(k, rows * cols // d)
     rows_w = _row_weights(stat)
     if layout.kind == "embedding":
