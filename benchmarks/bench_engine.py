@@ -41,6 +41,7 @@ torch.set_num_threads(2)
 from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
 
 from hf_vq.cli import DEFAULT_RATIO  # noqa: E402
+from hf_vq.evaluate import AGREEMENT, COSINE_MEAN, COSINE_MIN, KL  # noqa: E402
 
 OUT = RESULTS / "engine"
 # block size d of linear / pointwise layers (and embeddings) for the fixed-scheme rows: 4, 2.67 and 2 bits per weight
@@ -114,11 +115,9 @@ class Reported(NamedTuple):
 
 
 REPORTED = {
-    "minilm": Reported("MiniLM", "sentence embedding cosine (mean)", "sentence embedding cosine (min)", "min cosine",
+    "minilm": Reported("MiniLM", COSINE_MEAN, COSINE_MIN, "min cosine",
                        "256 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences)"),
-    "lite0": Reported("EfficientNet-Lite0", "top-1 agreement with the dense model",
-                      "KL(dense || compressed) mean, nats", "KL",
-                      "128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos)"),
+    "lite0": Reported("EfficientNet-Lite0", AGREEMENT, KL, "KL", "128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos)"),
 }
 
 

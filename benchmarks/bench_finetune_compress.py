@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import RESULTS, ROOT, machine, write  # noqa: E402
+from hf_vq.evaluate import AGREEMENT, COSINE_MEAN  # noqa: E402
 
 #: name -> (MODEL argument or None for the embedded default, extra CLI flags, fidelity key)
 MODELS = {
-    "minilm": (None, [], "sentence embedding cosine (mean)"),
-    "lite0": ("lite0", ["--ratio", "6"], "top-1 agreement with the dense model"),
+    "minilm": (None, [], COSINE_MEAN),
+    "lite0": ("lite0", ["--ratio", "6"], AGREEMENT),
 }
 
 

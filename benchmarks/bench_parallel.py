@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, loadavg, machine, write
+from hf_vq.evaluate import AGREEMENT, COSINE_MEAN
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = RESULTS / "parallel"
@@ -92,8 +93,7 @@ def _cli(tmp: Path, name: str, model: str, args: list[str], metric: str) -> list
 
 
 def _minilm(tmp: Path) -> list[dict]:
-    return _cli(tmp, "minilm", "all-MiniLM-L6-v2 (hf-vq compress default)", [],
-                "sentence embedding cosine (mean)")
+    return _cli(tmp, "minilm", "all-MiniLM-L6-v2 (hf-vq compress default)", [], COSINE_MEAN)
 
 
 def _lite0(tmp: Path) -> list[dict]:
@@ -101,7 +101,7 @@ def _lite0(tmp: Path) -> list[dict]:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_efficientnet_lite0.py"), "--out", str(folder)],
                    check=True, capture_output=True)
     return _cli(tmp, "lite0", "EfficientNet-Lite0 (hf-vq compress --ratio 6)", [str(folder), "--ratio", "6"],
-                "top-1 agreement with the dense model")
+                AGREEMENT)
 
 
 def _llama_child(folder: str, out: str, n_iter: str) -> None:
@@ -204,7 +204,7 @@ def main() -> None:
     info = {**machine(), "loadavg_after": loadavg()}
     command = "python benchmarks/bench_parallel.py " + " ".join(sys.argv[1:])
     kept = f" (the {', '.join(args.skip)} rows kept from the run of {kept_from})" if kept_from else ""
-    md = [f"# Compression under `accelerate launch`: 1 vs 2 CPU processes\n",
+    md = ["# Compression under `accelerate launch`: 1 vs 2 CPU processes\n",
           f"`{command}`{kept} on {info['device']}, {info['cores_visible']} cores, {info['date']}. Processes x threads per "
           "process; phases are the main process's seconds (`exchange`: in collectives, waiting included). "
           "'same checkpoint' compares tensor bytes and parsed headers with the 1 x 1 run.\n", *_table(rows), ""]

@@ -220,7 +220,6 @@ def findings(rows: list[dict]) -> list[str]:
             for permuted in (False, True):
                 sel = [r for r in rows if r["model"] == model and r["method"] == method and r["permuted"] == permuted]
                 layer = [(r["bits_per_weight"], r["rel_error"]) for r in sel if r["share"] == "layer"]
-                shared = [(r["bits_per_weight"], r["rel_error"]) for r in sel if r["share"] != "layer"]
                 for r in sel:
                     if r["share"] == "layer":
                         continue

@@ -36,7 +36,7 @@ import timm  # noqa: E402
 
 import hf_vq  # noqa: E402
 from hf_vq.serialization import checkpoint_size_report  # noqa: E402
-from hf_vq.evaluate import REAL_PHOTOS, image_fidelity, real_images  # noqa: E402
+from hf_vq.evaluate import AGREEMENT, KL, REAL_PHOTOS, image_fidelity, real_images  # noqa: E402
 from hf_vq.integrations.timm import fit_config, save_compressed  # noqa: E402
 
 from _common import efficientnet_lite0_converter, machine, write  # noqa: E402
@@ -88,8 +88,7 @@ def run(quick: bool, n_images: int, n_iter: int) -> dict:
         hf_vq.quantize_(model, config, progress=False)
         compress_s = time.perf_counter() - start
         fidelity = image_fidelity(dense, model, images)
-        card_fidelity = {"top-1 agreement with the dense model": round(fidelity["top1_agreement"], 4),
-                         "KL(dense || compressed) mean, nats": round(fidelity["mean_kl"], 5),
+        card_fidelity = {AGREEMENT: round(fidelity["top1_agreement"], 4), KL: round(fidelity["mean_kl"], 5),
                          f"images (crops of {len(REAL_PHOTOS)} scikit-image photos)": fidelity["n_images"]}
         folder = work / f"lite0-vq-{index}"
         start = time.perf_counter()

@@ -30,6 +30,7 @@ import torch
 torch.set_num_threads(2)
 
 from _common import RESULTS, machine, minilm_path, write  # noqa: E402
+from hf_vq.evaluate import COSINE_MEAN  # noqa: E402
 
 OUT = RESULTS / "experiment_allocation_proxy"
 LAYERS = ("encoder.layer.5.output.dense", "encoder.layer.2.output.dense", "encoder.layer.0.attention.self.query")
@@ -91,7 +92,7 @@ def end_to_end() -> list[dict]:
             A._quick_error = encoder_estimate
         layers = data["record"]["allocation"]["layers"]
         out.append({"estimate": label, "file_ratio": (minilm_path() / "model.safetensors").stat().st_size / size,
-                    "cosine": data["fidelity"]["sentence embedding cosine (mean)"], "seconds": data["seconds"],
+                    "cosine": data["fidelity"][COSINE_MEAN], "seconds": data["seconds"],
                     "dense_layers": sorted(n for n, v in layers.items() if v["choice"] == "dense")})
         print(json.dumps(out[-1]), flush=True)
     return out

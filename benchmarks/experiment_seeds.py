@@ -11,7 +11,9 @@ MiniLM, mean (min) sentence-embedding cosine on 256 held-out Lee news sentences;
 The committed results for `lite0`, `minilm` (16x) and `minilm_10x` are of the allocation that measures a layer by
 the error a quick coding of it leaves (benchmarks/experiment_sensitivity.py); those of the noise-injection allocation
 before it, and the BatchNorm channel weighting tried at commit 799851b, are the same files at commit 5d5df25.
-`experiment_seeds_minilm_tuned` is of that earlier allocation.
+`experiment_seeds_lite0` is also of the calibration statistics that pad timm's `Conv2dSame` inputs as the conv does
+(experiment_conv_same_padding.py; the run without that fix is the file at commit 1ed14ee).
+`experiment_seeds_minilm_tuned` is of the noise-injection allocation.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2

@@ -336,25 +336,23 @@ def _calibration(args: argparse.Namespace, config: VQConfig, library: str, dense
 def _fidelity(library: str, dense, model, model_dir: Path | None) -> dict:
     if library == "transformers" and model_dir is not None and hasattr(dense, "config") and not dense.config.is_encoder_decoder:
         try:
-            from .evaluate import EVAL_SENTENCES, embedding_cosine, real_sentences
+            from .evaluate import COSINE_MEAN, COSINE_MIN, EVAL_SENTENCES, embedding_cosine, real_sentences
 
             result = embedding_cosine(dense, model, _tokenizer(model_dir), real_sentences(EVAL_SENTENCES))
-            return {"sentence embedding cosine (mean)": round(result["mean_cosine"], 4),
-                    "sentence embedding cosine (min)": round(result["min_cosine"], 4),
+            return {COSINE_MEAN: round(result["mean_cosine"], 4), COSINE_MIN: round(result["min_cosine"], 4),
                     "sentences (gensim lee_background.cor, held out)": result["n_sentences"]}
         except (ImportError, OSError, AttributeError, TypeError) as err:
             print(f"hf-vq: output fidelity skipped ({err})", file=sys.stderr)
             return {}
     if library == "timm":
         try:
-            from .evaluate import EVAL_PHOTOS, image_fidelity
+            from .evaluate import AGREEMENT, EVAL_PHOTOS, KL, image_fidelity
 
             result = image_fidelity(dense, model)
         except (ImportError, ValueError) as err:
             print(f"hf-vq: output fidelity skipped ({err})", file=sys.stderr)
             return {}
-        return {"top-1 agreement with the dense model": round(result["top1_agreement"], 4),
-                "KL(dense || compressed) mean, nats": round(result["mean_kl"], 5),
+        return {AGREEMENT: round(result["top1_agreement"], 4), KL: round(result["mean_kl"], 5),
                 f"images (crops of {len(EVAL_PHOTOS)} held-out scikit-image photos)": result["n_images"]}
     return {}
 

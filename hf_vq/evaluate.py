@@ -12,7 +12,15 @@ from .calibrate.sources import tokenize_batches
 from .finetune.losses import mean_pool
 
 __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS",
-           "real_photos", "real_images", "image_fidelity", "EVAL_SENTENCES", "calibration_batches"]
+           "real_photos", "real_images", "image_fidelity", "EVAL_SENTENCES", "calibration_batches", "COSINE_MEAN",
+           "COSINE_MIN", "AGREEMENT", "KL"]
+
+#: The keys of the fidelity `hf-vq compress` reports (its `--json` "fidelity", the card's table): a text model's
+#: mean-pooled sentence-embedding cosine to the dense model, an image classifier's agreement and KL with it.
+COSINE_MEAN = "sentence embedding cosine (mean)"
+COSINE_MIN = "sentence embedding cosine (min)"
+AGREEMENT = "top-1 agreement with the dense model"
+KL = "KL(dense || compressed) mean, nats"
 
 
 @torch.no_grad()

@@ -185,6 +185,31 @@ def test_dense_trajectory_only_follows_blocks_that_chain():
     assert _chained_blocks(Gapped(gap=True), names, batch) == {"blocks.1"}
 
 
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+    lambda: nn.Conv2d(4, 4, 5, stride=2, padding=2, groups=4),
+    lambda: __import__("timm").layers.Conv2dSame(4, 4, 5, stride=2, groups=4),  # tf_* models' strided depthwise
+    lambda: __import__("timm").layers.Conv2dSame(4, 6, 3, stride=2),
+])
+@pytest.mark.parametrize("size", [15, 16])
+def test_conv_statistics_read_the_patches_the_conv_multiplies(make, size):
+    """`H = XᵀX` is only the output error's metric if `X` holds the very patches the conv multiplies: its patches
+    times the weight's matrix view give the module's output, for static, reflect and timm's dynamic "SAME" padding."""
+    from hf_vq.calibrate.hessian import _conv_patches
+
+    torch.manual_seed(0)
+    conv = make().eval()
+    x = torch.randn(2, 4, size, size + 1)
+    with torch.no_grad():
+        out = conv(x) - (0 if conv.bias is None else conv.bias[:, None, None])  # [N, out, H', W']
+        patches = _conv_patches(conv, x)  # [G, N·H'·W', in/G·kh·kw]
+        w = conv.weight.reshape(conv.groups, conv.out_channels // conv.groups, -1)  # [G, out/G, in/G·kh·kw]
+        mine = (patches @ w.transpose(1, 2)).permute(1, 0, 2).reshape(patches.shape[1], conv.out_channels)
+    expected = out.permute(0, 2, 3, 1).reshape(-1, conv.out_channels)  # [N·H'·W', out]
+    torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-4)
+
+
 def _file_ratio(model: nn.Module, dense_folder: Path, tmp: Path) -> float:
     model.save_pretrained(tmp)
     return (dense_folder / "model.safetensors").stat().st_size / (tmp / "model.safetensors").stat().st_size
@@ -313,7 +338,7 @@ def test_allocation_can_measure_a_token_average():
         hf_vq.VQConfig(target_ratio=8, allocation_outputs=["last_hidden_state:max"])
 
 
-def test_allocation_measures_the_embedding_table_in_the_model():
+def test_allocation_measures_the_embedding_table_in_the_model(monkeypatch):
     """The table's options are measured end to end: each coded table goes into the model, which is left exactly as
     it was; fewer bits change the outputs more, and a zero change costs nothing."""
     from hf_vq.calibrate import merge_statistics
@@ -339,6 +364,17 @@ def test_allocation_measures_the_embedding_table_in_the_model():
     assert menu[None].distortion == 0.0
     whole = A._table_delta(module.weight.detach(), A._row_weights(stats[name]), 8, 256, config, layout.scales)
     assert probe.change(module, whole) == pytest.approx(menu[(8, 256)].distortion, rel=1e-5)  # only read rows count
+
+    measured = []  # what allocate_layouts itself does: every table option goes through the probe
+    real_change = A._Probe.change
+    monkeypatch.setattr(A._Probe, "change", lambda self, m, delta: measured.append(m) or real_change(self, m, delta))
+    config = hf_vq.VQConfig(permute=False, bits_per_weight=3, encoder="output-aware", scales=True)
+    layouts = plan(model, config)
+    A.allocate_layouts(model, layouts, config, batches)
+    owners = {n: model.get_submodule(n) for n, lay in layouts.items() if lay.tied_to is None}
+    calls = {n: sum(m is o for m in measured) for n, o in owners.items()}  # α, then (tables only) each option
+    assert all(calls[n] > 2 if layouts[n].kind == "embedding" else calls[n] == 1 for n in owners), calls
+    assert calls[name] > 2
 
 
 def test_sentence_transformers_folders_are_allocated_for_their_token_states(tmp_path):

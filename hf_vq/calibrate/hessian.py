@@ -6,7 +6,7 @@ convolutions `[out, in/groups · kh · kw]`), the output error of a compressed `
 
 * linear / `Conv1D`: `X` is the input flattened to `[tokens, in]` (padding tokens left out when a token mask is set);
 * convolutions: `X` is the unfolded patches `[positions, in/groups · kh · kw]`, one `H` per group (`[G, cols, cols]`;
-  depthwise convs: one 9×9 or 25×25 `H` per channel);
+  depthwise convs: one 9×9 or 25×25 `H` per channel), padded as the conv pads its input (timm's `Conv2dSame` too);
 * embeddings: the input is an index, so the statistic is how often each row is read (`[num_embeddings]`), the
   weight of that row's error.
 
@@ -43,6 +43,8 @@ class LayerStatistics:
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The unfolded input patches of a conv, per group: `[G, positions, in/G · kh · kw]`."""
+    if _pads_like_tensorflow(module):
+        x = F.pad(x, _tf_same_padding(module, x))
     padding = module.padding
     if isinstance(padding, str):  # "same" / "valid"
         padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size)) if padding == "same" else 0
@@ -55,6 +57,23 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     groups = module.groups
     cols = cols.view(n, groups, ckk // groups, positions).permute(1, 0, 3, 2)  # [G, N, L, C/G·kh·kw]
     return cols.reshape(groups, n * positions, ckk // groups)
+
+
+def _pads_like_tensorflow(module: nn.Conv2d) -> bool:
+    """timm's `Conv2dSame` (the `tf_*` models' strided convs): static padding 0, and its forward pads the input
+    itself, TensorFlow's "SAME" way (what the patches must reproduce)."""
+    return "Conv2dSame" in type(module).__name__
+
+
+def _tf_same_padding(module: nn.Conv2d, x: torch.Tensor) -> list[int]:
+    """`F.pad` amounts `[left, right, top, bottom]` of TensorFlow's "SAME" padding of `x [N, C, H, W]`: the total
+    that keeps `ceil(size / stride)` positions, the odd pixel on the right / bottom."""
+    pads = []
+    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(module.kernel_size), reversed(module.stride),
+                             reversed(module.dilation)):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
 
 
 class HessianCollector:
