@@ -8,8 +8,8 @@ from torch import nn
 
 from .data import (CALIBRATION_PHOTOS, EVAL_PHOTOS, EVAL_SENTENCES, REAL_PHOTOS, calibration_batches, real_images,
                    real_photos, real_sentences)
+from .calibrate import mean_pool
 from .calibrate.sources import tokenize_batches
-from .finetune.losses import mean_pool
 
 __all__ = ["real_sentences", "mean_pool", "embedding_cosine", "REAL_PHOTOS", "EVAL_PHOTOS", "CALIBRATION_PHOTOS",
            "real_photos", "real_images", "image_fidelity", "EVAL_SENTENCES", "calibration_batches", "COSINE_MEAN",
