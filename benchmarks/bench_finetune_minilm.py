@@ -11,10 +11,14 @@ the 256 news sentences of gensim's `lee_background.cor` (what `hf-vq compress` r
 beyond the training ones. Same steps for every variant; wall-clock on the benchmark's CPU threads.
 
 Variants: `codebooks` (codebooks only), `all` (codebooks, scales, LayerNorms, biases — the default), `all + codes`
-(also re-assigning codes: `code_update_fraction`, `code_optimizer`). Also one training step (forward + backward,
-batch 16) of the compressed vs the dense model, in the same process.
+(also re-assigning codes: `code_update_fraction`, `code_optimizer`); learning rates: `one-lr-2e-4` (one rate for
+every tensor, the recipe before `scale_parameter`), `rms-1e-3` and `rms-1e-2` (other multiples of each tensor's RMS
+than the default 3e-3). Also one training step (forward + backward, batch 16) of the compressed vs the dense model,
+in the same process.
 
     .venv/bin/python benchmarks/bench_finetune_minilm.py     # -> benchmarks/results/finetune_minilm.{json,md,png}
+    .venv/bin/python benchmarks/bench_finetune_minilm.py --variants all,one-lr-2e-4,rms-1e-3,rms-1e-2 \
+        --default-steps 0 --out benchmarks/results/experiment_finetune_lr
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ VARIANTS = {
     "codebooks": dict(train_scales=False, train_norms=False, train_biases=False),
     "all": {},
     "all + codes": dict(code_update_fraction=0.002, code_update_every=20),
+    # the learning rate: one rate for every tensor (the recipe before scale_parameter) or other multiples of the RMS
+    "one-lr-2e-4": dict(scale_parameter=False, learning_rate=2e-4),
+    "rms-1e-3": dict(learning_rate=1e-3),
+    "rms-1e-2": dict(learning_rate=1e-2),
 }
 
 
@@ -71,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="codebooks,all,all + codes,one-lr-2e-4")
     parser.add_argument("--default-steps", type=int, default=300,
                         help="also run `hf-vq compress --finetune-steps N` on the embedded default (0: skip)")
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
@@ -140,6 +148,7 @@ def main() -> None:
             "train_step_s": {k: round(v, 4) for k, v in steps.items()},
             "variants": rows, "curves": curves, "default_cli": default,
             "command": "python benchmarks/bench_finetune_minilm.py " + " ".join(sys.argv[1:]), "machine": machine(),
+            "out": Path(args.out).name,
             "threads": args.threads}
     write(args.out, data, _markdown(data))
     _plot(curves, Path(args.out).with_suffix(".png"))
@@ -157,17 +166,22 @@ def _markdown(data: dict) -> str:
     lines = [f"# all-MiniLM-L6-v2 at {data['ratio']:.1f}×: fine-tuning after `hf-vq compress --ratio 16`", "",
              f"`{data['command']}` on {data['machine']['device']}, {data['threads']} torch threads. Compression "
              f"{data['compress_s']:.0f} s. Fine-tuning: `finetune_compressed` (what `hf-vq compress --finetune-steps` "
-             f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}, cosine "
+             f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}"
+             + (" × each tensor's RMS" if data["recipe"].get("scale_parameter") else "") + ", cosine "
              f"schedule, at most {data['recipe']['steps']} steps, early stopping on {data['recipe']['held_out']} held-out "
              "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the "
              f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",
-             "", "| variant | trains | steps (best) | minutes | Lee cosine mean / min | Wikipedia cosine | codes moved |",
-             "|---|---|---|---|---|---|---|",
-             f"| before fine-tuning | - | - | - | {b['lee_mean']:.4f} / {b['lee_min']:.4f} | {b['wiki_mean']:.4f} | - |"]
+             "", "| variant | settings | trains | steps (best) | best held-out loss | minutes | Lee cosine mean / min | "
+             "Wikipedia cosine | codes moved |", "|---|---|---|---|---|---|---|---|---|",
+             f"| before fine-tuning | - | - | - | - | - | {b['lee_mean']:.4f} / {b['lee_min']:.4f} | {b['wiki_mean']:.4f} | - |"]
     for r in data["variants"]:
         trains = ", ".join(f"{k} {v:,}" for k, v in r["trainable"].items() if k not in ("frozen", "unused_frozen") and v)
         moved = "-" if r["codes_changed_total"] is None else f"{100 * r['codes_changed_total']:.2f}% (sum)"
-        lines.append(f"| {r['variant']} | {trains} | {r['steps']} ({r['best_step']}) | {r['seconds'] / 60:.1f} | "
+        settings = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "the recipe's"
+        held = data["curves"].get(r["variant"], {}).get("held_out") or [(None, float("nan"))]
+        lines.append(f"| {r['variant']} | {settings} | {trains} | {r['steps']} ({r['best_step']}) | "
+                     + ("none below the start | " if r["best_step"] == 0 else f"{min(v for _, v in held):.5f} | ")
+                     + f"{r['seconds'] / 60:.1f} | "
                      f"**{r['lee_mean']:.4f}** / {r['lee_min']:.4f} | {r['wiki_mean']:.4f} | {moved} |")
     by = {r["variant"]: r for r in data["variants"]}
     if {"all", "all + codes"} <= by.keys():
@@ -181,7 +195,7 @@ def _markdown(data: dict) -> str:
     t = data["train_step_s"]
     lines += ["", f"One training step (batch 16 Lee sentences, forward + backward): dense {1000 * t['dense']:.0f} ms, "
                   f"compressed {1000 * t['compressed']:.0f} ms ({t['compressed'] / t['dense']:.2f}×), same process.",
-              "", "![loss curves](finetune_minilm.png)", ""]
+              "", f"![loss curves]({Path(data.get('out', 'finetune_minilm')).with_suffix('.png').name})", ""]
     d = data.get("default_cli")
     if d:
         f = d["fidelity"]

@@ -95,12 +95,15 @@ def test_single_process_lowers_loss_and_writes_hub_folder(timm_folders, tmp_path
     assert json.loads((out / "finetune_results.json").read_text())["completed_steps"] == 6
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(timm_folders, tmp_path):
+@pytest.mark.parametrize("scale_parameter", [False, True], ids=["one-lr", "scale_parameter"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(timm_folders, tmp_path, scale_parameter):
+    """With `scale_parameter`, the resumed run keeps the rates measured at the start (saved in the optimizer state),
+    not rates of the weights at the checkpoint."""
     full = finetune(_args(timm_folders, tmp_path / "a", checkpointing_steps="2", evaluate_before=False,
-                          num_train_epochs=1, max_train_steps=None))  # 48 images / 8 = 6 steps, one epoch
+                          num_train_epochs=1, max_train_steps=None, scale_parameter=scale_parameter))  # 6 steps
     assert (tmp_path / "a" / "checkpoints" / "step_4").is_dir()
     resumed = finetune(_args(timm_folders, tmp_path / "b", evaluate_before=False, num_train_epochs=1,
-                             max_train_steps=None,
+                             max_train_steps=None, scale_parameter=scale_parameter,
                              resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step_4")))
     assert resumed.completed_steps == full.completed_steps == 6
     assert [h["step"] for h in resumed.history] == [5, 6]
@@ -158,6 +161,34 @@ def test_bf16_mixed_precision_on_cpu():
                       eval_dataset=data)
     assert result.completed_steps == 2 and np.isfinite(result.metrics["eval_kl"])
     assert all(m.codebooks.dtype == torch.float32 for m in hf_vq.vq_modules(student).values())  # fp32 master copy
+
+
+@pytest.mark.parametrize("scale_parameter", [False, True])
+def test_scale_parameter_gives_each_tensor_a_step_of_its_size(scale_parameter):
+    """Adam's first step moves every value with a gradient by about its learning rate: `learning_rate` for every
+    tensor, or `learning_rate × max(RMS, 0.02)` of each tensor with `scale_parameter`."""
+    torch.manual_seed(0)
+    teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=2, permute=False, scales=True), sharpen=True)
+    data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith(("codebooks", "scales"))}
+    lr = 0.05  # steps far above fp16's rounding (trained codebooks and scales end rounded as they are stored)
+    finetune(FinetuneArguments(max_train_steps=1, per_device_train_batch_size=8, learning_rate=lr,
+                               lr_scheduler_type="constant", scale_parameter=scale_parameter, progress=False,
+                               evaluate_before=False, eval_every_epoch=False),
+             student=student, teacher=teacher, train_dataset=data)
+    after = dict(student.named_parameters())
+    rms = {n: b.pow(2).mean().sqrt().item() for n, b in before.items()}
+    assert sum(abs(np.log(r)) > np.log(2) for r in rms.values()) >= 4  # sizes far from 1: the two cases differ
+    checked = 0
+    for name, b in before.items():
+        step = (after[name].detach() - b).abs().flatten()
+        step = step[step > 0]  # values with a gradient
+        if step.numel() == 0:
+            continue
+        expected = lr * max(rms[name], 0.02) if scale_parameter else lr
+        assert step.median().item() == pytest.approx(expected, rel=0.05), name
+        checked += 1
+    assert checked >= 4
 
 
 def test_mark_trainable_groups():

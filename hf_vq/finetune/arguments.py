@@ -45,6 +45,12 @@ class FinetuneArguments:
         augment (`bool`, defaults to `False`): timm's training augmentation instead of the eval transform.
         per_device_train_batch_size / per_device_eval_batch_size (`int`): batch size per process.
         learning_rate (`float`, defaults to 1e-3): Adam's learning rate (the paper's ImageNet value).
+        scale_parameter (`bool`, defaults to `False`):
+            Give each trained tensor the learning rate `learning_rate × max(RMS(tensor), 0.02)`, measured once before
+            training (the relative step of Adafactor's `scale_parameter`). Adam's steps are about `lr` per value
+            whatever the value's size, and a compressed layer's tensors differ in size by 100x: unit-RMS codebooks,
+            per-channel scales near 0.01-0.1. One learning rate moves the scales 20x faster, relative to their size,
+            than the codebooks; this moves every tensor by the same share of its size. Not under FSDP.
         weight_decay (`float`, defaults to 0.0): AdamW weight decay.
         num_train_epochs (`int`, defaults to 1): epochs, unless `max_train_steps` is set.
         max_train_steps (`int`, *optional*): optimizer steps in total; overrides `num_train_epochs`.
@@ -120,6 +126,7 @@ class FinetuneArguments:
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     learning_rate: float = 1e-3
+    scale_parameter: bool = False
     weight_decay: float = 0.0
     num_train_epochs: int = 1
     max_train_steps: int | None = None

@@ -112,6 +112,9 @@ def _finetune(args: FinetuneArguments, models: "_Models", train_dataset: Any, ev
     if args.code_update_fraction > 0 and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("code_update_fraction > 0 re-assigns codes from whole straight-through targets, which FSDP "
                          "shards; run code updates under DDP (`accelerate launch --multi_gpu`) or one process.")
+    if args.scale_parameter and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("scale_parameter=True gives every tensor its own optimizer group, which FSDP's flattened "
+                         "parameters do not keep; run it under DDP (`accelerate launch --multi_gpu`) or one process.")
     set_seed(args.seed)
     train_dataset, eval_dataset, collate = _datasets(args, accelerator, models, train_dataset, eval_dataset, collate_fn)
     trainable, objective = _prepare_student(args, models, train_dataset, collate)
@@ -225,6 +228,25 @@ def _prepare_student(args: FinetuneArguments, models: _Models, train_dataset: An
     return trainable, objective
 
 
+#: The smallest RMS `scale_parameter` scales a learning rate by (zero-initialised biases would not train otherwise).
+_RMS_FLOOR = 0.02
+
+
+def _relative_groups(params: list[nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
+    """One optimizer group per tensor, with the learning rate `learning_rate × max(RMS, _RMS_FLOOR)` (its size now)."""
+    groups = []
+    for p in params:
+        rms = p.detach().float().pow(2).mean().sqrt().item() if p.numel() else 0.0
+        groups.append({"params": [p], "lr": learning_rate * max(rms, _RMS_FLOOR)})
+    return groups
+
+
+def _scheduled_lr(args: FinetuneArguments, run: "_Run") -> float:
+    """`learning_rate` times the schedule's factor now (with `scale_parameter`, each tensor's rate is a multiple)."""
+    group = run.optimizer.param_groups[0]
+    return float(args.learning_rate * run.scheduler.get_last_lr()[0] / group.get("initial_lr", group["lr"]))
+
+
 @dataclass
 class _Run:
     """The prepared training objects and the schedule, in optimizer steps."""
@@ -250,7 +272,7 @@ class _Run:
         deltas = code_deltas(models.student)
         delta_ids = {id(p) for p in deltas}
         params = [p for p in models.student.parameters() if p.requires_grad and id(p) not in delta_ids]
-        groups = [{"params": params}]
+        groups = _relative_groups(params, args.learning_rate) if args.scale_parameter else [{"params": params}]
         if deltas:  # the straight-through code targets: their own learning rate, no decay towards zero
             groups.append({"params": deltas, "weight_decay": 0.0, "lr": args.code_learning_rate or args.learning_rate})
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -310,7 +332,7 @@ def _train(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Mod
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             result.history.append({"step": completed, "epoch": epoch, "loss": float(loss.item()),
-                                   "lr": float(run.scheduler.get_last_lr()[0])})
+                                   "lr": _scheduled_lr(args, run)})
             if args.code_update_fraction > 0 and completed % args.code_update_every == 0:
                 moved = reassign_codes_(accelerator.unwrap_model(run.model), args.code_update_fraction)
                 result.history[-1]["codes_changed"] = moved["changed"] / max(moved["blocks"], 1.0)

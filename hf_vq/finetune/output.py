@@ -65,7 +65,8 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
         "steps": f"{result.completed_steps}" + (f" of {args.max_train_steps}" if args.max_train_steps else "")
                  + f" (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation per "
                  "process)" + ("" if result.best_step is None else f"; best held-out loss at step {result.best_step}"),
-        "optimizer": f"AdamW lr {args.learning_rate:g}, {args.lr_scheduler_type} schedule",
+        "optimizer": f"AdamW lr {args.learning_rate:g}{' x each tensor RMS' if args.scale_parameter else ''}, "
+                     f"{args.lr_scheduler_type} schedule",
         "trained": "codebooks" + (", scales" if args.train_scales and result.trainable.get("scales") else "")
                    + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
                    + (", dense layers" if args.train_dense else "")
