@@ -400,3 +400,21 @@ def test_plain_text_of_any_suffix_is_training_data(tmp_path):
         load_text_file(str(empty))
     with pytest.raises(ValueError, match=r"FinetuneArguments\.train_file=.*is empty"):
         FinetuneArguments(train_file=str(tmp_path / "none.txt") if (tmp_path / "none.txt").touch() is None else "")
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_dropout_false_trains_without_any_dropout(dropout):
+    """`dropout=False` runs the student in eval mode: two forwards of a batch agree, attention dropout included
+    (transformers applies it from the attention module's own `training` flag, not through `nn.Dropout`)."""
+    from transformers import BertConfig, BertModel
+
+    from hf_vq.finetune.loop import _train_mode_
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
+    model = BertModel(config)
+    _train_mode_(model, freeze_norm_stats=False, dropout=dropout)
+    ids = torch.randint(0, 50, (2, 7))
+    a, b = (model(input_ids=ids).last_hidden_state for _ in range(2))
+    assert torch.equal(a, b) is (not dropout)

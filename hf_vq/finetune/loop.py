@@ -319,7 +319,7 @@ def _train(args: FinetuneArguments, accelerator: Any, run: _Run, teacher: nn.Mod
     if completed == 0:
         stopper.start(result.metrics_before)
     for epoch in range(start_epoch, run.epochs):
-        _train_mode_(run.model, args.freeze_norm_stats)
+        _train_mode_(run.model, args.freeze_norm_stats, args.dropout)
         run.train_loader.set_epoch(epoch)
         loader = run.train_loader
         if epoch == start_epoch and skip_batches:
@@ -381,7 +381,7 @@ class _EarlyStop:
             return False
         metrics = _evaluate(self.accelerator, self.run.model, self.teacher, self.run.eval_loader, teacher_metrics=False,
                             desc=f"eval (step {step})", **self.eval_kwargs)
-        _train_mode_(self.run.model, self.args.freeze_norm_stats)
+        _train_mode_(self.run.model, self.args.freeze_norm_stats, self.args.dropout)
         key = held_out_loss_key(metrics)
         self.result.evaluations.append({"step": step, **metrics})
         if self.args.early_stopping_patience is None or key is None:
@@ -508,7 +508,12 @@ def _probe_unused_(model: nn.Module, teacher: nn.Module, objective: Objective, b
     return unused
 
 
-def _train_mode_(model: nn.Module, freeze_norm_stats: bool) -> None:
+def _train_mode_(model: nn.Module, freeze_norm_stats: bool, dropout: bool = True) -> None:
+    """Training mode, or eval mode without `dropout` (every dropout off: `nn.Dropout` and the attention dropout that
+    transformers' attention modules apply when `self.training`; BatchNorm statistics then stay fixed too)."""
+    if not dropout:
+        model.eval()
+        return
     model.train()
     if freeze_norm_stats:
         for module in model.modules():

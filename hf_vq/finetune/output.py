@@ -71,7 +71,8 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
                    + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
                    + (", dense layers" if args.train_dense else "")
                    + (f"; codes re-assigned (at most {args.code_update_fraction:g} of each layer's blocks every "
-                      f"{args.code_update_every} steps)" if args.code_update_fraction > 0 else "; codes frozen"),
+                      f"{args.code_update_every} steps)" if args.code_update_fraction > 0 else "; codes frozen")
+                   + ("" if args.dropout else "; no dropout (eval mode)"),
         "evaluation samples": m.get("eval_samples"),
     }
     key = held_out_loss_key(m)
