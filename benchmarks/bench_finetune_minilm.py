@@ -167,7 +167,8 @@ def _markdown(data: dict) -> str:
              f"`{data['command']}` on {data['machine']['device']}, {data['threads']} torch threads. Compression "
              f"{data['compress_s']:.0f} s. Fine-tuning: `finetune_compressed` (what `hf-vq compress --finetune-steps` "
              f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}"
-             + (" × each tensor's RMS" if data["recipe"].get("scale_parameter") else "") + ", cosine "
+             + (" × each tensor's RMS" if data["recipe"].get("scale_parameter") else "")
+             + (", no dropout" if data["recipe"].get("dropout") is False else "") + ", cosine "
              f"schedule, at most {data['recipe']['steps']} steps, early stopping on {data['recipe']['held_out']} held-out "
              "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the "
              f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",

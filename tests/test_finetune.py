@@ -167,6 +167,8 @@ def test_bf16_mixed_precision_on_cpu():
 def test_scale_parameter_gives_each_tensor_a_step_of_its_size(scale_parameter):
     """Adam's first step moves every value with a gradient by about its learning rate: `learning_rate` for every
     tensor, or `learning_rate × max(RMS, 0.02)` of each tensor with `scale_parameter`."""
+    from hf_vq.finetune.loop import _RMS_FLOOR
+
     torch.manual_seed(0)
     teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=2, permute=False, scales=True), sharpen=True)
     data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
@@ -185,7 +187,7 @@ def test_scale_parameter_gives_each_tensor_a_step_of_its_size(scale_parameter):
         step = step[step > 0]  # values with a gradient
         if step.numel() == 0:
             continue
-        expected = lr * max(rms[name], 0.02) if scale_parameter else lr
+        expected = lr * max(rms[name], _RMS_FLOOR) if scale_parameter else lr
         assert step.median().item() == pytest.approx(expected, rel=0.05), name
         checked += 1
     assert checked >= 4
@@ -418,3 +420,17 @@ def test_dropout_false_trains_without_any_dropout(dropout):
     ids = torch.randint(0, 50, (2, 7))
     a, b = (model(input_ids=ids).last_hidden_state for _ in range(2))
     assert torch.equal(a, b) is (not dropout)
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_the_training_loop_runs_the_student_in_eval_mode_without_dropout(dropout):
+    """The loop itself honours `dropout`: the student's training forwards run in train mode only with dropout."""
+    torch.manual_seed(0)
+    teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=2, permute=False))
+    modes = []
+    student.register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
+    finetune(FinetuneArguments(max_train_steps=2, per_device_train_batch_size=4, dropout=dropout, progress=False,
+                               evaluate_before=False, eval_every_epoch=False),
+             student=student, teacher=teacher, train_dataset=data)
+    assert modes and any(modes) is dropout

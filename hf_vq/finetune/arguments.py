@@ -78,7 +78,8 @@ class FinetuneArguments:
         dropout (`bool`, defaults to `True`):
             `False` trains the student in eval mode: no dropout anywhere (and BatchNorm statistics fixed). For
             distillation towards a deterministic teacher, dropout is noise the student cannot match: on MiniLM at
-            10x, 300 steps with dropout made the held-out loss worse at every evaluation, without it 13% better.
+            10x, 300 steps with dropout made the held-out loss worse at every evaluation, without it 13% better (an
+            ad-hoc run, not committed).
         freeze_norm_stats (`bool`, defaults to `False`):
             Keep BatchNorm running statistics fixed (BatchNorm layers in eval mode while training; their affine
             parameters still train). By default they update, as in the paper; freeze them for small batches or

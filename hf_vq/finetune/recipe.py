@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 #: there). Text students train without dropout (`FinetuneArguments(dropout=False)`): with it, MiniLM's default 10x
 #: model got a worse held-out loss at every evaluation (best at step 0), without it 0.0155 -> 0.0134 in 300 steps
 #: (an ad-hoc run, not committed).
-DEFAULT_FINETUNE = dict(batch_size=16, learning_rate=3e-3, scale_parameter=True, code_learning_rate=2e-4,
-                        image_learning_rate=5e-5, held_out=128, eval_every=50, patience=3, hidden_target="pooled")
+DEFAULT_FINETUNE = dict(batch_size=16, learning_rate=3e-3, image_learning_rate=5e-5, held_out=128, eval_every=50,
+                        patience=3, hidden_target="pooled",
+                        # text models only (images keep one rate and their dropout: both untested there)
+                        scale_parameter=True, code_learning_rate=2e-4, dropout=False)
 
 
 def finetune_compressed(
@@ -106,9 +108,6 @@ def finetune_compressed(
         raise ValueError("finetune_compressed needs a tokenizer (text models) or photos (image models).")
     settings = dict(max_train_steps=steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
                     learning_rate=learning_rate, lr_scheduler_type="cosine", seed=seed,
-                    scale_parameter=text and DEFAULT_FINETUNE["scale_parameter"],
-                    code_learning_rate=DEFAULT_FINETUNE["code_learning_rate"] if text else None,
-                    dropout=not text,  # text: the student without dropout (see FinetuneArguments.dropout)
                     hidden_target=DEFAULT_FINETUNE["hidden_target"], eval_every_epoch=False,
                     eval_steps=min(eval_every, steps), early_stopping_patience=patience,
                     code_update_fraction=code_update_fraction, progress=progress,
@@ -117,6 +116,8 @@ def finetune_compressed(
                     # them with theirs (in an ad-hoc run, not committed, EfficientNet-Lite0's agreement fell from
                     # 0.55 to 0.31 when they updated)
                     freeze_norm_stats=True)
+    if text:
+        settings.update({key: DEFAULT_FINETUNE[key] for key in ("scale_parameter", "code_learning_rate", "dropout")})
     args = FinetuneArguments(**{**settings, **overrides})
     with torch.enable_grad():  # the caller (hf-vq compress) keeps the process group: hand the run an accelerator
         result = finetune(args, student=model, teacher=dense, train_dataset=train, eval_dataset=val,
