@@ -14,11 +14,11 @@ Variants: `codebooks` (codebooks only), `all` (codebooks, scales, LayerNorms, bi
 (also re-assigning codes: `code_update_fraction`, `code_optimizer`); learning rates: `one-lr-2e-4` (one rate for
 every tensor, the recipe before `scale_parameter`), `rms-1e-3` and `rms-1e-2` (other multiples of each tensor's RMS
 than the default 3e-3). Also one training step (forward + backward, batch 16) of the compressed vs the dense model,
-in the same process.
+in the same process, in float32 and under bfloat16 autocast (what the recipe uses where the CPU has native bf16).
 
     .venv/bin/python benchmarks/bench_finetune_minilm.py     # -> benchmarks/results/finetune_minilm.{json,md,png}
-    .venv/bin/python benchmarks/bench_finetune_minilm.py --variants all,one-lr-2e-4,rms-1e-3,rms-1e-2 \
-        --default-steps 0 --out benchmarks/results/experiment_finetune_lr
+    .venv/bin/python benchmarks/bench_finetune_minilm.py --variants all,one-lr-2e-4,rms-1e-3,rms-1e-2 --steps 600 \
+        --default-steps 0 --out benchmarks/results/experiment_finetune_lr   # (run at 5f1d9b9: float32, dropout on)
 """
 
 from __future__ import annotations
@@ -53,24 +53,27 @@ VARIANTS = {
 
 
 def step_times(dense, model, tokenizer, texts: list[str], repeats: int = 10) -> dict[str, float]:
-    """Median seconds of one training step (forward, 1 − cosine loss, backward) for the dense and compressed model."""
+    """Median seconds of one training step (forward, 1 − cosine loss, backward) for the dense and compressed model,
+    in float32 and under bfloat16 autocast (`dense`, `compressed`, `dense bf16`, `compressed bf16`)."""
     from hf_vq.finetune import mark_trainable_
 
     batch = dict(tokenizer(texts[:16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
     mark_trainable_(model)
     dense.requires_grad_(True)
     out = {}
-    for name, net in (("dense", dense), ("compressed", model)):
-        net.train()
-        times = []
-        for _ in range(repeats + 2):
-            start = time.perf_counter()
-            hidden = net(**batch).last_hidden_state
-            (1 - torch.nn.functional.cosine_similarity(hidden, hidden.detach() + 1, dim=-1)).mean().backward()
-            times.append(time.perf_counter() - start)
-            net.zero_grad(set_to_none=True)
-        out[name] = sorted(times[2:])[len(times[2:]) // 2]
-        net.eval()
+    for suffix, bf16 in (("", False), (" bf16", True)):
+        for name, net in (("dense", dense), ("compressed", model)):
+            net.train()
+            times = []
+            for _ in range(repeats + 2):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    hidden = net(**batch).last_hidden_state.float()
+                (1 - torch.nn.functional.cosine_similarity(hidden, hidden.detach() + 1, dim=-1)).mean().backward()
+                times.append(time.perf_counter() - start)
+                net.zero_grad(set_to_none=True)
+            out[name + suffix] = sorted(times[2:])[len(times[2:]) // 2]
+            net.eval()
     dense.requires_grad_(False)
     return out
 
@@ -78,8 +81,8 @@ def step_times(dense, model, tokenizer, texts: list[str], repeats: int = 10) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=16.0)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--variants", default="codebooks,all,all + codes,one-lr-2e-4")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--variants", default="codebooks,all,all + codes")
     parser.add_argument("--default-steps", type=int, default=300,
                         help="also run `hf-vq compress --finetune-steps N` on the embedded default (0: skip)")
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
@@ -130,6 +133,7 @@ def main() -> None:
                      "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval)}
             changed = [h["codes_changed"] for h in result.history if "codes_changed" in h]
             rows.append({"variant": name, "settings": VARIANTS[name], "trainable": result.trainable,
+                         "mixed_precision": result.arguments.mixed_precision,
                          "steps": result.completed_steps, "best_step": result.best_step, "seconds": round(seconds, 1),
                          "lee_mean": round(after["lee"]["mean_cosine"], 4), "lee_min": round(after["lee"]["min_cosine"], 4),
                          "wiki_mean": round(after["wiki"]["mean_cosine"], 4),
@@ -158,7 +162,8 @@ def _default_cli(cli, tmp: str, steps: int) -> dict:
     """`hf-vq compress` (the embedded default) with `--finetune-steps steps`: its report's fidelity before / after."""
     from bench_finetune_compress import compress_with_finetuning
 
-    return compress_with_finetuning(cli, ["--out", f"{tmp}/default", "--finetune-steps", str(steps)], f"{tmp}/d.json")
+    row = compress_with_finetuning(cli, ["--out", f"{tmp}/default", "--finetune-steps", str(steps)], f"{tmp}/d.json")
+    return {**row, "command": row["command"].replace(f"{tmp}/", "")}
 
 
 def _markdown(data: dict) -> str:
@@ -168,7 +173,9 @@ def _markdown(data: dict) -> str:
              f"{data['compress_s']:.0f} s. Fine-tuning: `finetune_compressed` (what `hf-vq compress --finetune-steps` "
              f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}"
              + (" × each tensor's RMS" if data["recipe"].get("scale_parameter") else "")
-             + (", no dropout" if data["recipe"].get("dropout") is False else "") + ", cosine "
+             + (", no dropout" if data["recipe"].get("dropout") is False else "")
+             + "".join(sorted({f", {r['mixed_precision']} autocast" for r in data["variants"] if r.get("mixed_precision")}))
+             + ", cosine "
              f"schedule, at most {data['recipe']['steps']} steps, early stopping on {data['recipe']['held_out']} held-out "
              "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the "
              f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",
@@ -188,14 +195,20 @@ def _markdown(data: dict) -> str:
     if {"all", "all + codes"} <= by.keys():
         a, c = by["all"], by["all + codes"]
         held = {name: min(v for _, v in data["curves"][name]["held_out"]) for name in ("all", "all + codes")}
-        lines += ["", f"Reading: code updates lower the training and the held-out Wikipedia loss (best "
-                      f"{held['all']:.4f} → {held['all + codes']:.4f}) and raise the Wikipedia cosine "
-                      f"({a['wiki_mean']:.4f} → {c['wiki_mean']:.4f}), but the news cosine does not follow "
-                      f"({a['lee_mean']:.4f} → {c['lee_mean']:.4f}): what distillation on Wikipedia text recovers transfers "
-                      "only partly to another domain, and codes (22.7 M targets) fit the training domain most."]
+        lines += ["", f"Reading: code updates lower the held-out Wikipedia loss (best {held['all']:.4f} → "
+                      f"{held['all + codes']:.4f}, {100 * (1 - held['all + codes'] / held['all']):.0f}% lower), the "
+                      f"Wikipedia cosine moves {a['wiki_mean']:.4f} → {c['wiki_mean']:.4f} and the news cosine "
+                      f"{a['lee_mean']:.4f} → {c['lee_mean']:.4f}, in {c['seconds'] / a['seconds']:.2f}× the time. "
+                      f"Fine-tuning raises the in-domain (Wikipedia) cosine by "
+                      f"{a['wiki_mean'] - data['before']['wiki_mean']:.4f} and the news cosine by "
+                      f"{a['lee_mean'] - data['before']['lee_mean']:.4f}: what distillation on one domain recovers "
+                      "transfers only partly to another."]
     t = data["train_step_s"]
     lines += ["", f"One training step (batch 16 Lee sentences, forward + backward): dense {1000 * t['dense']:.0f} ms, "
-                  f"compressed {1000 * t['compressed']:.0f} ms ({t['compressed'] / t['dense']:.2f}×), same process.",
+                  f"compressed {1000 * t['compressed']:.0f} ms ({t['compressed'] / t['dense']:.2f}×), same process"
+                  + (f"; under bfloat16 autocast dense {1000 * t['dense bf16']:.0f} ms, compressed "
+                     f"{1000 * t['compressed bf16']:.0f} ms ({t['compressed bf16'] / t['dense bf16']:.2f}×)"
+                     if "dense bf16" in t else "") + ".",
               "", f"![loss curves]({Path(data.get('out', 'finetune_minilm')).with_suffix('.png').name})", ""]
     d = data.get("default_cli")
     if d:

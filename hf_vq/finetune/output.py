@@ -66,7 +66,8 @@ def card_sections(args: FinetuneArguments, result: FinetuneResult) -> dict[str, 
                  + f" (batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation per "
                  "process)" + ("" if result.best_step is None else f"; best held-out loss at step {result.best_step}"),
         "optimizer": f"AdamW lr {args.learning_rate:g}{' x each tensor RMS' if args.scale_parameter else ''}, "
-                     f"{args.lr_scheduler_type} schedule",
+                     f"{args.lr_scheduler_type} schedule"
+                     + (f", {args.mixed_precision} autocast" if args.mixed_precision not in (None, "no") else ""),
         "trained": "codebooks" + (", scales" if args.train_scales and result.trainable.get("scales") else "")
                    + (", norms" if args.train_norms else "") + (", biases" if args.train_biases else "")
                    + (", dense layers" if args.train_dense else "")

@@ -3,13 +3,18 @@
 `decode(codes, codebooks)` written with `F.embedding` is differentiable but slow to train through: its forward is
 a gather per codebook and its backward is the embedding backward (a sort of every code on CUDA). Here the forward is
 the device's decode kernel (numba on CPU, Triton on CUDA; the reference elsewhere) and the backward adds each
-block's gradient onto the codeword it used (`index_add_`, one per codebook), with the per-output-channel scales'
-gradient from the unscaled decoded weight kept by the forward.
+block's gradient onto the codeword it used, with the per-output-channel scales' gradient from the unscaled decoded
+weight kept by the forward. On CPU the adding is a product with a sparse `[k, blocks]` 0/1 matrix per codebook,
+built once per code assignment (the codes stay fixed between steps): 12x faster than `index_add_` for a MiniLM
+layer, ~10% of a fine-tuning step; on other devices `index_add_`.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["train_decode"]
 
@@ -31,12 +36,41 @@ class _TrainDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             scaled = grad if scales is None else grad * scales.to(grad.dtype)[:, None]  # [rows, cols]
             blocks = scaled.reshape(-1, d)  # [rows * n_blocks, d]
-            index = codes.reshape(-1, n_books).long()  # [rows * n_blocks, M]
-            grad_books = torch.stack([blocks.new_zeros(k, d).index_add_(0, index[:, m], blocks)
-                                      for m in range(n_books)])  # [M, k, d]
+            if blocks.device.type == "cpu":
+                grad_books = torch.stack([matrix @ blocks for matrix in _assignment(codes, k, blocks.dtype)])
+            else:
+                index = codes.reshape(-1, n_books).long()  # [rows * n_blocks, M]
+                grad_books = torch.stack([blocks.new_zeros(k, d).index_add_(0, index[:, m], blocks)
+                                          for m in range(n_books)])  # [M, k, d]
         if scales is not None and ctx.needs_input_grad[2]:
             grad_scales = (grad * weight).sum(1).to(scales.dtype)  # [rows]
         return None, grad_books, grad_scales, None
+
+
+#: unpacked codes -> ((version, k, dtype), one sparse CSR `[k, rows * n_blocks]` per codebook); an entry goes with
+#: its codes tensor (a layer caches its unpacked codes until they change: `VQModuleMixin.unpacked_codes`)
+_ASSIGNMENTS = WeakTensorKeyDictionary()
+
+
+def _assignment(codes: torch.Tensor, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """For each codebook m, the 0/1 matrix `[k, rows * n_blocks]` with a one at (code, block): `matrix @ blocks`
+    sums the blocks `[rows * n_blocks, d]` per codeword. Cached for `codes` `[rows, n_blocks, M]` until it changes."""
+    key = (codes._version, k, dtype)
+    cached = _ASSIGNMENTS.get(codes)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    index = codes.reshape(-1, codes.shape[-1]).long()  # [rows * n_blocks, M]
+    n = index.shape[0]
+    matrices = []
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        for m in range(index.shape[1]):
+            order = torch.argsort(index[:, m], stable=True)  # [n] block ids grouped by codeword
+            row_starts = torch.zeros(k + 1, dtype=torch.long)  # [k + 1]
+            row_starts[1:] = torch.cumsum(torch.bincount(index[:, m], minlength=k), 0)
+            matrices.append(torch.sparse_csr_tensor(row_starts, order, torch.ones(n, dtype=dtype), size=(k, n)))
+    _ASSIGNMENTS[codes] = (key, matrices)
+    return matrices
 
 
 def train_decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor | None, decode_fn) -> torch.Tensor:
