@@ -9,7 +9,9 @@ what fine-tuning trains: everything for the dense model; codebooks, norms and bi
 
 * `dense`;
 * `hf_vq` (the training decode: the device's decode kernel forward, scatter-add backward, `hf_vq/kernels/train.py`);
-* `hf_vq, reference decode` (the differentiable `F.embedding` decode the modules used before), same process.
+* `hf_vq, reference decode` (the differentiable `F.embedding` decode the modules used before), same process;
+* on CPU, `hf_vq, index_add_ backward` (the training decode summing codebook gradients with `index_add_` every step
+  instead of the cached sparse assignment: `hf_vq.kernels.train.SPARSE_BACKWARD = False`).
 
 Median of `--repeats` timed steps after 3 warm-up steps.
 
@@ -68,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     import hf_vq
     from hf_vq.finetune import mark_trainable_
-    from hf_vq.kernels import dispatch
+    from hf_vq.kernels import dispatch, train
     from transformers import BertConfig, BertModel
 
     shape = dict(SHAPES[args.device])
@@ -91,6 +93,13 @@ def main() -> None:
                      "seconds": step_time(compressed, batch, args.device, args.repeats)})
     finally:
         dispatch.TRAIN_DECODE = True
+    if args.device == "cpu":
+        train.SPARSE_BACKWARD = False
+        try:
+            rows.append({"variant": "hf_vq, index_add_ backward",
+                         "seconds": step_time(compressed, batch, args.device, args.repeats)})
+        finally:
+            train.SPARSE_BACKWARD = True
     for row in rows:
         row["ms"] = round(1000 * row.pop("seconds"), 2)
         row["vs_dense"] = round(row["ms"] / rows[0]["ms"], 3)

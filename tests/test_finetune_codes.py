@@ -24,8 +24,12 @@ from hf_vq.nn import VQLinear
 timm = pytest.importorskip("timm")
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-backward", "index_add-backward"])
 @pytest.mark.parametrize("books, d, scaled", [(1, 4, True), (2, 8, True), (1, 2, False)])
-def test_training_decode_matches_the_reference_gradients(books, d, scaled):
+def test_training_decode_matches_the_reference_gradients(books, d, scaled, sparse, monkeypatch):
+    from hf_vq.kernels import train
+
+    monkeypatch.setattr(train, "SPARSE_BACKWARD", sparse)
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (24, 32 // d, books), dtype=torch.uint8)  # [rows, n_blocks, M]
     book = torch.randn(books, 16, d, requires_grad=True)  # [M, k, d]
@@ -46,9 +50,8 @@ def test_training_decode_matches_the_reference_gradients(books, d, scaled):
         torch.testing.assert_close(grads[1], scales.grad, rtol=1e-5, atol=1e-5)
 
 
-
 def test_training_decode_follows_codes_changed_in_place():
-    # the CPU backward caches a sparse assignment matrix per codes tensor: a changed code must not reuse it
+    """The CPU backward caches a sparse assignment matrix per codes tensor: a changed code must not reuse it."""
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (8, 4, 1), dtype=torch.uint8)  # [rows, n_blocks, M]
     book = torch.randn(1, 16, 2, requires_grad=True)  # [M, k, d]
@@ -58,6 +61,7 @@ def test_training_decode_follows_codes_changed_in_place():
     decode_matrix(codes, book).sum().backward()
     counts = torch.bincount(codes.reshape(-1).long(), minlength=16).float()  # [k]: each codeword's uses
     torch.testing.assert_close(book.grad[0], counts[:, None].expand(16, 2))
+
 
 def _vq_linear(books: int = 1, scales: bool = True) -> VQLinear:
     torch.manual_seed(0)
@@ -276,22 +280,22 @@ def test_save_to_disk_folder_and_flat_image_folder_are_training_data(tmp_path):
     assert len(train) == 3 and "image" in train.column_names
 
 
-@pytest.mark.parametrize("launched", [False, True])
-def test_finetune_compressed_on_text_with_early_stopping(minilm_path, monkeypatch, launched):
+@pytest.mark.parametrize("native, launched", [(True, False), (True, True), (False, False)])
+def test_finetune_compressed_on_text_with_early_stopping(minilm_path, monkeypatch, native, launched):
     """The call behind `hf-vq compress --finetune-steps` on a text model: Wikipedia sentences after those calibration
     used, a held-out part for early stopping, every layer's hidden states as the target when asked; bf16 autocast
-    where the device computes it natively, unless `accelerate launch` chose a precision."""
+    where the device computes it natively (forced either way here), unless `accelerate launch` chose a precision."""
     pytest.importorskip("gensim")
     from transformers import BertConfig, BertModel
 
-    from hf_vq.finetune import finetune_compressed
-    from hf_vq.finetune.recipe import native_bf16
+    from hf_vq.finetune import finetune_compressed, recipe
+    from hf_vq.integrations.transformers.tools import load_tokenizer
 
+    monkeypatch.setattr(recipe, "native_bf16", lambda: native)
     if launched:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     else:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    from hf_vq.integrations.transformers.tools import load_tokenizer
 
     torch.manual_seed(0)
     dense = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -307,6 +311,6 @@ def test_finetune_compressed_on_text_with_early_stopping(minilm_path, monkeypatc
     assert result.metrics["eval_samples"] == 16 and result.best_step in (0, 2, 4, 6)
     assert result.metrics["eval_loss"] < result.metrics_before["eval_loss"]
     assert not model.training and not dense.config.output_hidden_states  # the run's settings are restored
-    assert result.arguments.mixed_precision == ("bf16" if native_bf16() and not launched else None)
+    assert result.arguments.mixed_precision == ("bf16" if native and not launched else None)
     with pytest.raises(ValueError, match="tokenizer .* or photos"):
         finetune_compressed(model, dense, steps=2)

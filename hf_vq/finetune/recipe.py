@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 #: there). Text students train without dropout (`FinetuneArguments(dropout=False)`): with it, MiniLM's default 10x
 #: model got a worse held-out loss at every evaluation (best at step 0), without it 0.0155 -> 0.0134 in 300 steps
 #: (an ad-hoc run, not committed). Text models compute in bfloat16 where the device does so natively
-#: (`mixed_precision="bf16"`, see [`native_bf16`]): on MiniLM at 16x, 1000 steps ended with the same held-out loss
-#: and news cosine as in float32, in 10.0 instead of 13.9 minutes (ad-hoc runs, not committed; the float32 run also
-#: had the slower codebook-gradient backward of before).
+#: (`mixed_precision="bf16"`, see [`native_bf16`]): a training step of MiniLM at 16x takes 300 instead of 493 ms
+#: (benchmarks/results/finetune_minilm.md), and 1000 steps ended with the same held-out loss and news cosine as in
+#: float32 (ad-hoc runs, not committed).
 DEFAULT_FINETUNE = dict(batch_size=16, learning_rate=3e-3, image_learning_rate=5e-5, held_out=128, eval_every=50,
                         patience=3, hidden_target="pooled",
                         # text models only (images keep one rate, their dropout and float32: untested there)
@@ -138,7 +138,7 @@ def finetune_compressed(
     if text:
         settings.update({key: DEFAULT_FINETUNE[key] for key in ("scale_parameter", "code_learning_rate", "dropout")})
         # bf16 only where it is native, and never over `accelerate launch --mixed_precision`'s own choice
-        if native_bf16() and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        if "ACCELERATE_MIXED_PRECISION" not in os.environ and native_bf16():
             settings["mixed_precision"] = DEFAULT_FINETUNE["mixed_precision"]
     args = FinetuneArguments(**{**settings, **overrides})
     with torch.enable_grad():  # the caller (hf-vq compress) keeps the process group: hand the run an accelerator

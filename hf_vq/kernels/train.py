@@ -5,8 +5,8 @@ a gather per codebook and its backward is the embedding backward (a sort of ever
 the device's decode kernel (numba on CPU, Triton on CUDA; the reference elsewhere) and the backward adds each
 block's gradient onto the codeword it used, with the per-output-channel scales' gradient from the unscaled decoded
 weight kept by the forward. On CPU the adding is a product with a sparse `[k, blocks]` 0/1 matrix per codebook,
-built once per code assignment (the codes stay fixed between steps): 12x faster than `index_add_` for a MiniLM
-layer, ~10% of a fine-tuning step; on other devices `index_add_`.
+built once per code assignment (the codes stay fixed between steps) instead of an `index_add_` every step; on other
+devices `index_add_` (benchmarks/bench_train_step.py compares the two on CPU).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["train_decode"]
+
+#: The CPU backward sums block gradients with the cached sparse assignment (`False`: `index_add_`, as on other
+#: devices; benchmarks compare the two).
+SPARSE_BACKWARD = True
 
 
 class _TrainDecode(torch.autograd.Function):
@@ -36,7 +40,7 @@ class _TrainDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             scaled = grad if scales is None else grad * scales.to(grad.dtype)[:, None]  # [rows, cols]
             blocks = scaled.reshape(-1, d)  # [rows * n_blocks, d]
-            if blocks.device.type == "cpu":
+            if blocks.device.type == "cpu" and SPARSE_BACKWARD:
                 grad_books = torch.stack([matrix @ blocks for matrix in _assignment(codes, k, blocks.dtype)])
             else:
                 index = codes.reshape(-1, n_books).long()  # [rows * n_blocks, M]
@@ -66,8 +70,8 @@ def _assignment(codes: torch.Tensor, k: int, dtype: torch.dtype) -> list[torch.T
         warnings.simplefilter("ignore", UserWarning)
         for m in range(index.shape[1]):
             order = torch.argsort(index[:, m], stable=True)  # [n] block ids grouped by codeword
-            row_starts = torch.zeros(k + 1, dtype=torch.long)  # [k + 1]
-            row_starts[1:] = torch.cumsum(torch.bincount(index[:, m], minlength=k), 0)
+            row_starts = torch.cumsum(torch.bincount(index[:, m], minlength=k), 0)  # [k]: end of each codeword's run
+            row_starts = torch.cat([row_starts.new_zeros(1), row_starts])  # [k + 1]
             matrices.append(torch.sparse_csr_tensor(row_starts, order, torch.ones(n, dtype=dtype), size=(k, n)))
     _ASSIGNMENTS[codes] = (key, matrices)
     return matrices
