@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -87,19 +88,12 @@ def main() -> None:
              "attention_mask": torch.ones(batch_size, seq, dtype=torch.long, device=args.device)}
     rows = [{"variant": "dense", "seconds": step_time(dense, batch, args.device, args.repeats)}]
     rows.append({"variant": "hf_vq", "seconds": step_time(compressed, batch, args.device, args.repeats)})
-    dispatch.TRAIN_DECODE = False
-    try:
-        rows.append({"variant": "hf_vq, reference decode",
-                     "seconds": step_time(compressed, batch, args.device, args.repeats)})
-    finally:
-        dispatch.TRAIN_DECODE = True
+    variants = [("hf_vq, reference decode", dispatch, "TRAIN_DECODE")]
     if args.device == "cpu":
-        train.SPARSE_BACKWARD = False
-        try:
-            rows.append({"variant": "hf_vq, index_add_ backward",
-                         "seconds": step_time(compressed, batch, args.device, args.repeats)})
-        finally:
-            train.SPARSE_BACKWARD = True
+        variants.append(("hf_vq, index_add_ backward", train, "SPARSE_BACKWARD"))
+    for name, module, switch in variants:  # each switch off for its row only
+        with patch.object(module, switch, False):
+            rows.append({"variant": name, "seconds": step_time(compressed, batch, args.device, args.repeats)})
     for row in rows:
         row["ms"] = round(1000 * row.pop("seconds"), 2)
         row["vs_dense"] = round(row["ms"] / rows[0]["ms"], 3)
