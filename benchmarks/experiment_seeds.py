@@ -14,6 +14,8 @@ before it, and the BatchNorm channel weighting tried at commit 799851b, are the 
 `experiment_seeds_lite0` is also of the calibration statistics that pad timm's `Conv2dSame` inputs as the conv does
 (experiment_conv_same_padding.py; the run without that fix is the file at commit 1ed14ee).
 `experiment_seeds_minilm_tuned` is of the noise-injection allocation.
+The committed `lite0`, `minilm` and `minilm_10x` files are also of the output-aware objective's weight-space term
+(`hf_vq.codec.output_aware.FLOOR`, experiment_hessian_floor.py); the same files without it are at commit 982b7b5.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2

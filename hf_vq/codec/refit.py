@@ -216,8 +216,12 @@ def refit_scales(
         weight (`torch.Tensor`): `[rows, cols]`.
         hessian (`torch.Tensor`): `[cols, cols]` or `[G, cols, cols]`.
         decoded (`torch.Tensor`): `decode(codes, C)` `[rows, cols]` (before scaling).
-        scales (`torch.Tensor`, *optional*): current scales `[rows]`, kept for rows whose decoded vector
-            has no output energy (`d_r H d_rᵀ = 0`); default 1.
+        scales (`torch.Tensor`, *optional*): current scales `[rows]`, kept for rows whose decoded vector is
+            zero; default 1.
+
+    A row whose decoded vector has no output energy (`d_r H d_rᵀ = 0`: its inputs were never active in the
+    calibration data, e.g. a dead channel of a depthwise conv) gets the plain least-squares scale
+    `<w_r, d_r> / <d_r, d_r>` instead, so a row of zeros decodes to zeros.
 
     Returns:
         `torch.Tensor`: scales `[rows]`, float32 holding fp16-representable values.
@@ -228,5 +232,7 @@ def refit_scales(
     num = (wg * dh).sum(-1).reshape(-1)  # [rows]
     den = (dg * dh).sum(-1).reshape(-1)  # [rows]
     old = torch.ones_like(num) if scales is None else scales.to(num.device, torch.float64)
-    best = torch.where(den > 0, num / den.clamp_min(1e-300), old)  # [rows]
+    plain_den = (dg * dg).sum(-1).reshape(-1)  # [rows]
+    plain = torch.where(plain_den > 0, (wg * dg).sum(-1).reshape(-1) / plain_den.clamp_min(1e-300), old)  # [rows]
+    best = torch.where(den > 0, num / den.clamp_min(1e-300), plain)  # [rows]
     return best.clamp(-65504.0, 65504.0).half().float()

@@ -14,7 +14,7 @@ from hf_vq.codec.gptvq import gptq_encode, icm_reassign
 from hf_vq.codec.hessian import act_order, output_error, row_output_errors
 from hf_vq.codec.kmeans import kmeans
 from hf_vq.codec.output_aware import encode_output_aware, hessian_entry_weights, weighted_residual_kmeans
-from hf_vq.codec.pq import decode, split_blocks
+from hf_vq.codec.pq import decode, relative_error, split_blocks
 from hf_vq.codec.refit import refit_codebooks, refit_scales
 
 
@@ -125,6 +125,20 @@ def test_scale_refit_is_the_per_row_optimum_in_fp16():
     for factor in (0.99, 1.01):
         assert bool((row_output_errors(w, dec * (s * factor)[:, None], h) >= base * (1 - 1e-4)).all())
 
+
+
+def test_dead_channels_keep_their_weights_and_zero_rows_decode_to_zeros():
+    """A depthwise-like layer (one H per row group) whose last group never saw input (H = 0): rows there are coded
+    by their weights alone, and a row of zeros decodes to exactly zero (a dead channel of EfficientNet-Lite0 had
+    decoded to a row with 37% of the layer's weight energy: scale 1 on codes fitted to nothing)."""
+    w, h, _ = _synthetic(64, 32)
+    w[-1] = 0  # a dead channel: zero weights ...
+    hg = torch.stack([h, h, h, torch.zeros_like(h)])  # [4, cols, cols]: ... and rows 48..63 never see input
+    codebooks, codes, scales, _ = encode_output_aware(w, hg, k=32, d=4, scales=True, seed=0, kmeans_iters=20)
+    approx = decode(codes, codebooks) * scales[:, None]  # [rows, cols]
+    assert torch.equal(approx[-1], torch.zeros(32))
+    assert relative_error(w[48:63], approx[48:63]) < 0.5  # coded for their weights, not arbitrary
+    assert torch.equal(refit_scales(w, hg, torch.ones_like(w))[-1], torch.tensor(0.0))
 
 # ------------------------------------------------------------------------------------- the one-call encoder
 def test_encoder_shapes_determinism_and_decode_consistency():
