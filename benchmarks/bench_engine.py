@@ -81,6 +81,11 @@ def _row(name: str, variant: str, args: list[str], dense_bytes: int, fidelity_ke
     return row
 
 
+
+def allocation_text(allocation: dict[str, int] | None) -> str:
+    """A row's allocation (choice -> layers) as `d2k256×12, dense×7` (empty without an allocation)."""
+    return ", ".join(f"{k}×{v}" for k, v in (allocation or {}).items())
+
 def _samples(model: str) -> int:
     """`hf-vq compress`'s default number of calibration inputs for this model's library."""
     from hf_vq.cli import DEFAULT_SAMPLES
@@ -205,7 +210,7 @@ def _markdown(rows: list[dict], info: dict, command: str, reference: list[dict] 
     for r in rows:
         other = r["fidelity_all"].get("sentence embedding cosine (min)",
                                       r["fidelity_all"].get("KL(dense || compressed) mean, nats"))
-        alloc = ", ".join(f"{k}×{v}" for k, v in (r["allocation"] or {}).items()) or "-"
+        alloc = allocation_text(r["allocation"]) or "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['file_ratio']:.2f}× | {r['weights_mb']:.2f} | "
                      f"{r['fidelity']:.4f} | {other} | {r['seconds']:.0f} | {alloc} |")
     if kept:

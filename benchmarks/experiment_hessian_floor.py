@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The weight-space term of the output-aware objective: `hf-vq compress --ratio R` with `H + floor · mean(diag H) · I`.
+"""The output-aware objective's weight-space term: `hf-vq compress --ratio R` under `H + floor · mean(diag H) · I`.
 
 The output-aware encoder (`hf_vq.codec.output_aware`) minimises each layer's output error on the calibration inputs.
 Weights whose inputs calibration never excited have zero output error whatever their codes: EfficientNet-Lite0's
@@ -26,7 +26,8 @@ import argparse
 import statistics
 import sys
 
-from bench_engine import REPORTED, _row, dense_folder  # importing it sets 2 torch threads and offline mode
+# importing bench_engine sets 2 torch threads and offline mode
+from bench_engine import REPORTED, _row, allocation_text, dense_folder
 from _common import RESULTS, machine, write
 
 import hf_vq.codec.output_aware as output_aware  # noqa: E402
@@ -71,9 +72,8 @@ def markdown(data: dict) -> str:
              f"| floor | seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        alloc = ", ".join(f"{k}×{v}" for k, v in (r["allocation"] or {}).items())
         lines.append(f"| {r['floor']:g} | {r['seed']} | {r['file_ratio']:.2f}× | {r['fidelity']:.4f} | "
-                     f"{r['second']:.4g} | {r['seconds']:.0f} | {alloc} |")
+                     f"{r['second']:.4g} | {r['seconds']:.0f} | {allocation_text(r['allocation'])} |")
     floors = sorted({r["floor"] for r in rows})
     if len({r["seed"] for r in rows}) > 1:
         lines.append("")

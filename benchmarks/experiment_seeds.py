@@ -31,7 +31,8 @@ import argparse
 import statistics
 import sys
 
-from bench_engine import REPORTED, _row, dense_folder  # importing it sets 2 torch threads and offline mode
+# importing bench_engine sets 2 torch threads and offline mode
+from bench_engine import REPORTED, _row, allocation_text, dense_folder
 from _common import RESULTS, machine, write
 
 OUT = RESULTS / "experiment_seeds"
@@ -68,9 +69,8 @@ def markdown(data: dict) -> str:
              f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        alloc = ", ".join(f"{k}×{v}" for k, v in (r["allocation"] or {}).items())
         lines.append(f"| {r['seed']} | {r['file_ratio']:.2f}× | {r['fidelity']:.4f} | {r['second']:.4g} | "
-                     f"{r['seconds']:.0f} | {alloc} |")
+                     f"{r['seconds']:.0f} | {allocation_text(r['allocation'])} |")
     lines += ["", f"Mean over the {len(rows)} seeds: **{statistics.fmean(fid):.4f}** (range {min(fid):.4f} to "
               f"{max(fid):.4f}); {report.second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to "
               f"{max(sec):.4g})."]

@@ -110,7 +110,8 @@ def weighted_residual_kmeans(
     return torch.stack(books), torch.stack(codes, 1).reshape(rows, cols // d, num_codebooks)
 
 
-def _validate(weight: torch.Tensor, k: int, d: int, num_codebooks: int, n_iter: int, reassign: str) -> None:
+def _validate(weight: torch.Tensor, k: int, d: int, num_codebooks: int, n_iter: int, reassign: str,
+              floor: float) -> None:
     if weight.ndim != 2:
         raise ValueError(f"weight must be [rows, cols]; got shape {tuple(weight.shape)} "
                          "(reshape a conv weight to [out_channels, in_channels/groups * kh * kw]).")
@@ -124,6 +125,8 @@ def _validate(weight: torch.Tensor, k: int, d: int, num_codebooks: int, n_iter: 
         raise ValueError(f"n_iter={n_iter} must be >= 0 (0 stops after the GPTQ pass and one refit).")
     if reassign not in _REASSIGN:
         raise ValueError(f"reassign={reassign!r} must be one of {_REASSIGN}.")
+    if floor < 0:
+        raise ValueError(f"floor={floor} must be >= 0 (0: the output error alone).")
 
 
 def _safe(scales: torch.Tensor | None) -> torch.Tensor | None:
@@ -177,8 +180,6 @@ FLOOR = 1e-4
 
 def _with_floor(h: torch.Tensor, floor: float) -> torch.Tensor:
     """`H [G, cols, cols] + floor · mean(diag H) · I` (float64), the mean over all groups."""
-    if floor < 0:
-        raise ValueError(f"floor={floor} must be >= 0 (0: the output error alone).")
     mean = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
     return h + floor * mean * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
 
@@ -226,11 +227,12 @@ def encode_output_aware(
     Raises:
         `ValueError`: for inconsistent shapes or out-of-range settings (the message names the argument).
     """
-    _validate(weight, k, d, num_codebooks, n_iter, reassign)
+    floor = FLOOR if floor is None else floor
+    _validate(weight, k, d, num_codebooks, n_iter, reassign, floor)
     t_start = time.perf_counter()
     w = weight.detach().float()  # [rows, cols]
     h_out = as_grouped(w, hessian)[1].to(w.device, torch.float64)  # [G, cols, cols]
-    h = _with_floor(h_out, FLOOR if floor is None else floor)  # [G, cols, cols]
+    h = _with_floor(h_out, floor)  # [G, cols, cols]
     st = _State(w, h, _init_scales(w) if scales else None)
     st.books, codes = weighted_residual_kmeans(st.normalized(), hessian_entry_weights(h, w.shape[0], d, st.s),
                                                num_codebooks=num_codebooks, k=k, d=d, n_iter=kmeans_iters, seed=seed)
@@ -247,7 +249,7 @@ def encode_output_aware(
         before = (st.books, st.s, st.history[-1])
         st.books = refit_codebooks(w, h, st.codes, st.books, st.s, iters=refit_iters)
         if scales:
-            st.s = refit_scales(w, h, decode(st.codes, st.books), st.s)
+            st.s = refit_scales(w, h, decode(st.codes, st.books))
         if st.record() > before[2]:  # float rounding or fp16 scales made it worse: keep the previous fit
             st.books, st.s = before[0], before[1]
             st.history[-1] = before[2]
@@ -263,6 +265,6 @@ def encode_output_aware(
         st.record()
         stats["seconds_reassign"] += time.perf_counter() - t0
     approx = st.approx(st.codes)  # [rows, cols]
-    stats.update(history=st.history, output_error=output_error(w, approx, h_out), weight_error=relative_error(w, approx),
-                 seconds=time.perf_counter() - t_start)
+    stats.update(history=st.history, output_error=output_error(w, approx, h_out),
+                 weight_error=relative_error(w, approx), seconds=time.perf_counter() - t_start)
     return OutputAwareResult(st.books, st.codes, st.s, stats)

@@ -29,7 +29,7 @@ import torch
 from .hessian import as_grouped
 from .pq import decode
 
-__all__ = ["refit_codebooks", "refit_codebooks_adam", "refit_scales"]
+__all__ = ["refit_codebooks", "refit_codebooks_adam", "refit_scales", "fit_scales"]
 
 
 class _Problem:
@@ -207,21 +207,17 @@ def refit_codebooks_adam(
 
 
 @torch.no_grad()
-def refit_scales(
-    weight: torch.Tensor, hessian: torch.Tensor, decoded: torch.Tensor, scales: torch.Tensor | None = None,
-) -> torch.Tensor:
+def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     """Best per-row scales for a fixed decoded weight, rounded to fp16 values.
 
     Args:
         weight (`torch.Tensor`): `[rows, cols]`.
         hessian (`torch.Tensor`): `[cols, cols]` or `[G, cols, cols]`.
         decoded (`torch.Tensor`): `decode(codes, C)` `[rows, cols]` (before scaling).
-        scales (`torch.Tensor`, *optional*): current scales `[rows]`, kept for rows whose decoded vector is
-            zero; default 1.
 
     A row whose decoded vector has no output energy (`d_r H d_rᵀ = 0`: its inputs were never active in the
-    calibration data, e.g. a dead channel of a depthwise conv) gets the plain least-squares scale
-    `<w_r, d_r> / <d_r, d_r>` instead, so a row of zeros decodes to zeros.
+    calibration data, e.g. a dead channel of a depthwise conv) gets its weights' own least-squares scale
+    ([`fit_scales`]), so a row of zeros decodes to zeros.
 
     Returns:
         `torch.Tensor`: scales `[rows]`, float32 holding fp16-representable values.
@@ -231,8 +227,21 @@ def refit_scales(
     dh = dg @ h.to(weight.device, torch.float64)  # [G, R, cols]
     num = (wg * dh).sum(-1).reshape(-1)  # [rows]
     den = (dg * dh).sum(-1).reshape(-1)  # [rows]
-    old = torch.ones_like(num) if scales is None else scales.to(num.device, torch.float64)
-    plain_den = (dg * dg).sum(-1).reshape(-1)  # [rows]
-    plain = torch.where(plain_den > 0, (wg * dg).sum(-1).reshape(-1) / plain_den.clamp_min(1e-300), old)  # [rows]
-    best = torch.where(den > 0, num / den.clamp_min(1e-300), plain)  # [rows]
+    plain = fit_scales(weight.double(), decoded.to(weight.device, torch.float64))  # [rows]
+    best = torch.where(den > 0, num / den.clamp_min(1e-300), plain.double())  # [rows]
     return best.clamp(-65504.0, 65504.0).half().float()
+
+
+def fit_scales(matrix: torch.Tensor, decoded: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row least-squares scales `s [rows]` minimising `Σ w (W − diag(s)·Q)²`, rounded to fp16 values.
+
+    Args:
+        matrix (`torch.Tensor`): the dense `W [rows, cols]`.
+        decoded (`torch.Tensor`): the decoded unscaled `Q [rows, cols]`.
+        weights (`torch.Tensor`, *optional*): entry weights `[rows, cols]` (uniform when None).
+    """
+    w = torch.ones_like(matrix) if weights is None else weights.to(matrix.device, matrix.dtype)
+    num = (w * matrix * decoded).sum(1)  # [rows]
+    den = (w * decoded * decoded).sum(1)  # [rows]
+    scales = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
+    return scales.half().float()

@@ -14,6 +14,7 @@ from ..calibrate import entry_moments
 from ..codec.aq import aq_quantize
 from ..codec.kmeans import assign, kmeans
 from ..codec.pq import decode, split_blocks
+from ..codec.refit import fit_scales
 from ..config import LayerLayout, VQConfig
 from ..nn import VQModuleMixin
 
@@ -120,18 +121,3 @@ def assign_rows(matrix: torch.Tensor, codebook: torch.Tensor, scales: bool
     unit, _ = unit_rows(matrix, scales)
     codes = assign(split_blocks(unit, codebook.shape[1]), codebook).reshape(rows, cols // codebook.shape[1], 1)
     return codes, fit_scales(matrix, decode(codes, codebook[None])) if scales else None
-
-
-def fit_scales(matrix: torch.Tensor, decoded: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row least-squares scales `s [rows]` minimising `Σ w (W − diag(s)·Q)²`, rounded to fp16 values.
-
-    Args:
-        matrix (`torch.Tensor`): the dense `W [rows, cols]`.
-        decoded (`torch.Tensor`): the decoded unscaled `Q [rows, cols]`.
-        weights (`torch.Tensor`, *optional*): entry weights `[rows, cols]` (uniform when None).
-    """
-    w = torch.ones_like(matrix) if weights is None else weights.to(matrix.device, matrix.dtype)
-    num = (w * matrix * decoded).sum(1)  # [rows]
-    den = (w * decoded * decoded).sum(1)  # [rows]
-    scales = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
-    return scales.half().float()
