@@ -276,7 +276,49 @@ def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
     halves = LayerStatistics(hessian=h_fit * 32, count=32), LayerStatistics(hessian=h_test * 32, count=32)
     errors = {opt.label: opt.distortion for opt, _ in _menu(layout, weight, halves[0], config, 1.0, *halves)}
     alone = {opt.label: opt.distortion for opt, _ in _menu(layout, weight, halves[0], config, 1.0)}
-    assert errors["d4k256"] == pytest.approx(held_out) and alone["d4k256"] == pytest.approx(in_sample)
+    h_fit, h_test = halves[0].objective_hessian(), halves[1].objective_hessian()  # what the menu measures under
+    assert errors["d4k256"] == pytest.approx(_quick_error(weight, h_fit, 4, 256, config, True, h_test=h_test))
+    assert alone["d4k256"] == pytest.approx(_quick_error(weight, h_fit, 4, 256, config, True))
+
+
+def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_prior(minilm):
+    """MiniLM's last attention output projection (384 x 384, real weights) calibrated on the tokens of 4 real
+    sentences (fewer rows than columns), scored on the tokens of 64 others: encoded under the objective's prior
+    (`LayerStatistics.objective_hessian`) its output error on the new sentences is lower than under `H / count`."""
+    from transformers import AutoTokenizer
+
+    from hf_vq.calibrate import LayerStatistics
+    from hf_vq.codec.hessian import output_error
+    from hf_vq.codec.output_aware import encode_output_aware
+    from hf_vq.codec.pq import decode
+    from hf_vq.data import real_sentences
+
+    layer = minilm.encoder.layer[5].attention.output.dense
+    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+
+    def rows(texts: list[str]) -> torch.Tensor:  # [tokens, 384] of the layer's inputs, padding left out
+        seen.clear()
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            minilm(**batch)
+        return seen[0][batch["attention_mask"].bool()].double()
+
+    try:
+        sentences = real_sentences(68)
+        fit, new = rows(sentences[:4]), rows(sentences[4:])
+    finally:
+        hook.remove()
+    assert fit.shape[0] < fit.shape[1] < new.shape[0]
+    stat = LayerStatistics(hessian=fit.T @ fit, count=fit.shape[0])
+    weight = layer.weight.detach().float()  # [384, 384]
+    errors = {}
+    for name, h in (("plain", stat.mean_hessian()), ("prior", stat.objective_hessian())):
+        result = encode_output_aware(weight, h, k=64, d=2, scales=True, n_iter=1, kmeans_iters=8)
+        approx = decode(result.codes, result.codebooks) * result.scales[:, None]
+        errors[name] = output_error(weight, approx, new.T @ new)
+    assert errors["prior"] < 0.8 * errors["plain"], errors  # measured 0.036 vs 0.056
 
 
 def test_allocation_measures_every_output_the_model_returns():

@@ -180,7 +180,7 @@ def _dense_statistics(model: nn.Module, modules: dict[str, nn.Module], owners: l
 
 def _hessian(stat: LayerStatistics | None, cols: int, device: torch.device) -> torch.Tensor:
     if stat is not None and stat.hessian is not None:
-        return stat.mean_hessian().to(device)
+        return stat.objective_hessian().to(device)
     return torch.eye(cols, dtype=torch.float64, device=device)
 
 

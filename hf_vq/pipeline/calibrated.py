@@ -162,7 +162,7 @@ def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStati
     seed = config.seed + _stable_index(name)
     errors: dict[str, float] = {}
     if stat is not None and stat.hessian is not None:
-        h = stat.mean_hessian().to(device)  # [cols, cols] or [G, cols, cols]
+        h = stat.objective_hessian().to(device)  # [cols, cols] or [G, cols, cols]
         result = encode_output_aware(matrix, h, k=layout.k, d=layout.d, num_codebooks=layout.num_codebooks,
                                      scales=layout.scales, seed=seed, n_iter=config.recipe.refit_rounds,
                                      kmeans_iters=min(config.n_iter, 20))  # an init: the GPTQ pass re-encodes
