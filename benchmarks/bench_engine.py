@@ -81,10 +81,10 @@ def _row(name: str, variant: str, args: list[str], dense_bytes: int, fidelity_ke
     return row
 
 
-
 def allocation_text(allocation: dict[str, int] | None) -> str:
     """A row's allocation (choice -> layers) as `d2k256×12, dense×7` (empty without an allocation)."""
     return ", ".join(f"{k}×{v}" for k, v in (allocation or {}).items())
+
 
 def _samples(model: str) -> int:
     """`hf-vq compress`'s default number of calibration inputs for this model's library."""

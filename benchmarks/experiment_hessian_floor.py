@@ -24,8 +24,9 @@ KL on 128 crops of 8 held-out photos).
     .venv/bin/python benchmarks/experiment_hessian_floor.py --model minilm --ratio 16 --floors 1e-4 --priors 0 1 \
         --out benchmarks/results/experiment_hessian_prior_minilm
 
-The committed MiniLM run has no floor 0 and 1e-4 rows (for time): the same command at those floors is seed 0 of
-`experiment_seeds_minilm.md` at commit 982b7b5 (floor 0: 0.9077) and at the commit of this script (1e-4).
+The committed floor sweep of MiniLM has no floor 0 and 1e-4 rows (for time): floor 0 is seed 0 of
+`experiment_seeds_minilm.md` at commit 982b7b5 (0.9077); floor 1e-4 (without and with the prior) is
+`experiment_hessian_prior_minilm.md`.
 """
 
 from __future__ import annotations

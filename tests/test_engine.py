@@ -281,19 +281,23 @@ def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
     assert alone["d4k256"] == pytest.approx(_quick_error(weight, h_fit, 4, 256, config, True))
 
 
-def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_prior(minilm):
+def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_prior(minilm, monkeypatch):
     """MiniLM's last attention output projection (384 x 384, real weights) calibrated on the tokens of 4 real
-    sentences (fewer rows than columns), scored on the tokens of 64 others: encoded under the objective's prior
-    (`LayerStatistics.objective_hessian`) its output error on the new sentences is lower than under `H / count`."""
+    sentences (fewer rows than columns), scored on the tokens of 64 others: encoded by the pipeline
+    (`fit_layer`) under the objective's prior (`LayerStatistics.objective_hessian`), its output error on the new
+    sentences is lower than with the prior switched off (`PRIOR_ROWS = 0`: `H / count`)."""
     from transformers import AutoTokenizer
 
+    import hf_vq.calibrate.hessian as hessian
     from hf_vq.calibrate import LayerStatistics
     from hf_vq.codec.hessian import output_error
-    from hf_vq.codec.output_aware import encode_output_aware
     from hf_vq.codec.pq import decode
+    from hf_vq.config import LayerLayout
     from hf_vq.data import real_sentences
+    from hf_vq.pipeline.calibrated import fit_layer
 
-    layer = minilm.encoder.layer[5].attention.output.dense
+    name = "encoder.layer.5.attention.output.dense"
+    layer = minilm.get_submodule(name)
     tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
@@ -312,13 +316,15 @@ def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_pri
         hook.remove()
     assert fit.shape[0] < fit.shape[1] < new.shape[0]
     stat = LayerStatistics(hessian=fit.T @ fit, count=fit.shape[0])
+    layout = LayerLayout(kind="linear", shape=(384, 384), k=64, d=2, scales=True)
+    config = hf_vq.VQConfig(n_iter=8, permute=False)
     weight = layer.weight.detach().float()  # [384, 384]
-    errors = {}
-    for name, h in (("plain", stat.mean_hessian()), ("prior", stat.objective_hessian())):
-        result = encode_output_aware(weight, h, k=64, d=2, scales=True, n_iter=1, kmeans_iters=8)
-        approx = decode(result.codes, result.codebooks) * result.scales[:, None]
-        errors[name] = output_error(weight, approx, new.T @ new)
-    assert errors["prior"] < 0.8 * errors["plain"], errors  # measured 0.036 vs 0.056
+    default, errors = hessian.PRIOR_ROWS, {}
+    for prior in (0.0, default):
+        monkeypatch.setattr(hessian, "PRIOR_ROWS", prior)
+        codebooks, codes, scales, _ = fit_layer(minilm, name, layout, stat, config, torch.device("cpu"))
+        errors[prior] = output_error(weight, decode(codes, codebooks) * scales[:, None], new.T @ new)
+    assert errors[default] < 0.8 * errors[0.0], errors  # measured 0.036 vs 0.059
 
 
 def test_allocation_measures_every_output_the_model_returns():

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..codec.hessian import with_isotropic
+
 __all__ = ["PRIOR_ROWS", "LayerStatistics", "HessianCollector", "merge_statistics", "permute_hessian"]
 
 
@@ -57,9 +59,7 @@ class LayerStatistics:
         isotropic pseudo-rows of their mean energy, `H / count + PRIOR_ROWS · (cols / count) · mean(diag H / count) · I`
         (the mean over all groups). `[cols, cols]` or `[G, cols, cols]`, the dtype of `hessian`."""
         h = self.mean_hessian()  # [cols, cols] or [G, cols, cols]
-        cols = h.shape[-1]
-        weight = PRIOR_ROWS * cols / max(1, self.count) * h.diagonal(dim1=-2, dim2=-1).mean()
-        return h + weight * torch.eye(cols, dtype=h.dtype, device=h.device)
+        return with_isotropic(h, PRIOR_ROWS * h.shape[-1] / max(1, self.count))
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_grouped", "output_error", "row_output_errors", "damped_inverse_factor", "act_order"]
+__all__ = ["as_grouped", "output_error", "row_output_errors", "with_isotropic", "damped_inverse_factor",
+           "act_order"]
 
 
 def as_grouped(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +85,21 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     num = row_output_errors(weight, approx, hessian).sum()
     den = row_output_errors(weight, torch.zeros_like(weight), hessian).sum()
     return float(num / den.clamp_min(1e-300))
+
+
+def with_isotropic(hessian: torch.Tensor, fraction: float) -> torch.Tensor:
+    """`H + fraction · mean(diag H) · I`, the mean over every group's diagonal: an isotropic term in proportion to the
+    inputs' mean energy (a weight-space term in the objective, or a prior on inputs calibration did not show).
+
+    Args:
+        hessian (`torch.Tensor`): `[cols, cols]` or `[G, cols, cols]`.
+        fraction (`float`): the term's size relative to the mean diagonal entry.
+
+    Returns:
+        `torch.Tensor`: the same shape and dtype as `hessian`.
+    """
+    mean = hessian.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
+    return hessian + fraction * mean * torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
 
 
 def damped_inverse_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:

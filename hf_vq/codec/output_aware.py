@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .gptvq import gptq_encode, icm_reassign
-from .hessian import as_grouped, output_error, row_output_errors
+from .hessian import as_grouped, output_error, row_output_errors, with_isotropic
 from .kmeans import kmeans
 from .pq import decode, relative_error, split_blocks
 from .refit import refit_codebooks, refit_scales
@@ -178,12 +178,6 @@ class _State:
 FLOOR = 1e-4
 
 
-def _with_floor(h: torch.Tensor, floor: float) -> torch.Tensor:
-    """`H [G, cols, cols] + floor · mean(diag H) · I` (float64), the mean over all groups."""
-    mean = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
-    return h + floor * mean * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-
-
 def _init_scales(weight: torch.Tensor) -> torch.Tensor:
     """Row RMS, fp16-rounded (rows of zeros get 0: they decode to zeros). `[rows, cols]` -> `[rows]` float32."""
     rms = weight.double().pow(2).mean(1).sqrt()  # [rows]
@@ -232,7 +226,7 @@ def encode_output_aware(
     t_start = time.perf_counter()
     w = weight.detach().float()  # [rows, cols]
     h_out = as_grouped(w, hessian)[1].to(w.device, torch.float64)  # [G, cols, cols]
-    h = _with_floor(h_out, floor)  # [G, cols, cols]
+    h = with_isotropic(h_out, floor)  # [G, cols, cols]
     st = _State(w, h, _init_scales(w) if scales else None)
     st.books, codes = weighted_residual_kmeans(st.normalized(), hessian_entry_weights(h, w.shape[0], d, st.s),
                                                num_codebooks=num_codebooks, k=k, d=d, n_iter=kmeans_iters, seed=seed)

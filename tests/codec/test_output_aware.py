@@ -126,7 +126,6 @@ def test_scale_refit_is_the_per_row_optimum_in_fp16():
         assert bool((row_output_errors(w, dec * (s * factor)[:, None], h) >= base * (1 - 1e-4)).all())
 
 
-
 def test_dead_channels_keep_their_weights_and_zero_rows_decode_to_zeros():
     """A depthwise-like layer (one H per row group) whose last group never saw input (H = 0): rows there are coded
     by their weights alone, and a row of zeros decodes to exactly zero (a dead channel of EfficientNet-Lite0 had
@@ -139,6 +138,7 @@ def test_dead_channels_keep_their_weights_and_zero_rows_decode_to_zeros():
     assert torch.equal(approx[-1], torch.zeros(32))
     assert relative_error(w[48:63], approx[48:63]) < 0.5  # coded for their weights, not arbitrary
     assert torch.equal(refit_scales(w, hg, torch.ones_like(w))[-1], torch.tensor(0.0))
+
 
 # ------------------------------------------------------------------------------------- the one-call encoder
 def test_encoder_shapes_determinism_and_decode_consistency():
