@@ -281,6 +281,41 @@ def test_allocation_measures_options_on_inputs_the_fit_did_not_see():
     assert alone["d4k256"] == pytest.approx(_quick_error(weight, h_fit, 4, 256, config, True))
 
 
+def test_allocation_estimates_a_layer_whose_output_one_row_carries_from_any_row_sample(minilm):
+    """MiniLM's first FFN output layer (384 x 1,536, real weights, inputs from 32 real sentences): its row 99 (the
+    massive-activation channel) carries ~95% of the output energy. Each menu option is measured on 256 sampled rows;
+    whichever rows the seed samples, the estimate is within 1.5x of the error of the whole layer coded alike (relative
+    to the sampled rows' own energy, the seed whose sample missed row 99 measured it 27x too high)."""
+    from transformers import AutoTokenizer
+
+    from hf_vq.calibrate import LayerStatistics
+    from hf_vq.data import real_sentences
+    from hf_vq.pipeline.allocation import _quick_error, _sample_rows
+
+    layer = minilm.get_submodule("encoder.layer.0.output.dense")
+    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        batch = tokenizer(real_sentences(32), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            minilm(**batch)
+    finally:
+        hook.remove()
+    x = seen[0][batch["attention_mask"].bool()].double()  # [tokens, 1536]
+    h = LayerStatistics(hessian=x.T @ x, count=x.shape[0]).objective_hessian()
+    weight = layer.weight.detach().float()  # [384, 1536]
+    energy = ((weight.double() @ h) * weight.double()).sum(1)  # [384] each row's output energy
+    assert energy[99] > 0.8 * energy.sum()
+    config = hf_vq.VQConfig(encoder="output-aware", target_ratio=10)
+    whole = _quick_error(weight, h, 4, 256, config, True, max_rows=384)
+    seeds = range(4)
+    assert {bool((_sample_rows(384, 1, s, 256) == 99).any()) for s in seeds} == {True, False}  # both kinds of sample
+    for seed in seeds:
+        sampled = _quick_error(weight, h, 4, 256, config.replace(seed=seed), True)
+        assert whole / 1.5 < sampled < 1.5 * whole, (seed, sampled, whole)
+
+
 def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_prior(minilm, monkeypatch):
     """MiniLM's last attention output projection (384 x 384, real weights) calibrated on the tokens of 4 real
     sentences (fewer rows than columns), scored on the tokens of 64 others: encoded by the pipeline

@@ -14,7 +14,8 @@
    like that of layers reading thousands of rows, not 122x; benchmarks/results/experiment_heldout_estimate.md).
    (The k-means estimate is no stand-in for the output-aware encoder: on MiniLM's last MLP output layer it put
    d = 1 at 0.013, the encoder reaches 2e-5, and the allocation kept the layer dense at 32 bits per weight:
-   benchmarks/results/experiment_allocation_proxy.md.)
+   benchmarks/results/experiment_allocation_proxy.md.) The sampled rows' error is scaled to all rows and divided by
+   the whole layer's output energy: one row can carry most of it (MiniLM's FFN output layers, row 99: up to 95%).
 3. The layer's effect on the model's final output, `α_l`: the error a quick 2-bit encoding ([`_REFERENCE`]) leaves
    in that layer alone goes into the model, and the relative change of the final output per unit of the layer's
    relative output error is measured (HIGGS's linear model of the loss increase): of every floating-point output,
@@ -51,7 +52,7 @@ from torch import nn
 
 from ..calibrate import HessianCollector, LayerStatistics, mean_pool, merge_statistics, to_device, token_mask
 from ..codec.allocate import Option, allocate_bits, option_bits
-from ..codec.hessian import output_error
+from ..codec.hessian import output_error, row_output_errors
 from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
@@ -204,18 +205,26 @@ def _sample_rows(rows: int, groups: int, seed: int, max_rows: int) -> torch.Tens
 
 def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
                  max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None) -> float:
-    """Relative output error at (d, k) on at most `max_rows` rows (embeddings: [`_embedding_error`]): the output-aware
-    encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted k-means, fitted
-    under `h` and measured under `h_test` (inputs the fit did not see; default `h`). An estimate to compare options,
-    not the final error."""
+    """Relative output error at (d, k), estimated on at most `max_rows` rows (embeddings: [`_embedding_error`]): the
+    output-aware encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted
+    k-means, fitted under `h` and measured under `h_test` (inputs the fit did not see; default `h`): the sampled rows'
+    error times `rows / sampled` over the whole layer's output energy. An estimate to compare options, not the final
+    error."""
     rows = matrix.shape[0]
     h_test = h if h_test is None else h_test
     pick, approx = _quick_fit(matrix, h, d, k, config, scales, max_rows)
     groups = h_test.shape[0] if h_test.dim() == 3 else 1
+    h_pick = h_test
     if groups > 1:
         index = pick[:: rows // groups] if config.encoder == "output-aware" else pick  # [picked groups] or [picked]
-        h_test = h_test[(index // (rows // groups)).to(h_test.device)]
-    return output_error(matrix[pick.to(matrix.device)], approx, h_test)
+        h_pick = h_test[(index // (rows // groups)).to(h_test.device)]
+    # The sampled rows' error, scaled to all rows, over the whole layer's output energy — not over the sampled rows'
+    # energy: one row can carry most of a layer's output (row 99 of MiniLM's first FFN output layer, its
+    # massive-activation channel: 95% of the energy, coded to a far smaller relative error than the others), and a
+    # sample without it put every option of that layer 27x too high (`hf-vq compress --ratio 10 --seed 1`).
+    error = row_output_errors(matrix[pick.to(matrix.device)], approx, h_pick).sum() * (rows / len(pick))
+    energy = row_output_errors(matrix, torch.zeros_like(matrix), h_test).sum()
+    return float(error / energy.clamp_min(1e-300))
 
 
 def _quick_fit(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
