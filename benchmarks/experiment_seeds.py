@@ -13,11 +13,14 @@ the error a quick coding of it leaves (benchmarks/experiment_sensitivity.py); th
 before it, and the BatchNorm channel weighting tried at commit 799851b, are the same files at commit 5d5df25.
 `experiment_seeds_lite0` is also of the calibration statistics that pad timm's `Conv2dSame` inputs as the conv does
 (experiment_conv_same_padding.py; the run without that fix is the file at commit 1ed14ee).
-`experiment_seeds_minilm_tuned` is of the noise-injection allocation.
+`experiment_seeds_minilm_tuned` is of the same release as `minilm` (before: the noise-injection allocation, the
+file at commit 68bbd87).
 The committed `lite0` and `minilm_10x` files are also of the output-aware objective's weight-space term
 (`hf_vq.codec.output_aware.FLOOR`, experiment_hessian_floor.py; the same files without it are at commit 982b7b5), and
 `lite0` of the prior of pseudo-rows (`hf_vq.calibrate.hessian.PRIOR_ROWS`; without it: the file at commit e4d7fbc).
-`minilm` (16x) predates both.
+`minilm` (16x) and `minilm_10x` are of the term, the prior and the allocation's estimate from sampled rows over the
+whole layer's output energy (`hf_vq.pipeline.allocation._quick_error`; before it: the files at commit 68bbd87, where
+`minilm` predates the term and the prior). Lite0 re-run with that estimate gave the same rows.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
