@@ -285,7 +285,7 @@ def test_allocation_estimates_a_layer_whose_output_one_row_carries_from_any_row_
     """MiniLM's first FFN output layer (384 x 1,536, real weights, inputs from 32 real sentences): its row 99 (the
     massive-activation channel) carries ~95% of the output energy. Each menu option is measured on 256 sampled rows;
     whichever rows the seed samples, the estimate is within 1.5x of the error of the whole layer coded alike (relative
-    to the sampled rows' own energy, the seed whose sample missed row 99 measured it 27x too high)."""
+    to the sampled rows' own energy, a sample without row 99 measured it 8x too high)."""
     from transformers import AutoTokenizer
 
     from hf_vq.calibrate import LayerStatistics

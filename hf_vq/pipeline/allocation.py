@@ -203,13 +203,19 @@ def _sample_rows(rows: int, groups: int, seed: int, max_rows: int) -> torch.Tens
     return torch.randperm(rows, generator=gen)[:max_rows].sort().values
 
 
+def _output_energy(matrix: torch.Tensor, h: torch.Tensor) -> float:
+    """The layer's output energy `tr(W H Wᵀ)` of `matrix [rows, cols]` under `h` (`[cols, cols]` or `[G, cols, cols]`)."""
+    return float(row_output_errors(matrix, torch.zeros_like(matrix), h).sum())
+
+
 def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
-                 max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None) -> float:
+                 max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None, energy: float | None = None
+                 ) -> float:
     """Relative output error at (d, k), estimated on at most `max_rows` rows (embeddings: [`_embedding_error`]): the
     output-aware encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted
     k-means, fitted under `h` and measured under `h_test` (inputs the fit did not see; default `h`): the sampled rows'
-    error times `rows / sampled` over the whole layer's output energy. An estimate to compare options, not the final
-    error."""
+    error times `rows / sampled` over the whole layer's output energy under `h_test` (`energy`, [`_output_energy`];
+    computed when not given). An estimate to compare options, not the final error."""
     rows = matrix.shape[0]
     h_test = h if h_test is None else h_test
     pick, approx = _quick_fit(matrix, h, d, k, config, scales, max_rows)
@@ -220,11 +226,11 @@ def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: 
         h_pick = h_test[(index // (rows // groups)).to(h_test.device)]
     # The sampled rows' error, scaled to all rows, over the whole layer's output energy — not over the sampled rows'
     # energy: one row can carry most of a layer's output (row 99 of MiniLM's first FFN output layer, its
-    # massive-activation channel: 95% of the energy, coded to a far smaller relative error than the others), and a
-    # sample without it put every option of that layer 27x too high (`hf-vq compress --ratio 10 --seed 1`).
-    error = row_output_errors(matrix[pick.to(matrix.device)], approx, h_pick).sum() * (rows / len(pick))
-    energy = row_output_errors(matrix, torch.zeros_like(matrix), h_test).sum()
-    return float(error / energy.clamp_min(1e-300))
+    # massive-activation channel: ~95% of the energy), and over the rows of a sample without it the same coding
+    # measured 8x too high (tests/test_engine.py; --ratio 10 --seed 1 then starved the word-embedding table).
+    error = float(row_output_errors(matrix[pick.to(matrix.device)], approx, h_pick).sum()) * (rows / len(pick))
+    energy = _output_energy(matrix, h_test) if energy is None else energy
+    return error / max(energy, 1e-300)
 
 
 def _quick_fit(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
@@ -330,6 +336,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     rows_w = _row_weights(stat)
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
+    energy = None if embedding else _output_energy(matrix, h if h_test is None else h_test)  # once for every option
     read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows] calibration read
     for d, k in MENU + EMBEDDING_MENU if embedding else MENU:
         d = _option_d(layout, d)
@@ -342,7 +349,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
         elif embedding:
             distortion = alpha * _embedding_error(matrix, rows_w, d, k_eff, config, layout.scales)
         else:
-            distortion = alpha * _quick_error(matrix, h, d, k, config, layout.scales, h_test=h_test)
+            distortion = alpha * _quick_error(matrix, h, d, k, config, layout.scales, h_test=h_test, energy=energy)
         out.append((Option(float(bits), distortion, f"d{d}k{k_eff}"), (d, k)))
     return out
 
