@@ -15,8 +15,13 @@ Variants: `codebooks` (codebooks only), `all` (codebooks, scales, LayerNorms, bi
 every tensor, the recipe before `scale_parameter`), `rms-1e-3` and `rms-1e-2` (other multiples of each tensor's RMS
 than the default 3e-3). Also one training step (forward + backward, batch 16) of the compressed vs the dense model,
 in the same process, in float32 and under bfloat16 autocast (what the recipe uses where the CPU has native bf16).
+Before and after each variant the news cosine is split (`experiment_error_sources.table_swaps`): the model with the
+dense word-embedding table put back, and the dense model with only the compressed table. `--tune-steps N` (and
+`--tune-lr`) start from a block-tuned checkpoint (`hf-vq compress --tune-steps N`).
 
     .venv/bin/python benchmarks/bench_finetune_minilm.py     # -> benchmarks/results/finetune_minilm.{json,md,png}
+    .venv/bin/python benchmarks/bench_finetune_minilm.py --tune-steps 400 --tune-lr 3e-4 --default-steps 0 \
+        --out benchmarks/results/finetune_minilm_tuned   # the block-tuned start (~50 min)
     .venv/bin/python benchmarks/bench_finetune_minilm.py --variants all,one-lr-2e-4,rms-1e-3,rms-1e-2 --steps 600 \
         --default-steps 0 --out benchmarks/results/experiment_finetune_lr   # (run at 5f1d9b9: float32, dropout on)
 """
@@ -82,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--tune-steps", type=int, default=0, help="hf-vq compress --tune-steps (block-wise tuning)")
+    parser.add_argument("--tune-lr", type=float, default=None, help="hf-vq compress --tune-lr")
     parser.add_argument("--variants", default="codebooks,all,all + codes")
     parser.add_argument("--default-steps", type=int, default=300,
                         help="also run `hf-vq compress --finetune-steps N` on the embedded default (0: skip)")
@@ -89,6 +96,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "finetune_minilm"))
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md/.png from the existing .json")
     args = parser.parse_args()
+    from experiment_error_sources import table_swaps
+
     torch.set_num_threads(args.threads)
     if args.render_only:
         data = json.loads(Path(args.out).with_suffix(".json").read_text())
@@ -111,9 +120,19 @@ def main() -> None:
     wiki = wikipedia_sentences()
     wiki_eval = wiki[-256:]  # the tail of the shuffled sentences: beyond every training sentence below
     rows, curves = [], {}
+
+    def split(model) -> dict[str, float]:
+        """Lee cosine of the model with the dense word-embedding table put back, and of the dense model with only the
+        compressed table (experiment_error_sources.py): what everything else, and what the table, costs."""
+        _, rest, table = table_swaps(dense, model)
+        return {"lee_table_dense": round(embedding_cosine(dense, rest[1], tokenizer, lee)["mean_cosine"], 4),
+                "lee_only_table": round(embedding_cosine(dense, table[1], tokenizer, lee)["mean_cosine"], 4)}
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        cli(["compress", "--ratio", f"{args.ratio:g}", "--out", f"{tmp}/vq", "--quiet", "--json", f"{tmp}/report.json"])
+        tuning = ["--tune-steps", str(args.tune_steps)] + (["--tune-lr", f"{args.tune_lr:g}"] if args.tune_lr else [])
+        cli(["compress", "--ratio", f"{args.ratio:g}", "--out", f"{tmp}/vq", "--quiet", "--json", f"{tmp}/report.json",
+             *(tuning if args.tune_steps else [])])
         compress_s = time.perf_counter() - start
         report = json.loads(Path(f"{tmp}/report.json").read_text())
         calibration = int(report["record"]["calibration"]["samples"])  # the first Wikipedia sentences, as compress used
@@ -121,7 +140,7 @@ def main() -> None:
         assert needed <= len(wiki) - 256, f"{needed} training sentences overlap the held-out Wikipedia tail"
         model = AutoModel.from_pretrained(f"{tmp}/vq").eval()
         before = {"lee": embedding_cosine(dense, model, tokenizer, lee),
-                  "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval)}
+                  "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval), "split": split(model)}
         steps = step_times(dense, AutoModel.from_pretrained(f"{tmp}/vq"), tokenizer, lee)
         for name in args.variants.split(","):
             model = AutoModel.from_pretrained(f"{tmp}/vq").eval()
@@ -130,13 +149,13 @@ def main() -> None:
                                          progress=False, **VARIANTS[name])
             seconds = time.perf_counter() - start
             after = {"lee": embedding_cosine(dense, model, tokenizer, lee),
-                     "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval)}
+                     "wiki": embedding_cosine(dense, model, tokenizer, wiki_eval), "split": split(model)}
             changed = [h["codes_changed"] for h in result.history if "codes_changed" in h]
             rows.append({"variant": name, "settings": VARIANTS[name], "trainable": result.trainable,
                          "mixed_precision": result.arguments.mixed_precision,
                          "steps": result.completed_steps, "best_step": result.best_step, "seconds": round(seconds, 1),
                          "lee_mean": round(after["lee"]["mean_cosine"], 4), "lee_min": round(after["lee"]["min_cosine"], 4),
-                         "wiki_mean": round(after["wiki"]["mean_cosine"], 4),
+                         "wiki_mean": round(after["wiki"]["mean_cosine"], 4), **after["split"],
                          "codes_changed_total": round(sum(changed), 4) if changed else None})
             curves[name] = {"loss": [(h["step"], h["loss"]) for h in result.history],
                             "held_out": [(e["step"], e["eval_loss"]) for e in result.evaluations]}
@@ -144,10 +163,10 @@ def main() -> None:
         default = _default_cli(cli, tmp, args.default_steps) if args.default_steps else None
     r4 = lambda x: round(float(x), 4)  # noqa: E731
     data = {"model": "sentence-transformers/all-MiniLM-L6-v2", "ratio": report["ratio"], "compress_s": round(compress_s, 1),
-            "calibration_sentences": calibration,
+            "calibration_sentences": calibration, "tune_steps": args.tune_steps, "tune_lr": args.tune_lr,
             "compressed_mb": report.get("compressed_mb"),
             "before": {"lee_mean": r4(before["lee"]["mean_cosine"]), "lee_min": r4(before["lee"]["min_cosine"]),
-                       "wiki_mean": r4(before["wiki"]["mean_cosine"])},
+                       "wiki_mean": r4(before["wiki"]["mean_cosine"]), **before["split"]},
             "recipe": {**DEFAULT_FINETUNE, "steps": args.steps, "schedule": "cosine", "optimizer": "AdamW"},
             "train_step_s": {k: round(v, 4) for k, v in steps.items()},
             "variants": rows, "curves": curves, "default_cli": default,
@@ -168,7 +187,11 @@ def _default_cli(cli, tmp: str, steps: int) -> dict:
 
 def _markdown(data: dict) -> str:
     b = data["before"]
-    lines = [f"# all-MiniLM-L6-v2 at {data['ratio']:.1f}×: fine-tuning after `hf-vq compress --ratio 16`", "",
+    tuned = (f" --tune-steps {data['tune_steps']}" + (f" --tune-lr {data['tune_lr']:g}" if data.get("tune_lr") else "")
+             if data.get("tune_steps") else "")
+    swaps = "lee_table_dense" in b  # the table / the rest split was measured (runs after 2026-12-06)
+    split = (lambda r: f" | {r['lee_table_dense']:.4f} | {r['lee_only_table']:.4f}") if swaps else (lambda r: "")
+    lines = [f"# all-MiniLM-L6-v2 at {data['ratio']:.1f}×: fine-tuning after `hf-vq compress --ratio {data['ratio']:.0f}{tuned}`", "",
              f"`{data['command']}` on {data['machine']['device']}, {data['threads']} torch threads. Compression "
              f"{data['compress_s']:.0f} s. Fine-tuning: `finetune_compressed` (what `hf-vq compress --finetune-steps` "
              f"runs): batch {data['recipe']['batch_size']}, AdamW lr {data['recipe']['learning_rate']:g}"
@@ -178,10 +201,15 @@ def _markdown(data: dict) -> str:
              + ", cosine "
              f"schedule, at most {data['recipe']['steps']} steps, early stopping on {data['recipe']['held_out']} held-out "
              "Wikipedia sentences (every 50 steps, patience 3). Trained on gensim's Wikipedia sentences after the "
-             f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on.",
+             f"{data.get('calibration_sentences', 256)} calibration used; fidelity on 256 Lee news sentences and 256 other Wikipedia sentences, never trained on."
+             + (" Two more Lee cosines split the loss (`experiment_error_sources.table_swaps`): the model with the "
+                "dense word-embedding table put back (what everything else costs) and the dense model with only the "
+                "compressed table (what the table costs)." if swaps else ""),
              "", "| variant | settings | trains | steps (best) | best held-out loss | minutes | Lee cosine mean / min | "
-             "Wikipedia cosine | codes moved |", "|---|---|---|---|---|---|---|---|---|",
-             f"| before fine-tuning | - | - | - | - | - | {b['lee_mean']:.4f} / {b['lee_min']:.4f} | {b['wiki_mean']:.4f} | - |"]
+             "Wikipedia cosine | codes moved" + (" | Lee, table dense | Lee, only the table compressed" if swaps else "")
+             + " |", "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if swaps else ""),
+             f"| before fine-tuning | - | - | - | - | - | {b['lee_mean']:.4f} / {b['lee_min']:.4f} | {b['wiki_mean']:.4f} | -"
+             + split(b) + " |"]
     for r in data["variants"]:
         trains = ", ".join(f"{k} {v:,}" for k, v in r["trainable"].items() if k not in ("frozen", "unused_frozen") and v)
         moved = "-" if r["codes_changed_total"] is None else f"{100 * r['codes_changed_total']:.2f}% (sum)"
@@ -190,7 +218,7 @@ def _markdown(data: dict) -> str:
         lines.append(f"| {r['variant']} | {settings} | {trains} | {r['steps']} ({r['best_step']}) | "
                      + ("none below the start | " if r["best_step"] == 0 else f"{min(v for _, v in held):.5f} | ")
                      + f"{r['seconds'] / 60:.1f} | "
-                     f"**{r['lee_mean']:.4f}** / {r['lee_min']:.4f} | {r['wiki_mean']:.4f} | {moved} |")
+                     f"**{r['lee_mean']:.4f}** / {r['lee_min']:.4f} | {r['wiki_mean']:.4f} | {moved}{split(r)} |")
     by = {r["variant"]: r for r in data["variants"]}
     if {"all", "all + codes"} <= by.keys():
         a, c = by["all"], by["all + codes"]
@@ -203,6 +231,11 @@ def _markdown(data: dict) -> str:
                       f"{a['wiki_mean'] - data['before']['wiki_mean']:.4f} and the news cosine by "
                       f"{a['lee_mean'] - data['before']['lee_mean']:.4f}: what distillation on one domain recovers "
                       "transfers only partly to another."]
+    if swaps:
+        best = max(data["variants"], key=lambda r: r["lee_mean"])
+        lines += ["", f"Where the loss is: before fine-tuning the table alone costs {1 - b['lee_only_table']:.4f} of Lee "
+                      f"cosine and everything else {1 - b['lee_table_dense']:.4f}; after `{best['variant']}` the table "
+                      f"costs {1 - best['lee_only_table']:.4f} and everything else {1 - best['lee_table_dense']:.4f}."]
     t = data["train_step_s"]
     lines += ["", f"One training step (batch 16 Lee sentences, forward + backward): dense {1000 * t['dense']:.0f} ms, "
                   f"compressed {1000 * t['compressed']:.0f} ms ({t['compressed'] / t['dense']:.2f}×), same process"

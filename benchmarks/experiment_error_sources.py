@@ -34,6 +34,19 @@ from _common import RESULTS, machine, minilm_path, write  # noqa: E402
 OUT = RESULTS / "experiment_error_sources"
 
 
+def table_swaps(dense: torch.nn.Module, compressed: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The compressed MiniLM as it is, with the dense word-embedding table put back (what everything else costs),
+    and the dense model with the compressed table decoded into it (what the table alone costs): `(variant, model)`.
+    """
+    with torch.no_grad():
+        table_only = copy.deepcopy(dense)
+        table_only.embeddings.word_embeddings.weight.copy_(compressed.embeddings.word_embeddings.decode_weight())  # [30522, 384]
+    rest_only = copy.deepcopy(compressed)
+    rest_only.embeddings.word_embeddings = copy.deepcopy(dense.embeddings.word_embeddings)
+    return [("compressed (as hf-vq compress writes it)", compressed), ("compressed, word embeddings dense", rest_only),
+            ("dense, word embeddings compressed", table_only)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a compressed MiniLM folder (default: compress one with hf-vq compress)")
@@ -57,15 +70,8 @@ def main() -> None:
         compressed = AutoModel.from_pretrained(folder).eval()
     sentences = real_sentences(EVAL_SENTENCES)
     table = compressed.embeddings.word_embeddings
-    with torch.no_grad():
-        table_only = copy.deepcopy(dense)
-        table_only.embeddings.word_embeddings.weight.copy_(table.decode_weight())  # [30522, 384]
-    rest_only = copy.deepcopy(compressed)
-    rest_only.embeddings.word_embeddings = copy.deepcopy(dense.embeddings.word_embeddings)
     rows = []
-    for variant, model in (("compressed (as hf-vq compress writes it)", compressed),
-                           ("compressed, word embeddings dense", rest_only),
-                           ("dense, word embeddings compressed", table_only)):
+    for variant, model in table_swaps(dense, compressed):
         result = embedding_cosine(dense, model, tokenizer, sentences)
         rows.append({"variant": variant, **result})
         print(rows[-1], flush=True)
