@@ -124,15 +124,16 @@ def main() -> None:
     def split(model) -> dict[str, float]:
         """Lee cosine of the model with the dense word-embedding table put back, and of the dense model with only the
         compressed table (experiment_error_sources.py): what everything else, and what the table, costs."""
-        _, rest, table = table_swaps(dense, model)
-        return {"lee_table_dense": round(embedding_cosine(dense, rest[1], tokenizer, lee)["mean_cosine"], 4),
-                "lee_only_table": round(embedding_cosine(dense, table[1], tokenizer, lee)["mean_cosine"], 4)}
+        _, (_, rest), (_, table) = table_swaps(dense, model)
+        return {"lee_table_dense": round(embedding_cosine(dense, rest, tokenizer, lee)["mean_cosine"], 4),
+                "lee_only_table": round(embedding_cosine(dense, table, tokenizer, lee)["mean_cosine"], 4)}
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tuning = ["--tune-steps", str(args.tune_steps)] + (["--tune-lr", f"{args.tune_lr:g}"] if args.tune_lr else [])
+        tuning = ["--tune-steps", str(args.tune_steps)] if args.tune_steps else []
+        tuning += ["--tune-lr", f"{args.tune_lr:g}"] if args.tune_steps and args.tune_lr else []
         cli(["compress", "--ratio", f"{args.ratio:g}", "--out", f"{tmp}/vq", "--quiet", "--json", f"{tmp}/report.json",
-             *(tuning if args.tune_steps else [])])
+             *tuning])
         compress_s = time.perf_counter() - start
         report = json.loads(Path(f"{tmp}/report.json").read_text())
         calibration = int(report["record"]["calibration"]["samples"])  # the first Wikipedia sentences, as compress used

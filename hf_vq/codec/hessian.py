@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_grouped", "output_error", "row_output_errors", "with_isotropic", "damped_inverse_factor",
-           "act_order"]
+__all__ = ["as_grouped", "output_energy", "output_error", "row_output_errors", "with_isotropic",
+           "damped_inverse_factor", "act_order"]
 
 
 def as_grouped(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +68,16 @@ def row_output_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch
     return ((delta @ h) * delta).sum(-1).reshape(-1)  # [rows]
 
 
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The layer's (bias-free) output energy `tr(W H Wᵀ)` (float64 sum): with `H = XᵀX`, `‖XWᵀ‖²`.
+
+    Args:
+        weight (`torch.Tensor`): `[rows, cols]`.
+        hessian (`torch.Tensor`): `[cols, cols]` or `[G, cols, cols]`.
+    """
+    return float(row_output_errors(weight, torch.zeros_like(weight), hessian).sum())
+
+
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` (float64 sums).
 
@@ -82,9 +92,7 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     Returns:
         `float`: the relative output error (0 for an exact approximation).
     """
-    num = row_output_errors(weight, approx, hessian).sum()
-    den = row_output_errors(weight, torch.zeros_like(weight), hessian).sum()
-    return float(num / den.clamp_min(1e-300))
+    return float(row_output_errors(weight, approx, hessian).sum()) / max(output_energy(weight, hessian), 1e-300)
 
 
 def with_isotropic(hessian: torch.Tensor, fraction: float) -> torch.Tensor:

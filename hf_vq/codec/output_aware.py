@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .gptvq import gptq_encode, icm_reassign
-from .hessian import as_grouped, output_error, row_output_errors, with_isotropic
+from .hessian import as_grouped, output_energy, output_error, row_output_errors, with_isotropic
 from .kmeans import kmeans
 from .pq import decode, relative_error, split_blocks
 from .refit import refit_codebooks, refit_scales
@@ -139,7 +139,7 @@ class _State:
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor | None) -> None:
         self.w, self.h, self.s = weight, hessian, scales  # [rows, cols], [G, cols, cols], [rows] or None
-        self.den = float(row_output_errors(weight, torch.zeros_like(weight), hessian).sum().clamp_min(1e-300))
+        self.den = max(output_energy(weight, hessian), 1e-300)
         self.codes: torch.Tensor | None = None  # [rows, nb, M]
         self.books: torch.Tensor | None = None  # [M, k, d]
         self.history: list[float] = []

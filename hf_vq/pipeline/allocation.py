@@ -52,7 +52,7 @@ from torch import nn
 
 from ..calibrate import HessianCollector, LayerStatistics, mean_pool, merge_statistics, to_device, token_mask
 from ..codec.allocate import Option, allocate_bits, option_bits
-from ..codec.hessian import output_error, row_output_errors
+from ..codec.hessian import output_energy, output_error, row_output_errors
 from ..codec.kmeans import kmeans
 from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
@@ -203,19 +203,15 @@ def _sample_rows(rows: int, groups: int, seed: int, max_rows: int) -> torch.Tens
     return torch.randperm(rows, generator=gen)[:max_rows].sort().values
 
 
-def _output_energy(matrix: torch.Tensor, h: torch.Tensor) -> float:
-    """The layer's output energy `tr(W H Wᵀ)` of `matrix [rows, cols]` under `h` (`[cols, cols]` or `[G, cols, cols]`)."""
-    return float(row_output_errors(matrix, torch.zeros_like(matrix), h).sum())
-
-
 def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQConfig, scales: bool,
                  max_rows: int = _SAMPLE_ROWS, h_test: torch.Tensor | None = None, energy: float | None = None
                  ) -> float:
     """Relative output error at (d, k), estimated on at most `max_rows` rows (embeddings: [`_embedding_error`]): the
     output-aware encoder (one GPTQ pass and a refit) for layers it encodes, else a short Hessian-diagonal-weighted
     k-means, fitted under `h` and measured under `h_test` (inputs the fit did not see; default `h`): the sampled rows'
-    error times `rows / sampled` over the whole layer's output energy under `h_test` (`energy`, [`_output_energy`];
-    computed when not given). An estimate to compare options, not the final error."""
+    error times `rows / sampled` over the whole layer's output energy under `h_test` (`energy`,
+    [`hf_vq.codec.hessian.output_energy`]; computed when not given).
+    An estimate to compare options, not the final error."""
     rows = matrix.shape[0]
     h_test = h if h_test is None else h_test
     pick, approx = _quick_fit(matrix, h, d, k, config, scales, max_rows)
@@ -229,7 +225,7 @@ def _quick_error(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: 
     # massive-activation channel: ~95% of the energy), and over the rows of a sample without it the same coding
     # measured 8x too high (tests/test_engine.py; --ratio 10 --seed 1 then starved the word-embedding table).
     error = float(row_output_errors(matrix[pick.to(matrix.device)], approx, h_pick).sum()) * (rows / len(pick))
-    energy = _output_energy(matrix, h_test) if energy is None else energy
+    energy = output_energy(matrix, h_test) if energy is None else energy
     return error / max(energy, 1e-300)
 
 
@@ -336,7 +332,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     rows_w = _row_weights(stat)
     out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
-    energy = None if embedding else _output_energy(matrix, h if h_test is None else h_test)  # once for every option
+    energy = None if embedding else output_energy(matrix, h if h_test is None else h_test)  # once for every option
     read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows] calibration read
     for d, k in MENU + EMBEDDING_MENU if embedding else MENU:
         d = _option_d(layout, d)
