@@ -21,6 +21,8 @@ The committed `lite0` and `minilm_10x` files are also of the output-aware object
 `minilm` (16x) and `minilm_10x` are of the term, the prior and the allocation's estimate from sampled rows over the
 whole layer's output energy (`hf_vq.pipeline.allocation._quick_error`; before it: the files at commit 68bbd87, where
 `minilm` predates the term and the prior). Lite0 re-run with that estimate gave the same rows.
+`lite0_no_permute` and `minilm_10x_no_permute` are the same release as `lite0` and `minilm_10x` without PQF's
+permutation (`--no-permute`, every other flag the same): what the permutation does under the calibrated engine.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
@@ -28,6 +30,10 @@ whole layer's output energy (`hf_vq.pipeline.allocation._quick_error`; before it
         --out benchmarks/results/experiment_seeds_minilm_10x
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 1 2 --tune-steps 400 \
         --tune-lr 3e-4 --out benchmarks/results/experiment_seeds_minilm_tuned   # other flags go to hf-vq compress
+    .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2 --no-permute \
+        --out benchmarks/results/experiment_seeds_lite0_no_permute
+    .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 10 --seeds 0 1 2 --no-permute \
+        --out benchmarks/results/experiment_seeds_minilm_10x_no_permute
 """
 
 from __future__ import annotations
