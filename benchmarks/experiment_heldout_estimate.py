@@ -5,7 +5,7 @@ For a few Lite0 layers, at d = 4 and d = 2 (k = 256, per-channel scales), the ou
 runs it (one GPTQ pass, 8 k-means iterations) is fitted under the second moment `H` of some inputs, and its
 relative output error `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` measured under:
 
-* **in-sample**: the same `H` it was fitted to (256 calibration crops of the 9 calibration photos);
+* **in-sample**: the same `H` it was fitted to (256 calibration crops of the calibration photos);
 * **held-out half**: fitted on the even calibration batches, measured on the odd ones (what the allocation does);
 * **test photos**: fitted on all 256 calibration crops, measured on 128 crops of the 8 evaluation photos (what
   `hf-vq compress` reports fidelity on; used here only to show the gap, never by the allocation).

@@ -23,6 +23,9 @@ whole layer's output energy (`hf_vq.pipeline.allocation._quick_error`; before it
 `minilm` predates the term and the prior). Lite0 re-run with that estimate gave the same rows.
 `lite0_no_permute` and `minilm_10x_no_permute` are the same release as `lite0` and `minilm_10x` without PQF's
 permutation (`--no-permute`, every other flag the same): what the permutation does under the calibrated engine.
+`lite0_opencv` and `lite0_8x_opencv` calibrate on 31 natural photos of OpenCV's samples instead of the bundled
+photos (`--opencv-photos`: `OPENCV_PHOTOS` in _common.py, extracted from Debian's opencv-doc package on first use,
+passed as `--calibration-data`); `lite0_8x` is the same release with the bundled photos.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
@@ -34,6 +37,12 @@ permutation (`--no-permute`, every other flag the same): what the permutation do
         --out benchmarks/results/experiment_seeds_lite0_no_permute
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 10 --seeds 0 1 2 --no-permute \
         --out benchmarks/results/experiment_seeds_minilm_10x_no_permute
+    .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2 --opencv-photos \
+        --out benchmarks/results/experiment_seeds_lite0_opencv
+    .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 8 --seeds 0 1 2 --opencv-photos \
+        --out benchmarks/results/experiment_seeds_lite0_8x_opencv
+    .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 8 --seeds 0 1 2 \
+        --out benchmarks/results/experiment_seeds_lite0_8x
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import sys
 
 # importing bench_engine sets 2 torch threads and offline mode
 from bench_engine import REPORTED, _row, allocation_text, dense_folder
-from _common import RESULTS, machine, write
+from _common import OPENCV_PHOTOS, RESULTS, machine, opencv_photos, write
 
 OUT = RESULTS / "experiment_seeds"
 
@@ -55,7 +64,14 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=6.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help=f"default: {OUT.relative_to(RESULTS.parent)}_<model>")
+    parser.add_argument("--opencv-photos", action="store_true",
+                        help="lite0: calibrate on natural photos from Debian's opencv-doc (benchmarks/_common.py's "
+                             "OPENCV_PHOTOS, passed as --calibration-data) instead of the default calibration photos")
     args, flags = parser.parse_known_args()  # the rest: hf-vq compress flags, the same for every seed
+    calibration = None
+    if args.opencv_photos:
+        calibration = f"256 crops of {len(OPENCV_PHOTOS)} natural photos from Debian's opencv-doc"
+        flags = [*flags, "--calibration-data", str(opencv_photos())]
     report = REPORTED[args.model]
     path, dense_bytes = dense_folder(args.model)
     rows = []
@@ -65,7 +81,7 @@ def main() -> None:
         row.update(seed=seed, second=row["fidelity_all"].get(report.second))
         rows.append(row)
     data = {"machine": machine(), "command": "python benchmarks/experiment_seeds.py " + " ".join(sys.argv[1:]),
-            "model": args.model, "ratio": args.ratio, "flags": flags, "rows": rows}
+            "model": args.model, "ratio": args.ratio, "flags": flags, "calibration": calibration, "rows": rows}
     write(args.out or f"{OUT}_{args.model}", data, markdown(data))
 
 
@@ -73,10 +89,14 @@ def markdown(data: dict) -> str:
     """The Markdown table of a run's JSON (`data`: what `main` writes)."""
     rows, info, report = data["rows"], data["machine"], REPORTED[data["model"]]
     fid, sec = [r["fidelity"] for r in rows], [r["second"] for r in rows]
-    run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *data["flags"]])
+    flags = [f if not f.endswith("opencv-photos") else "OPENCV_PHOTOS" for f in data["flags"]]  # no local paths
+    run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *flags])
+    held_out = report.held_out
+    if data.get("calibration"):
+        held_out = f"{held_out.split(' (calibration')[0]} (calibration: {data['calibration']})"
     lines = [f"# `{run}` across seeds ({report.title})\n",
              f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.\n",
+             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {held_out}.\n",
              f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -85,6 +105,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Mean over the {len(rows)} seeds: **{statistics.fmean(fid):.4f}** (range {min(fid):.4f} to "
               f"{max(fid):.4f}); {report.second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to "
               f"{max(sec):.4g})."]
+    if data.get("runs"):  # a file assembled from separate runs says which
+        lines.append(f"\nAssembled from separate runs: {'; '.join(data['runs'])}.")
     return "\n".join(lines) + "\n"
 
 
