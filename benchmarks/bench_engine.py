@@ -12,8 +12,9 @@ The ratio is measured on the files: dense `model.safetensors` bytes over compres
 (EfficientNet-Lite0: the dense timm folder written by scripts/convert_efficientnet_lite0.py, fp32). Fidelity is
 measured on held-out inputs the calibration never saw: MiniLM — mean cosine of mean-pooled sentence embeddings on 256
 sentences of gensim's Lee news corpus (calibration: gensim's Wikipedia pages); Lite0 — top-1 agreement and KL on 128
-crops of 8 scikit-image photos (calibration: crops of the other photos, `hf_vq.data.CALIBRATION_PHOTOS`). A per-layer table compares weight error and
-output error of plain, diagonal and output-aware encoding on the same MiniLM layers (`--layers`).
+crops of 8 scikit-image photos (calibration: crops of other photos, `hf_vq.data.CALIBRATION_PHOTOS`). A per-layer
+table compares weight error and output error of plain, diagonal and output-aware encoding on the same MiniLM layers
+(`--layers`).
 
     .venv/bin/python benchmarks/bench_engine.py                 # both models -> benchmarks/results/engine.{json,md,png}
     .venv/bin/python benchmarks/bench_engine.py --only minilm --ratios 10 16
@@ -40,7 +41,7 @@ torch.set_num_threads(2)
 
 from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
 
-from hf_vq.cli import DEFAULT_RATIO  # noqa: E402
+from hf_vq.cli import DEFAULT_RATIO, DEFAULT_SAMPLES  # noqa: E402
 from hf_vq.data import CALIBRATION_PHOTOS  # noqa: E402
 from hf_vq.evaluate import AGREEMENT, COSINE_MEAN, COSINE_MIN, KL  # noqa: E402
 
@@ -117,13 +118,20 @@ class Reported(NamedTuple):
     fidelity: str  # the headline figure
     second: str  # the figure shown next to it
     second_name: str  # its column name
-    held_out: str
+    evaluation: str  # the held-out inputs fidelity is measured on
+    calibration: str  # the default calibration inputs
+
+    @property
+    def held_out(self) -> str:
+        """The held-out inputs, with the calibration inputs they are disjoint from."""
+        return f"{self.evaluation} (calibration: {self.calibration})"
 
 
 REPORTED = {
-    "minilm": Reported("MiniLM", COSINE_MEAN, COSINE_MIN, "min cosine",
-                       "256 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences)"),
-    "lite0": Reported("EfficientNet-Lite0", AGREEMENT, KL, "KL", f"128 crops of 8 held-out photos (calibration: 256 crops of {len(CALIBRATION_PHOTOS)} other photos)"),
+    "minilm": Reported("MiniLM", COSINE_MEAN, COSINE_MIN, "min cosine", "256 held-out Lee news sentences",
+                       f"{DEFAULT_SAMPLES['transformers']:,} Wikipedia sentences"),
+    "lite0": Reported("EfficientNet-Lite0", AGREEMENT, KL, "KL", "128 crops of 8 held-out photos",
+                      f"{DEFAULT_SAMPLES['timm']} crops of {len(CALIBRATION_PHOTOS)} other photos"),
 }
 
 

@@ -75,9 +75,9 @@ def main() -> None:
     lines = ["# timm `Conv2dSame` statistics: the patches the conv multiplies vs unpadded ones (EfficientNet-Lite0)\n",
              f"`python benchmarks/experiment_conv_same_padding.py` on {info['device']}, {info['date']}, 2 torch threads. "
              "Each `Conv2dSame` layer encoded alone by the output-aware encoder (per-channel scales) under the "
-             f"statistic of 256 crops of the {len(CALIBRATION_PHOTOS)} calibration photos, collected either way; relative "
-             "output error under "
-             f"the true statistic of 128 crops of the 8 held-out photos, mean over seeds {', '.join(map(str, SEEDS))}.\n",
+             f"statistic of 256 crops of the {len(CALIBRATION_PHOTOS)} calibration photos, collected either way; "
+             "relative output error under the true statistic of 128 crops of the 8 held-out photos, mean over "
+             f"seeds {', '.join(map(str, SEEDS))}.\n",
              f"| layer | weight | kernel | d | k | error, {before} | error, {now} |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['kernel'][0]}×{r['kernel'][1]} | {r['d']} "

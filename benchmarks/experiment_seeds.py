@@ -52,7 +52,7 @@ import statistics
 import sys
 
 # importing bench_engine sets 2 torch threads and offline mode
-from bench_engine import REPORTED, _row, allocation_text, dense_folder
+from bench_engine import REPORTED, _row, _samples, allocation_text, dense_folder
 from _common import OPENCV_PHOTOS, RESULTS, machine, opencv_photos, write
 
 OUT = RESULTS / "experiment_seeds"
@@ -69,8 +69,10 @@ def main() -> None:
                              "OPENCV_PHOTOS, passed as --calibration-data) instead of the default calibration photos")
     args, flags = parser.parse_known_args()  # the rest: hf-vq compress flags, the same for every seed
     calibration = None
+    if args.opencv_photos and args.model != "lite0":
+        parser.error("--opencv-photos calibrates an image model: use it with --model lite0")
     if args.opencv_photos:
-        calibration = f"256 crops of {len(OPENCV_PHOTOS)} natural photos from Debian's opencv-doc"
+        calibration = f"{_samples(args.model)} crops of {len(OPENCV_PHOTOS)} natural photos from Debian's opencv-doc"
         flags = [*flags, "--calibration-data", str(opencv_photos())]
     report = REPORTED[args.model]
     path, dense_bytes = dense_folder(args.model)
@@ -89,14 +91,14 @@ def markdown(data: dict) -> str:
     """The Markdown table of a run's JSON (`data`: what `main` writes)."""
     rows, info, report = data["rows"], data["machine"], REPORTED[data["model"]]
     fid, sec = [r["fidelity"] for r in rows], [r["second"] for r in rows]
-    flags = [f if not f.endswith("opencv-photos") else "OPENCV_PHOTOS" for f in data["flags"]]  # no local paths
+    flags = list(data["flags"])
+    if data.get("calibration"):  # --opencv-photos: name the photos, not this machine's folder of them
+        flags[flags.index("--calibration-data") + 1] = "OPENCV_PHOTOS"
+        report = report._replace(calibration=data["calibration"])
     run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *flags])
-    held_out = report.held_out
-    if data.get("calibration"):
-        held_out = f"{held_out.split(' (calibration')[0]} (calibration: {data['calibration']})"
     lines = [f"# `{run}` across seeds ({report.title})\n",
              f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {held_out}.\n",
+             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.\n",
              f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]
     for r in rows:
