@@ -26,6 +26,9 @@ permutation (`--no-permute`, every other flag the same): what the permutation do
 `lite0_opencv` and `lite0_8x_opencv` calibrate on 31 natural photos of OpenCV's samples instead of the bundled
 photos (`--opencv-photos`: `OPENCV_PHOTOS` in _common.py, extracted from Debian's opencv-doc package on first use,
 passed as `--calibration-data`); `lite0_8x` is the same release with the bundled photos.
+`lite0`, `lite0_8x`, `lite0_opencv`, `lite0_8x_opencv`, `minilm` and `minilm_10x` are of the allocation menu with 5-
+and 6-bit scalar codes (`hf_vq.pipeline.allocation.MENU`); the same files without them are at commit 93e080c
+(`minilm_tuned` and the `no_permute` files are of that release and were not re-run).
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2

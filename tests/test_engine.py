@@ -512,6 +512,30 @@ def test_mixed_allocation_round_trips_through_from_pretrained(tmp_path):
     assert len({(lay.k, lay.d) for lay in loaded.vq_config.layouts.values()}) > 1
 
 
+def test_a_budget_between_4_and_8_bits_takes_5_and_6_bit_codes_that_round_trip(tmp_path):
+    """At 6 bits per weight over equally sensitive layers the knapsack used to split them between 4 and 8 bits; the
+    menu's 5- and 6-bit scalar codes (d = 1, k = 32 / 64) fill that gap, and their packed codes load back bit for
+    bit."""
+    from hf_vq.serialization import load_compressed_, save_weights
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128))
+
+    model = mlp()
+    config = hf_vq.quantize_(model, hf_vq.VQConfig(n_iter=5, permute=False, bits_per_weight=6, encoder="output-aware",
+                                                   scales=True),
+                             calibration=[torch.randn(64, 128) for _ in range(4)], progress=False)
+    widths = {(lay.d, lay.k) for lay in config.layouts.values()}
+    assert widths & {(1, 32), (1, 64)}, widths
+    save_weights(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config.to_dict()}))
+    loaded = load_compressed_(mlp(), tmp_path)
+    x = torch.randn(8, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_embedding_menu_codes_the_real_table_better_at_equal_bits(minilm):
     """Only embedding tables get the large-codebook options, and on MiniLM's word embeddings (rows weighted by a
     skewed use) the held-out estimate ranks d = 8, k = 2048 (1.375 bits) below d = 6, k = 256 (1.33 bits), close to

@@ -64,14 +64,19 @@ from .stages import forward_batches
 
 __all__ = ["MENU", "EMBEDDING_MENU", "allocate_layouts", "HEADER_BYTES_PER_TENSOR", "RECORD_BYTES_PER_LAYER"]
 
-#: (d, k) options: 1, 1.33, 2, 2.5, 2.67, 3, 4, 4 and 8 bits per weight (d = 1 is per-layer scalar k-means: 16 or 256
-#: levels, near-lossless steps below dense for the most sensitive layers). The steps between 2 and 4 bits (k = 1024
-#: at d = 4, k = 64 at d = 2) let the knapsack give a large layer (MiniLM's word embeddings: half the weights) a
-#: little more than 2 bits without taking 4 from the rest: MiniLM at 10x, 0.9766 -> 0.9781 held-out cosine, 131 ->
-#: 145 s per `hf-vq compress` on 2 cores (benchmarks/results/engine.md at commits b3dd965 and 9adc2d7). Larger codebooks
-#: (k = 4096 at d = 4) cost 16x the assignment time of the output-aware encoder and are left out.
+#: (d, k) options: 1, 1.33, 2, 2.5, 2.67, 3, 4, 4, 5, 6 and 8 bits per weight (d = 1 is per-layer scalar k-means:
+#: 16 to 256 levels, near-lossless steps below dense for the most sensitive layers). The steps between 2 and 4 bits
+#: (k = 1024 at d = 4, k = 64 at d = 2) let the knapsack give a large layer (MiniLM's word embeddings: half the
+#: weights) a little more than 2 bits without taking 4 from the rest: MiniLM at 10x, 0.9766 -> 0.9781 held-out
+#: cosine, 131 -> 145 s per `hf-vq compress` on 2 cores (benchmarks/results/engine.md at commits b3dd965 and 9adc2d7).
+#: The 5- and 6-bit scalar codes (k = 32 / 64 at d = 1) fill the gap between 4 and 8 bits, where budgets of 4-6 bits
+#: per weight (Lite0 at 6x and 8x) split layers between the two. Lite0's mean KL over seeds 0-2 at 8x: 0.172 -> 0.142
+#: (bundled calibration photos), 0.133 -> 0.117 (natural photos); at 6x 0.049 -> 0.045 and 0.036 -> 0.039, not
+#: resolved; the same mean top-1 agreement within the seeds' ranges; MiniLM at 10x and 16x the same mean cosine
+#: (benchmarks/results/experiment_seeds_*.md, against those files at commit 93e080c). Larger codebooks (k = 4096 at
+#: d = 4) cost 16x the assignment time of the output-aware encoder and are left out.
 MENU: tuple[tuple[int, int], ...] = ((8, 256), (6, 256), (4, 256), (4, 1024), (3, 256), (2, 64), (2, 256), (1, 16),
-                                     (1, 256))
+                                     (1, 32), (1, 64), (1, 256))
 #: Further options for embedding tables, whose rows are looked up (no matrix-product kernel, no output-aware
 #: assignment: plain k-means, which affords large codebooks): 1.375, 1.5, 1.83, 2 and 3 bits per weight of codes.
 #: At nearly equal bits a longer block with a larger codebook codes the table better: MiniLM's word embeddings (the
