@@ -90,8 +90,6 @@ def allocation_text(allocation: dict[str, int] | None) -> str:
 
 def _samples(model: str) -> int:
     """`hf-vq compress`'s default number of calibration inputs for this model's library."""
-    from hf_vq.cli import DEFAULT_SAMPLES
-
     return DEFAULT_SAMPLES["transformers" if model == "minilm" else "timm"]
 
 
@@ -129,9 +127,9 @@ class Reported(NamedTuple):
 
 REPORTED = {
     "minilm": Reported("MiniLM", COSINE_MEAN, COSINE_MIN, "min cosine", "256 held-out Lee news sentences",
-                       f"{DEFAULT_SAMPLES['transformers']:,} Wikipedia sentences"),
+                       f"{_samples('minilm'):,} Wikipedia sentences"),
     "lite0": Reported("EfficientNet-Lite0", AGREEMENT, KL, "KL", "128 crops of 8 held-out photos",
-                      f"{DEFAULT_SAMPLES['timm']} crops of {len(CALIBRATION_PHOTOS)} other photos"),
+                      f"{_samples('lite0')} crops of {len(CALIBRATION_PHOTOS)} other photos"),
 }
 
 

@@ -110,8 +110,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Mean over the {len(rows)} seeds: **{statistics.fmean(fid):.4f}** (range {min(fid):.4f} to "
               f"{max(fid):.4f}); {report.second_name} {statistics.fmean(sec):.4g} (range {min(sec):.4g} to "
               f"{max(sec):.4g})."]
-    if data.get("runs"):  # a file assembled from separate runs says which
-        lines.append(f"\nAssembled from separate runs: {'; '.join(data['runs'])}.")
+    if data.get("runs"):  # a file not written by the one command above says how it was made
+        lines.append(f"\nRuns: {'; '.join(data['runs'])}.")
     return "\n".join(lines) + "\n"
 
 

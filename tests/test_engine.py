@@ -513,9 +513,9 @@ def test_mixed_allocation_round_trips_through_from_pretrained(tmp_path):
 
 
 def test_a_budget_between_4_and_8_bits_takes_5_and_6_bit_codes_that_round_trip(tmp_path):
-    """At 6 bits per weight over equally sensitive layers the knapsack used to split them between 4 and 8 bits; the
+    """At 6 bits per weight over three like layers the knapsack of the old menu split them between 4 and 8 bits; the
     menu's 5- and 6-bit scalar codes (d = 1, k = 32 / 64) fill that gap, and their packed codes load back bit for
-    bit."""
+    bit (that packing keeps 5- and 6-bit codes exactly: tests/codec/test_packing.py)."""
     from hf_vq.serialization import load_compressed_, save_weights
 
     def mlp():

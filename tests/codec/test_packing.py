@@ -4,7 +4,7 @@ import torch
 from hf_vq.codec import bits_for, pack_codes, packed_row_bytes, unpack_codes
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 16, 100, 255, 256, 257, 1000, 1024, 4097, 32_768, 65_535, 65_536])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 16, 32, 64, 100, 255, 256, 257, 1000, 1024, 4097, 32_768, 65_535, 65_536])
 def test_round_trip_and_exact_size(k):
     g = torch.Generator().manual_seed(k)
     rows, n = 7, 37
