@@ -75,6 +75,8 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
                   tune_steps=args.tune_steps if args.tune_steps is not None else (DEFAULT_TUNE_STEPS if engine else 0))
     if args.tune_lr is not None:
         kwargs.update(tune_lr=args.tune_lr)
+    if getattr(args, "dense_dtype", None) is not None:
+        kwargs.update(dense_dtype=None if args.dense_dtype == "float32" else args.dense_dtype)
     if args.bits is not None:
         kwargs.update(target_ratio=None, bits_per_weight=args.bits)
     if getattr(args, "stream", False):
@@ -145,7 +147,8 @@ def _describe(config: VQConfig, base_model: str, library: str) -> str:
     else:
         scheme = config.spec
     return (f"hf-vq: compressing {base_model} ({library}) with {scheme}, {config.encoder} encoder"
-            f"{', per-channel scales' if config.scales else ''}, {config.n_iter} k-means iterations{extra}")
+            f"{', per-channel scales' if config.scales else ''}, {config.n_iter} k-means iterations{extra}"
+            f"{f', tensors left dense in {config.dense_dtype}' if config.dense_dtype else ''}")
 
 
 @torch.no_grad()  # scoped: main() also runs in-process (tests, notebooks), where a global switch would leak
@@ -396,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bit allocation: a weights file R times smaller than the dense fp32 one (default {DEFAULT_RATIO:g} "
                         "when no scheme flag is given)")
     p.add_argument("--bits", type=float, metavar="B", help="bit allocation to B bits per weight of the compressed layers")
+    p.add_argument("--dense-dtype", choices=("float16", "bfloat16", "float32"),
+                   help="width the file stores the tensors left dense in (norms, biases, BatchNorm statistics, layers "
+                        "the allocation keeps dense); the model still computes in fp32 (default: float16 with bit "
+                        "allocation, else float32)")
     p.add_argument("--allocation-outputs", metavar="NAMES",
                    help="bit allocation protects these model outputs (comma-separated fields, e.g. last_hidden_state; "
                         "FIELD:mean averages one over each sequence's tokens; 'all': every output). Default: all, or "

@@ -152,6 +152,28 @@ def test_in_memory_models_and_torch_dataset():
     assert 0 <= result.metrics["eval_accuracy"] <= 1 and "teacher_accuracy" in result.metrics
 
 
+def test_trained_norms_and_biases_end_at_the_dtype_the_file_stores(tmp_path):
+    """With `dense_dtype="float16"` what fine-tuning trained in fp32 beside the codebooks (BatchNorm affines, biases)
+    is rounded to fp16 values at the end, so the saved file (written at 16 bits) is the evaluated model."""
+    from hf_vq.serialization import read_header
+
+    torch.manual_seed(0)
+    teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=5, permute=False, dense_dtype="float16"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(16)]
+    finetune(FinetuneArguments(max_train_steps=4, per_device_train_batch_size=8, learning_rate=1e-2, progress=False),
+             student=student, teacher=teacher, train_dataset=data)
+    trained = [k for k, v in student.state_dict().items() if k.endswith((".bias", "bn1.weight"))
+               and not torch.equal(v, before[k])]
+    assert trained, "fine-tuning trained no norm or bias"
+    for key in trained:
+        value = student.state_dict()[key]
+        assert value.dtype == torch.float32 and torch.equal(value.half().float(), value), key
+    save_compressed(student, tmp_path / "out")
+    header = read_header(tmp_path / "out" / "model.safetensors")
+    assert all(header[key][0] == "F16" for key in trained)
+
+
 def test_bf16_mixed_precision_on_cpu():
     torch.manual_seed(0)
     teacher, student = _teacher_student(hf_vq.VQConfig(k=4, n_iter=2, permute=False))

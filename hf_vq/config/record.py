@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS", "ENCODERS"]
+__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS", "ENCODERS", "DENSE_DTYPES"]
 
 #: How codes are computed: data-free / diagonal-weighted k-means, or the calibrated output-aware engine.
 ENCODERS = ("kmeans", "output-aware")
+#: The 16-bit widths the tensors left dense may be stored in (`Recipe.dense_dtype`).
+DENSE_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -51,6 +53,15 @@ class Recipe:
             sequence's tokens (`("last_hidden_state:mean",)` for a mean-pooling sentence-embedding model, which never
             reads BERT's `pooler_output`); default: every floating-point output. A layer that only other outputs read
             gets the fewest bits.
+        dense_dtype (`str`, *optional*): the width the weights file stores the floating-point tensors that stay
+            dense in — norms, biases, BatchNorm statistics, position tables, layers the allocation or
+            `modules_to_not_convert` leaves dense — when the model holds them wider: `"float16"` or `"bfloat16"`.
+            The model keeps computing in its own dtype: `quantize_` rounds those tensors to the narrower dtype's
+            values in place (fine-tuning rounds them again after training), the file stores them at 16 bits and
+            loaders widen them back, so the saved model is the compressed one bit for bit. A tensor outside the
+            dtype's range (or not finite) stays as it is. Default: `"float16"` with bit allocation (`target_ratio` /
+            `bits_per_weight`: a whole-file budget is better spent on weights than on 32-bit norms and biases), else
+            None (every tensor as the model holds it: the PQF paper's convention, other tensors at fp32).
     """
 
     n_iter: int = 100
@@ -68,6 +79,7 @@ class Recipe:
     target_ratio: float | None = None
     bits_per_weight: float | None = None
     allocation_outputs: tuple[str, ...] | None = None
+    dense_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1),
@@ -95,6 +107,9 @@ class Recipe:
                                  "each optionally pooled over its tokens with ':mean', e.g. ['last_hidden_state'] or "
                                  "['last_hidden_state:mean'] (or None: every output counts).")
             self.allocation_outputs = tuple(names)
+        if self.dense_dtype is not None and self.dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"VQConfig.dense_dtype={self.dense_dtype!r} is not one of {DENSE_DTYPES} (or None: tensors "
+                             "left dense are stored as the model holds them).")
         if self.target_ratio is not None and self.bits_per_weight is not None:
             raise ValueError("VQConfig: give target_ratio (the whole file) or bits_per_weight (the compressible "
                              "layers), not both.")

@@ -115,9 +115,10 @@ class VQConfig:
             methods and scales with 3). Configs from a format newer than [`FORMAT_VERSION`] are refused; older ones
             load unchanged (version 1 as per-layer product quantization).
         n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters, encoder, refit_rounds, tune_steps,
-        tune_lr, max_rows, target_ratio, bits_per_weight, allocation_outputs:
+        tune_lr, max_rows, target_ratio, bits_per_weight, allocation_outputs, dense_dtype:
             The [`Recipe`] (see there): how codes are computed — including the calibrated engine
-            (`encoder="output-aware"`) and bit allocation to a target size (`target_ratio` / `bits_per_weight`).
+            (`encoder="output-aware"`), bit allocation to a target size (`target_ratio` / `bits_per_weight`) and the
+            16-bit storage of what stays dense (`dense_dtype`, on by default with allocation).
             Kept in `config.recipe`, recorded in the model card and the weights' metadata, never written into
             config.json (loading does not need it).
         dataset (*optional*), tokenizer (*optional*):
@@ -184,6 +185,8 @@ class VQConfig:
         self.num_codebooks = (2 if method == "aq" else 1) if num_codebooks is None else num_codebooks
         self.share = share
         allocating = recipe_kwargs.get("target_ratio") is not None or recipe_kwargs.get("bits_per_weight") is not None
+        if allocating:
+            recipe_kwargs.setdefault("dense_dtype", "float16")  # a whole-file budget: 16-bit norms and biases
         defaults = {**DEFAULT_BLOCK_SIZE, **ALLOCATION_BLOCK_SIZE} if allocating else DEFAULT_BLOCK_SIZE
         self.block_size = {**defaults, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
             else block_size

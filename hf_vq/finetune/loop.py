@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from ..nn import VQModuleMixin, mark_trainable_
+from ..nn import VQModuleMixin, dense_dtype_of, mark_trainable_, round_to_storage_
 from .arguments import CHECKPOINTS_DIR, FinetuneArguments, FinetuneResult
 from .codes import code_deltas, disable_code_updates_, enable_code_updates_, reassign_codes_
 from .data import load_raw, preprocess
@@ -443,7 +443,8 @@ def _finish(args: FinetuneArguments, accelerator: Any, run: _Run, models: _Model
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(run.model)
     disable_code_updates_(unwrapped)  # the codes keep their last assignment; the format has no deltas
-    _round_codebooks_(unwrapped)
+    # codebooks, scales and what stays dense trained in fp32; the file stores them at 16 bits: evaluate exactly that
+    round_to_storage_(unwrapped, dense_dtype_of(getattr(unwrapped, "vq_config", None)))
     if run.eval_loader is not None:
         result.metrics = _evaluate(accelerator, run.model, models.teacher, run.eval_loader, teacher_metrics=True,
                                    desc="eval (after)", **eval_kwargs)
@@ -519,16 +520,6 @@ def _train_mode_(model: nn.Module, freeze_norm_stats: bool, dropout: bool = True
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-
-
-def _round_codebooks_(model: nn.Module) -> None:
-    """Codebooks train in fp32 and are stored in fp16: round them so evaluation sees exactly the saved model."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, VQModuleMixin) and module.codebooks.is_floating_point():
-                module.codebooks.copy_(module.codebooks.half().to(module.codebooks.dtype))
-                if module.scales is not None:
-                    module.scales.copy_(module.scales.half().to(module.scales.dtype))
 
 
 @torch.no_grad()

@@ -146,6 +146,9 @@ def _record_rows(config: VQConfig | None, record: CompressionRecord | None) -> l
     weighted = bool(record.kmeans_weighted) if record is not None else False
     rows.append(("k-means", f"{'annealed' if recipe.get('anneal', True) else 'Lloyd'}, {recipe.get('n_iter')} iterations"
                  + (", weighted by the input channels' second moments (calibration data)" if weighted else "")))
+    if recipe.get("dense_dtype"):
+        rows.append(("tensors left dense", f"stored in {recipe['dense_dtype']} (norms, biases, statistics, dense "
+                                           "layers; the model computes in its own dtype)"))
     return rows
 
 

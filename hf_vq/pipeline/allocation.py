@@ -32,8 +32,8 @@
    benchmarks/results/experiment_seeds_minilm.md.)
 4. A multiple-choice knapsack ([`hf_vq.codec.allocate_bits`]) picks the options minimising `Σ_l D_l(o_l)` (the
    distortion `D_l(o) = α_l e_l(o)`, or the table's measured change) under the budget: `target_ratio` of the whole
-   weights file (every tensor left dense counts, and the safetensors header), or `bits_per_weight` over the
-   compressible layers.
+   weights file (every tensor left dense counts, at the width the file stores it — 16 bits with `Recipe.dense_dtype`,
+   the default with allocation — and the safetensors header), or `bits_per_weight` over the compressible layers.
 
 Without calibration data the allocation is data-free: `H = I` (weight error), `α_l = 1` and `D_l = e_l`.
 """
@@ -58,6 +58,7 @@ from ..codec.output_aware import encode_output_aware
 from ..codec.pq import clamp_k, decode, split_blocks
 from ..config import LayerLayout, VQConfig, fits_kernel
 from ..nn import vq_class_for
+from ..nn.storage import DENSE_STORAGE, stored_bits
 from .encode import assign_rows, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import forward_batches
@@ -335,7 +336,7 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     h = _hessian(fit if split else stat, cols, matrix.device)
     h_test = _hessian(test, cols, matrix.device) if split else None
     rows_w = _row_weights(stat)
-    out = [(Option(rows * cols * 32.0, 0.0, "dense"), None)]
+    out = [(Option(rows * cols * float(stored_bits(matrix, DENSE_STORAGE.get(config.dense_dtype))), 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
     energy = None if embedding else output_energy(matrix, h if h_test is None else h_test)  # once for every option
     read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows] calibration read
@@ -497,7 +498,8 @@ def _budget(model: nn.Module, layouts: dict[str, LayerLayout], owners: list[str]
     state = model.state_dict()
     compressible = {f"{n}.weight" for n in layouts}
     dense_bits = sum(t.numel() * 32 for t in state.values() if t.is_floating_point())
-    fixed = sum(t.numel() * t.element_size() * 8 for key, t in state.items() if key not in compressible)
+    dense = DENSE_STORAGE.get(config.dense_dtype)  # what stays dense is stored at 16 bits where it fits
+    fixed = sum(t.numel() * stored_bits(t, dense) for key, t in state.items() if key not in compressible)
     # stored tensors: everything else plus codes and codebooks (and scales) per compressed layer
     keys = [key for key in state if key not in compressible]
     keys += [f"{n}.{part}" for n in owners for part in ("codes", "codebooks", "scales")

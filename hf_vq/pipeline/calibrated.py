@@ -29,6 +29,7 @@ from ..codec.pq import relative_error, split_blocks
 from ..config import LayerLayout, Recipe, VQConfig
 from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
+from ..nn.storage import DENSE_STORAGE, round_to_storage_
 from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
 from .stages import Stage, StageDone, forward_batches, plan_stages
@@ -196,7 +197,8 @@ def install_layer(model: nn.Module, name: str, layout: LayerLayout, codebooks: t
 def _tune_on_main(block: nn.Module, pairs: list, config: VQConfig, workers: Workers) -> dict[str, Any]:
     """Block-wise tuning on the main process (sequential optimizer steps); the others receive its parameters."""
     history = tune_block_(block, [p[0] for p in pairs], [p[1] for p in pairs], steps=config.recipe.tune_steps,
-                          lr=config.recipe.tune_lr, masks=[p[2] for p in pairs]) if workers.is_main else None
+                          lr=config.recipe.tune_lr, masks=[p[2] for p in pairs],
+                          dense_dtype=DENSE_STORAGE.get(config.dense_dtype)) if workers.is_main else None
     if workers.count > 1:
         params = _block_parameters(block)
         tuned = workers.broadcast([p.detach() for p in params] if workers.is_main else None)
@@ -375,8 +377,8 @@ def _block_parameters(block: nn.Module) -> list[nn.Parameter]:
 
 @torch.enable_grad()  # quantize_ runs under no_grad
 def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *, steps: int,
-                lr: float = Recipe.tune_lr, held_out: float = 0.2, masks: list[torch.Tensor | None] | None = None
-                ) -> dict[str, Any]:
+                lr: float = Recipe.tune_lr, held_out: float = 0.2, masks: list[torch.Tensor | None] | None = None,
+                dense_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Train `block`'s codebooks, scales, norms and biases (codes fixed) so that its outputs on `inputs` match the
     dense `targets`; stop on the held-out share of the batches. In place; returns the losses.
 
@@ -384,7 +386,7 @@ def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: lis
     batch a boolean `[batch, seq]` over the output's leading dimensions, or None for all): a padded position's
     output is read by nothing, so fitting it only takes freedom from the real tokens. The best state on the held-out
     batches is kept (so tuning never makes the held-out error worse), and codebooks and scales are rounded to fp16,
-    as stored.
+    norms and biases to `dense_dtype` (`Recipe.dense_dtype`), as stored.
     """
     n_val = max(1, round(len(inputs) * held_out)) if len(inputs) > 1 else 0
     train, val = list(range(len(inputs) - n_val)), list(range(len(inputs) - n_val, len(inputs)))
@@ -437,11 +439,7 @@ def tune_block_(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: lis
         with torch.no_grad():
             for p, kept in zip(params, best_state):
                 p.copy_(kept)
-            for module in block.modules():
-                if isinstance(module, VQModuleMixin):
-                    module.codebooks.copy_(module.codebooks.half().float())
-                    if module.scales is not None:
-                        module.scales.copy_(module.scales.half().float())
+        round_to_storage_(block, dense_dtype)
         for p in block.parameters():
             p.requires_grad_(states.get(id(p), True))
         block.train(was_training)

@@ -22,6 +22,7 @@ from ..codec.pq import decode, relative_error
 from ..config import SHARED_CODEBOOKS, CompressionRecord, LayerLayout, VQConfig
 from ..nn import VQModuleMixin, register_shared_, shared_codebooks_owner, vq_class_for, vq_modules
 from ..nn.model import vq_from_layout
+from ..nn.storage import DENSE_STORAGE, round_to_storage_
 from . import hooks
 from .allocation import allocate_layouts
 from .calibrated import encode_calibrated
@@ -130,6 +131,8 @@ def quantize_(
             "and the result could not be loaded back as an hf_vq checkpoint. Check those patterns and block_size "
             "(0 leaves a layer kind dense)."
         )
+    # what stays dense holds the values the file will store (Recipe.dense_dtype), before anything is measured on it
+    round_to_storage_(model, DENSE_STORAGE.get(config.dense_dtype), skip={f"{n}.weight" for n in layouts})
     run_device = torch.device(device) if device is not None else _default_device(model)
     owners = [n for n, lay in layouts.items() if lay.tied_to is None]
     with workers.phase("calibration"):

@@ -33,6 +33,7 @@ from ..calibrate import HessianCollector, LayerStatistics, calibration_batches, 
 from ..config import CompressionRecord, LayerLayout, VQConfig
 from ..nn import register_shared_, vq_class_for
 from ..nn.model import vq_from_layout
+from ..nn.storage import DENSE_STORAGE, round_to_storage_
 from . import hooks
 from .calibrated import _first_tensor, fit_layer, install_layer
 from .encode import encode_unit
@@ -266,6 +267,7 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
             vq.tie_to_(model.get_submodule(layout.tied_to))
             model.set_submodule(name, vq)
     register_shared_(model, {})
+    round_to_storage_(model, DENSE_STORAGE.get(config.dense_dtype))  # what stays dense, as the file will store it
     filled = config.replace(modules={n: lay.to_dict(config.method) for n, lay in layouts.items()})
     filled.record = CompressionRecord(
         base_model=base_model, recipe={**config.recipe.to_dict(), "streaming": True},

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import VQConfig
+from ..nn import dense_dtype_of, stored_form
 from .format import CODEBOOKS, CODES, SCALES, is_shared_codebooks_key
 
 __all__ = ["storage_groups", "disk_state_dict"]
@@ -25,7 +26,9 @@ def storage_groups(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
 
 def disk_state_dict(model: nn.Module, config: VQConfig | None = None, *, dedupe: bool = True,
                     to_cpu: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors a compressed model writes: codebooks and scales in fp16, each tied or shared tensor once.
+    """The tensors a compressed model writes: codebooks and scales in fp16, the tensors left dense in the recipe's
+    `dense_dtype` where they hold its values exactly ([`hf_vq.nn.storage.stored_form`]), each tied or shared tensor
+    once.
 
     Args:
         model (`nn.Module`): the compressed model.
@@ -39,12 +42,14 @@ def disk_state_dict(model: nn.Module, config: VQConfig | None = None, *, dedupe:
         `dict[str, torch.Tensor]`: in the model's own key order.
     """
     config = getattr(model, "vq_config", None) if config is None else config
+    dense = dense_dtype_of(config) or dense_dtype_of(getattr(model, "vq_config", None))
     layouts = config.layouts if config is not None else {}
     skip = {f"{name}.{suffix}" for name, layout in layouts.items() if layout.tied_to is not None
             for suffix in (CODES, CODEBOOKS, SCALES)}
     skip |= {f"{name}.{CODEBOOKS}" for name, layout in layouts.items() if layout.codebook_set is not None}
     state = model.state_dict()
     seen: set[tuple] = set()
+    narrowed: dict[tuple, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     ordered = sorted(state.items(), key=lambda item: not is_shared_codebooks_key(item[0]))  # shared sets win
     for key, tensor in ordered:
@@ -57,5 +62,8 @@ def disk_state_dict(model: nn.Module, config: VQConfig | None = None, *, dedupe:
             seen.add(ident)
         if tensor.is_floating_point() and (key.endswith((f".{CODEBOOKS}", f".{SCALES}")) or is_shared_codebooks_key(key)):
             tensor = tensor.to(torch.float16)  # [M, k, d] / [rows]; quantize_ already rounded them to fp16
+        else:  # 16 bits where exact (Recipe.dense_dtype), else as held; tied keys keep one tensor
+            ident = _identity(tensor)
+            tensor = narrowed[ident] if ident in narrowed else narrowed.setdefault(ident, stored_form(tensor, dense))
         out[key] = tensor.detach().to("cpu").contiguous() if to_cpu else tensor
     return {key: out[key] for key in state if key in out}

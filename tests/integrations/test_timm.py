@@ -245,14 +245,15 @@ def test_allocation_decides_whether_depthwise_convs_get_bits(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet").eval()
     calibration = [torch.randn(4, *model.pretrained_cfg["input_size"]) for _ in range(2)]
-    config = fit_config(model, _config(target_ratio=5.0, encoder="output-aware", scales=True))
+    config = fit_config(model, _config(target_ratio=8.0, encoder="output-aware", scales=True))
     hf_vq.quantize_(model, config, calibration=calibration, progress=False)
     allocation = model.vq_config.record.allocation["layers"]
     depthwise = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
                  and m.groups == m.in_channels]
     assert depthwise and all(n in allocation for n in depthwise), allocation  # every one measured
     chosen = {n: lay for n, lay in model.vq_config.layouts.items() if lay.kind == "depthwise"}
-    assert chosen, allocation  # at 5x, 8-bit kernels (d = 1) are a cheap way to the size
+    assert chosen, allocation  # at 8x, scalar codes in a kernel (d = 1) are a cheap way to the size (at 5x this
+    # model's small kernels stay dense: 16 bits a weight cost less than 8-bit codes and a 256-level codebook)
     assert all(fits_kernel(lay.d, 9) for lay in chosen.values() if lay.shape[-1] == 3)
     assert any(lay.d < lay.shape[-1] * lay.shape[-2] for lay in chosen.values())  # blocks inside a kernel
     x = _input(model)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 import hf_vq
 from hf_vq import CheckpointError, VQConfig
 from hf_vq.integrations.transformers import GUARD_NOTE_KEY, HfVQQuantizer
+from hf_vq.serialization import read_header
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -112,6 +113,23 @@ def test_quantize_on_load_save_reload_bit_identical(name, compressed):
     assert type(loaded) is cls and isinstance(loaded.hf_quantizer, HfVQQuantizer)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert set(hf_vq.vq_modules(loaded)) == set(vq)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert torch.equal(_logits(loaded, name), _logits(model, name))
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_dense_tensors_in_fp16_round_trip_bit_identical(name, compressed, tmp_path):
+    """`dense_dtype="float16"`: `save_pretrained` writes every norm, bias and dense table at 16 bits (the model
+    holds their rounded values), `from_pretrained` widens them back into the fp32 model, outputs equal."""
+    cls, dense_dir, _, _ = compressed(name)
+    model = cls.from_pretrained(dense_dir, quantization_config=_cfg(dense_dtype="float16"))
+    model.save_pretrained(tmp_path / "vq")
+    header = read_header(tmp_path / "vq" / "model.safetensors")
+    wide = [key for key, (dtype, _) in header.items() if dtype in ("F32", "F64")]
+    assert not wide, f"{name}: {wide} stored wider than 16 bits"
+    loaded = cls.from_pretrained(tmp_path / "vq")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters() if p.is_floating_point())
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
     assert torch.equal(_logits(loaded, name), _logits(model, name))
