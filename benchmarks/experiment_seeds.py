@@ -29,9 +29,9 @@ passed as `--calibration-data`); `lite0_8x` is the same release with the bundled
 `lite0`, `lite0_8x`, `lite0_opencv`, `lite0_8x_opencv`, `minilm` and `minilm_10x` are of the allocation menu with 5-
 and 6-bit scalar codes (`hf_vq.pipeline.allocation.MENU`); the same files without them are at commit 93e080c
 (`minilm_tuned` and the `no_permute` files are of that release and were not re-run).
-`lite0`, `lite0_8x`, `minilm` and `minilm_10x` are also of the tensors left dense stored at 16 bits (`Recipe.dense_dtype`,
+`lite0`, `lite0_8x`, `lite0_opencv`, `minilm` and `minilm_10x` are also of the tensors left dense stored at 16 bits (`Recipe.dense_dtype`,
 `hf_vq/nn/storage.py`; the default with allocation), which gives their bytes to the weights; the same files with them
-at 32 bits are at commit c62e964 (`lite0_opencv` and `lite0_8x_opencv` were not re-run).
+at 32 bits are at commit c62e964 (`lite0_opencv` too; `lite0_8x_opencv` was not re-run).
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
