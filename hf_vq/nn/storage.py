@@ -38,8 +38,10 @@ def fits_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> bool:
     and inside `dtype`'s range."""
     if dtype is None or not tensor.is_floating_point() or torch.finfo(tensor.dtype).bits <= torch.finfo(dtype).bits:
         return False
-    if tensor.numel() == 0 or tensor.is_meta:
-        return tensor.numel() == 0
+    if tensor.is_meta:
+        return False  # no values to check
+    if tensor.numel() == 0:
+        return True
     peak = tensor.detach().abs().amax()
     return bool(torch.isfinite(peak)) and float(peak) <= torch.finfo(dtype).max
 

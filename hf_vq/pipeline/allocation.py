@@ -336,7 +336,8 @@ def _menu(layout: LayerLayout, matrix: torch.Tensor, stat: LayerStatistics | Non
     h = _hessian(fit if split else stat, cols, matrix.device)
     h_test = _hessian(test, cols, matrix.device) if split else None
     rows_w = _row_weights(stat)
-    out = [(Option(rows * cols * float(stored_bits(matrix, DENSE_STORAGE.get(config.dense_dtype))), 0.0, "dense"), None)]
+    dense_bits = stored_bits(matrix, DENSE_STORAGE.get(config.dense_dtype))  # 16 with Recipe.dense_dtype, else 32
+    out = [(Option(float(rows * cols * dense_bits), 0.0, "dense"), None)]
     embedding = layout.kind == "embedding"
     energy = None if embedding else output_energy(matrix, h if h_test is None else h_test)  # once for every option
     read = stat.row_counts > 0 if stat is not None and stat.row_counts is not None else None  # [rows] calibration read

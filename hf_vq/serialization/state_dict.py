@@ -64,6 +64,8 @@ def disk_state_dict(model: nn.Module, config: VQConfig | None = None, *, dedupe:
             tensor = tensor.to(torch.float16)  # [M, k, d] / [rows]; quantize_ already rounded them to fp16
         else:  # 16 bits where exact (Recipe.dense_dtype), else as held; tied keys keep one tensor
             ident = _identity(tensor)
-            tensor = narrowed[ident] if ident in narrowed else narrowed.setdefault(ident, stored_form(tensor, dense))
+            if ident not in narrowed:
+                narrowed[ident] = stored_form(tensor, dense)
+            tensor = narrowed[ident]
         out[key] = tensor.detach().to("cpu").contiguous() if to_cpu else tensor
     return {key: out[key] for key in state if key in out}
