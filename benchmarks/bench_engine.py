@@ -6,7 +6,8 @@ Every row is `hf-vq compress` as a user runs it (in process, `hf_vq.cli.main`), 
 * **plain**: `--data-free` k-means at a fixed block size d (one bit width for every layer);
 * **diagonal**: `--calibrate N` — k-means weighted by the input channels' second moments (the earlier calibrated path);
 * **engine**: the output-aware encoder (`--encoder output-aware`) at the same fixed d;
-* **engine + allocation**: `--ratio R` — bits allocated per layer by measured sensitivity to a weights-file ratio.
+* **engine + allocation**: `--ratio R` — bits allocated per layer by measured sensitivity to a weights-file ratio
+  (and block-wise tuning where `hf-vq compress` defaults it, R >= 12.8; the committed engine.md predates that default).
 
 The ratio is measured on the files: dense `model.safetensors` bytes over compressed `model.safetensors` bytes (MiniLM)
 (EfficientNet-Lite0: the dense timm folder written by scripts/convert_efficientnet_lite0.py, fp32). Fidelity is
@@ -74,11 +75,13 @@ def _row(name: str, variant: str, args: list[str], dense_bytes: int, fidelity_ke
     data = _cli(args)
     record = data.get("record") or {}
     allocation = record.get("allocation") or {}
-    choices = [v["choice"] for v in (allocation.get("layers") or {}).values()]
+    layers = {layer: v["choice"] for layer, v in (allocation.get("layers") or {}).items()}  # each layer's choice
+    choices = list(layers.values())
     row = {"model": name, "variant": variant, "args": " ".join(args), "file_ratio": dense_bytes / data["weights_bytes"],
            "weights_mb": data["weights_bytes"] / 2**20, "fidelity": data["fidelity"].get(fidelity_key),
            "fidelity_all": data["fidelity"], "seconds": data["seconds"],
-           "allocation": {c: choices.count(c) for c in sorted(set(choices))} if choices else None}
+           "allocation": {c: choices.count(c) for c in sorted(set(choices))} if choices else None,
+           "choices": layers or None, "tune_steps": (record.get("recipe") or {}).get("tune_steps")}
     print(json.dumps(row), flush=True)
     return row
 

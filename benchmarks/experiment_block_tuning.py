@@ -2,8 +2,8 @@
 """Block-wise tuning in `hf-vq compress`: the same allocation with and without `--tune-steps`, one run.
 
 Every row is `hf-vq compress` on all-MiniLM-L6-v2 (or, with `--model lite0`, EfficientNet-Lite0) as a user runs it
-(in process, `hf_vq.cli.main`), no fine-tuning: the engine at `--ratio R` with block-wise tuning off (the default) and
-with `--tune-steps N --tune-lr LR` (each block's codebooks, scales, norms and biases trained toward the dense model's
+(in process, `hf_vq.cli.main`), no fine-tuning: the engine at `--ratio R` with block-wise tuning off (`--tune-steps 0`;
+the default up to 12.8x, `hf_vq.config.AUTO_TUNE_BITS`) and with `--tune-steps N --tune-lr LR` (each block's codebooks, scales, norms and biases trained toward the dense model's
 own block outputs on the calibration inputs, padding excluded, stopping on a held-out fifth of the calibration
 batches). Fidelity: MiniLM, mean (min) cosine of mean-pooled sentence embeddings against the dense model on 256
 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences); Lite0, top-1 agreement (and KL) with the dense
@@ -39,7 +39,7 @@ def main() -> None:
     rows = []
     for ratio in args.ratios:
         for steps, lr in settings:
-            flags = ["--ratio", f"{ratio:g}"] + (["--tune-steps", str(steps), "--tune-lr", f"{lr:g}"] if steps else [])
+            flags = ["--ratio", f"{ratio:g}", "--tune-steps", str(steps)] + (["--tune-lr", f"{lr:g}"] if steps else [])
             row = _row(args.model, f"R={ratio:g}, tune steps {steps}, lr {lr}", [str(path), *flags], dense_bytes,
                        report.fidelity)
             row.update(ratio=ratio, tune_steps=steps, tune_lr=lr)

@@ -13,8 +13,6 @@ the error a quick coding of it leaves (benchmarks/experiment_sensitivity.py); th
 before it, and the BatchNorm channel weighting tried at commit 799851b, are the same files at commit 5d5df25.
 `experiment_seeds_lite0` is also of the calibration statistics that pad timm's `Conv2dSame` inputs as the conv does
 (experiment_conv_same_padding.py; the run without that fix is the file at commit 1ed14ee).
-`experiment_seeds_minilm_tuned` is of the same release as `minilm` (before: the noise-injection allocation, the
-file at commit 68bbd87).
 The committed `lite0` and `minilm_10x` files are also of the output-aware objective's weight-space term
 (`hf_vq.codec.output_aware.FLOOR`, experiment_hessian_floor.py; the same files without it are at commit 982b7b5), and
 `lite0` of the prior of pseudo-rows (`hf_vq.calibrate.hessian.PRIOR_ROWS`; without it: the file at commit e4d7fbc).
@@ -28,17 +26,21 @@ photos (`--opencv-photos`: `OPENCV_PHOTOS` in _common.py, extracted from Debian'
 passed as `--calibration-data`); `lite0_8x` is the same release with the bundled photos.
 `lite0`, `lite0_8x`, `lite0_opencv`, `lite0_8x_opencv`, `minilm` and `minilm_10x` are of the allocation menu with 5-
 and 6-bit scalar codes (`hf_vq.pipeline.allocation.MENU`); the same files without them are at commit 93e080c
-(`minilm_tuned` and the `no_permute` files are of that release and were not re-run).
+(the `no_permute` files are of that release and were not re-run).
 `lite0`, `lite0_8x`, `lite0_opencv`, `minilm` and `minilm_10x` are also of the tensors left dense stored at 16 bits (`Recipe.dense_dtype`,
 `hf_vq/nn/storage.py`; the default with allocation), which gives their bytes to the weights; the same files with them
 at 32 bits are at commit c62e964 (`lite0_opencv` too; `lite0_8x_opencv` was not re-run).
+`minilm` (16x) is also of block-wise tuning on by default at budgets of at most 2.5 bits per weight
+(`hf_vq.config.AUTO_TUNE_BITS`: 400 steps per block at lr 3e-4); the same run without it (`--tune-steps 0`) is the
+file at commit e9769b7, and the explicit `--tune-steps 400 --tune-lr 3e-4` of the release before
+(`experiment_seeds_minilm_tuned`) is at that commit too.
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 10 --seeds 0 1 2 \
         --out benchmarks/results/experiment_seeds_minilm_10x
-    .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 1 2 --tune-steps 400 \
-        --tune-lr 3e-4 --out benchmarks/results/experiment_seeds_minilm_tuned   # other flags go to hf-vq compress
+    .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2 --tune-steps 0 \
+        --out /tmp/minilm_16x_untuned   # other flags go to hf-vq compress
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2 --no-permute \
         --out benchmarks/results/experiment_seeds_lite0_no_permute
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 10 --seeds 0 1 2 --no-permute \
@@ -102,9 +104,14 @@ def markdown(data: dict) -> str:
         flags[flags.index("--calibration-data") + 1] = "OPENCV_PHOTOS"
         report = report._replace(calibration=data["calibration"])
     run = " ".join([f"hf-vq compress --ratio {data['ratio']:g}", *flags])
+    tuned = {r.get("tune_steps") for r in rows} - {None, 0}
+    tuning = (f" With {'/'.join(map(str, sorted(tuned)))} steps of block-wise tuning per block"
+              f"{'' if '--tune-steps' in flags else ' (VQConfig defaults it at this ratio)'}." if tuned else "")
+    listed = " Each layer's choice is in the JSON (`choices`)." if rows[0].get("choices") else ""
     lines = [f"# `{run}` across seeds ({report.title})\n",
              f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.\n",
+             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.{tuning}"
+             f"{listed}\n",
              f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]
     for r in rows:

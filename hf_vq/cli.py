@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_BLOCK_SIZE, Recipe, VQConfig
+from .config import AUTO_TUNE_BITS, AUTO_TUNE_STEPS, DEFAULT_BLOCK_SIZE, Recipe, VQConfig
 from .serialization import CheckpointError, check_save_target, check_writable, checkpoint_size_report
 
 if TYPE_CHECKING:
@@ -37,12 +37,12 @@ def _default_model_dir() -> Path:
 #: Kinds that `-d` sets (3x3 and other kernels need multiples of the kernel area: use --block-size).
 _D_KINDS = ("linear", "conv1x1", "embedding")
 #: The default of `hf-vq compress` with no scheme flag: the calibrated engine with bit allocation to this ratio of
-#: the weights file (chosen from the measured frontier, benchmarks/results/engine.md), per-output-channel scales, no
-#: block-wise tuning (off until a result shows it helps), on this many held-out calibration inputs per library (a
-#: Wikipedia sentence is a few dozen tokens; engine.md has MiniLM's default with 256 sentences in the same run).
+#: the weights file (chosen from the measured frontier, benchmarks/results/engine.md), per-output-channel scales,
+#: block-wise tuning as `VQConfig` defaults it (on at `--ratio` >= 12.8: [`hf_vq.config.AUTO_TUNE_BITS`]), on
+#: this many held-out calibration inputs per library (a Wikipedia sentence is a few dozen tokens; engine.md has
+#: MiniLM's default with 256 sentences in the same run).
 DEFAULT_RATIO = 10.0
 DEFAULT_SAMPLES = {"transformers": 1024, "timm": 256}
-DEFAULT_TUNE_STEPS = 0
 _SCHEME_FLAGS = ("spec", "method", "num_codebooks", "k", "d", "block_size", "share")
 
 
@@ -71,10 +71,10 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
                   modules_to_not_convert=args.skip or [], quantize_embeddings=not args.no_embeddings,
                   permute=not args.no_permute, encoder="output-aware" if engine else "kmeans",
                   target_ratio=args.ratio if args.ratio is not None or explicit or not engine else DEFAULT_RATIO,
-                  scales=args.scales if args.scales is not None else engine,
-                  tune_steps=args.tune_steps if args.tune_steps is not None else (DEFAULT_TUNE_STEPS if engine else 0))
-    if args.tune_lr is not None:
-        kwargs.update(tune_lr=args.tune_lr)
+                  scales=args.scales if args.scales is not None else engine)
+    for field in ("tune_steps", "tune_lr"):  # unless given, as VQConfig defaults them (tuning: by the budget)
+        if getattr(args, field) is not None:
+            kwargs[field] = getattr(args, field)
     if getattr(args, "dense_dtype", None) is not None:
         kwargs.update(dense_dtype=None if args.dense_dtype == "float32" else args.dense_dtype)
     if args.bits is not None:
@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", action=argparse.BooleanOptionalAction, default=None,
                    help="per-output-channel scales (default: on with calibration data)")
     p.add_argument("--tune-steps", type=int, metavar="N",
-                   help=f"block-wise tuning steps per block (default {DEFAULT_TUNE_STEPS}; 0 turns it off)")
+                   help=f"block-wise tuning steps per block (default {AUTO_TUNE_STEPS} when --ratio >= "
+                        f"{32 / AUTO_TUNE_BITS:g} / --bits <= {AUTO_TUNE_BITS:g}, else 0; 0 turns it off)")
     p.add_argument("--tune-lr", type=float, metavar="LR",
                    help=f"Adam learning rate of block-wise tuning (default {Recipe.tune_lr:g})")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",

@@ -165,6 +165,33 @@ def test_tuning_learning_rate_is_validated_and_reaches_the_config_from_the_cli()
     assert _config_from_args(args).recipe.tune_lr == hf_vq.Recipe.tune_lr
 
 
+def test_block_tuning_defaults_on_at_low_budgets_only():
+    """`VQConfig` turns block-wise tuning on (AUTO_TUNE_STEPS) for the output-aware engine at <= 2.5 bits per weight —
+    `target_ratio` >= 12.8 of the fp32 file or `bits_per_weight` <= 2.5 — and nowhere else; a given value wins."""
+    from hf_vq.cli import _config_from_args, build_parser
+    from hf_vq.config import AUTO_TUNE_BITS, AUTO_TUNE_STEPS
+
+    def steps(**kw):
+        return hf_vq.VQConfig(**kw).recipe.tune_steps
+
+    engine = {"encoder": "output-aware"}
+    assert steps(target_ratio=16, **engine) == steps(bits_per_weight=2, **engine) == AUTO_TUNE_STEPS
+    assert steps(target_ratio=32 / AUTO_TUNE_BITS, **engine) == steps(bits_per_weight=AUTO_TUNE_BITS, **engine) \
+        == AUTO_TUNE_STEPS
+    assert steps(target_ratio=12, **engine) == steps(bits_per_weight=3, **engine) == 0  # 10x default: no tuning
+    assert steps(target_ratio=16) == 0  # k-means encoder: nothing to tune
+    assert steps(**engine) == 0  # a fixed scheme
+    assert steps(target_ratio=16, tune_steps=0, **engine) == 0 and steps(target_ratio=6, tune_steps=7, **engine) == 7
+    with pytest.raises(ValueError, match="target_ratio"):  # a bad value still gets the field's error
+        hf_vq.VQConfig(target_ratio="16", **engine)
+
+    def cli(*flags):
+        return _config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", *flags])).recipe.tune_steps
+
+    assert cli() == 0 and cli("--ratio", "16") == cli("--bits", "2") == AUTO_TUNE_STEPS
+    assert cli("--ratio", "16", "--tune-steps", "0") == 0 and cli("--data-free", "--ratio", "16") == 0
+
+
 def test_dense_trajectory_only_follows_blocks_that_chain():
     """Targets are carried from block to block only where nothing runs between them (else they fall back to local)."""
     from hf_vq.pipeline.calibrated import _chained_blocks

@@ -14,12 +14,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS", "ENCODERS", "DENSE_DTYPES"]
+__all__ = ["Recipe", "CompressionRecord", "RECIPE_FIELDS", "ENCODERS", "DENSE_DTYPES", "AUTO_TUNE_BITS",
+           "AUTO_TUNE_STEPS"]
 
 #: How codes are computed: data-free / diagonal-weighted k-means, or the calibrated output-aware engine.
 ENCODERS = ("kmeans", "output-aware")
 #: The 16-bit widths the tensors left dense may be stored in (`Recipe.dense_dtype`).
 DENSE_DTYPES = ("float16", "bfloat16")
+#: Block-wise tuning is on by default (`AUTO_TUNE_STEPS` per block) when the output-aware engine allocates a budget of
+#: at most this many bits per weight (`target_ratio` >= 32 / 2.5 = 12.8 of the fp32 file, or `bits_per_weight` <= 2.5).
+#: Measured on MiniLM (benchmarks/results/experiment_block_tuning*.md, experiment_seeds_minilm.md): at 16x (2 bits)
+#: tuning raised the held-out cosine by 0.012 over seeds 0-2 (0.9146 -> 0.9266, 2.6x the time), at 10x (3.2 bits) by
+#: 0.001 in one run for twice the time, and on EfficientNet-Lite0 at 6x (5.3 bits) it did not help in one run; the cut lies between
+#: the measured points (12x is not measured).
+AUTO_TUNE_BITS = 2.5
+AUTO_TUNE_STEPS = 400
 
 
 @dataclass
@@ -41,8 +50,10 @@ class Recipe:
         refit_rounds (`int`, defaults to 2): output-aware only: alternations of codebook/scale refit and re-assignment.
         tune_steps (`int`, defaults to 0): output-aware only: Adam steps of block-wise tuning per block (codebooks,
             scales, norms, biases trained toward the dense model's own outputs of the block, padding excluded; stops
-            early on held-out batches).
-        tune_lr (`float`, defaults to 1e-4): output-aware only: Adam learning rate of block-wise tuning.
+            early on held-out batches). `VQConfig` defaults it to [`AUTO_TUNE_STEPS`] when the output-aware engine
+            allocates at most [`AUTO_TUNE_BITS`] bits per weight (`target_ratio` >= 12.8 or `bits_per_weight` <= 2.5),
+            where it was measured to pay for its time; pass 0 to turn it off.
+        tune_lr (`float`, defaults to 3e-4): output-aware only: Adam learning rate of block-wise tuning.
         max_rows (`int`, defaults to 65,536): output-aware only: input rows per batch and layer kept for `XᵀX`.
         target_ratio (`float`, *optional*): bit allocation: choose each layer's (k, d, scales) so that the weights
             file is this many times smaller than the dense fp32 one (everything left dense counts).
@@ -74,7 +85,7 @@ class Recipe:
     encoder: str = "kmeans"
     refit_rounds: int = 2
     tune_steps: int = 0
-    tune_lr: float = 1e-4
+    tune_lr: float = 3e-4
     max_rows: int = 65_536
     target_ratio: float | None = None
     bits_per_weight: float | None = None

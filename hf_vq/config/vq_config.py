@@ -30,9 +30,20 @@ from typing import Any
 
 from .layout import (ALLOCATION_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, METHODS, SHARE_SCOPES, SHARING_VERSION,
                      LayerLayout, check_k, fits_kernel)
-from .record import RECIPE_FIELDS, CompressionRecord, Recipe
+from .record import AUTO_TUNE_BITS, AUTO_TUNE_STEPS, RECIPE_FIELDS, CompressionRecord, Recipe
 
 __all__ = ["VQConfig"]
+
+
+def _budget_bits(recipe_kwargs: dict[str, Any]) -> float:
+    """Bits per weight of an allocation's budget (`target_ratio` of the fp32 file, or `bits_per_weight`); inf when
+    the value is not a positive number (the [`Recipe`] then refuses it with the field's name)."""
+    ratio, bits = recipe_kwargs.get("target_ratio"), recipe_kwargs.get("bits_per_weight")
+    value = bits if bits is not None else ratio
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return float("inf")
+    return float(bits) if bits is not None else 32.0 / ratio
+
 
 # Keys accepted in a per-module override.
 _OVERRIDE_KEYS = {"k", "d", "skip", "method", "num_codebooks", "scales"}
@@ -187,6 +198,8 @@ class VQConfig:
         allocating = recipe_kwargs.get("target_ratio") is not None or recipe_kwargs.get("bits_per_weight") is not None
         if allocating:
             recipe_kwargs.setdefault("dense_dtype", "float16")  # a whole-file budget: 16-bit norms and biases
+            if recipe_kwargs.get("encoder") == "output-aware" and _budget_bits(recipe_kwargs) <= AUTO_TUNE_BITS:
+                recipe_kwargs.setdefault("tune_steps", AUTO_TUNE_STEPS)  # low budgets: block-wise tuning pays
         defaults = {**DEFAULT_BLOCK_SIZE, **ALLOCATION_BLOCK_SIZE} if allocating else DEFAULT_BLOCK_SIZE
         self.block_size = {**defaults, **(block_size or {})} if isinstance(block_size, (dict, type(None))) \
             else block_size
