@@ -2,10 +2,10 @@
 """Block-wise tuning in `hf-vq compress`: the same allocation with and without `--tune-steps`, one run.
 
 Every row is `hf-vq compress` on all-MiniLM-L6-v2 (or, with `--model lite0`, EfficientNet-Lite0) as a user runs it
-(in process, `hf_vq.cli.main`), no fine-tuning: the engine at `--ratio R` with block-wise tuning off (`--tune-steps 0`;
-the default up to 12.8x, `hf_vq.config.AUTO_TUNE_BITS`) and with `--tune-steps N --tune-lr LR` (each block's codebooks, scales, norms and biases trained toward the dense model's
-own block outputs on the calibration inputs, padding excluded, stopping on a held-out fifth of the calibration
-batches). Fidelity: MiniLM, mean (min) cosine of mean-pooled sentence embeddings against the dense model on 256
+(in process, `hf_vq.cli.main`), no fine-tuning: the engine at `--ratio R` with block-wise tuning off (`--tune-steps
+0`; the default below 12.8x, `hf_vq.config.AUTO_TUNE_BITS`) and with `--tune-steps N --tune-lr LR` (each block's
+codebooks, scales, norms and biases trained toward the dense model's own block outputs on the calibration inputs,
+padding excluded, stopping on a held-out fifth of the calibration batches). Fidelity: MiniLM, mean (min) cosine of mean-pooled sentence embeddings against the dense model on 256
 held-out Lee news sentences (calibration: 1,024 Wikipedia sentences); Lite0, top-1 agreement (and KL) with the dense
 model on 128 crops of 8 held-out photos (calibration: 256 crops of the calibration photos). The weights-file ratio is measured
 on the files. Each tuned setting is `STEPS:LR`.

@@ -111,7 +111,8 @@ def _additive_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout, num_cod
 
     rows, cols = matrix.shape
     n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))  # as many rows as the PQ encoder draws
-    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True, generator=torch.Generator().manual_seed(seed))
+    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True,
+                              generator=torch.Generator().manual_seed(seed))  # [n_draw]
     sample, _ = unit_rows(matrix[drawn], True)  # [n_draw, cols]
     codebooks, _ = aq_quantize(split_blocks(sample, layout.d), num_codebooks, layout.k, n_iter=config.n_iter,
                                aq_iters=config.aq_iters, beam_size=config.beam_size, anneal=config.anneal, seed=seed)
