@@ -15,6 +15,8 @@ on the files. Each tuned setting is `STEPS:LR`.
     .venv/bin/python benchmarks/experiment_block_tuning.py --model lite0 --ratios 6 --settings 100:1e-4
     .venv/bin/python benchmarks/experiment_block_tuning.py --model lite0 --ratios 6 --settings 400:3e-4 \
         --out benchmarks/results/experiment_block_tuning_lite0_400   # the setting the default uses at 16x
+    .venv/bin/python benchmarks/experiment_block_tuning.py --ratios 12 --settings 400:3e-4 \
+        --out benchmarks/results/experiment_block_tuning_12x   # just below the default's 12.8x cut
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ DENSE_DTYPES = ("float16", "bfloat16")
 #: of at most this many bits per weight (`target_ratio` >= 32 / 2.5 = 12.8 of the fp32 file, or `bits_per_weight` <=
 #: 2.5). Measured on MiniLM (benchmarks/results/experiment_block_tuning*.md, experiment_seeds_minilm.md): at 16x
 #: (2 bits) tuning raised the held-out cosine by 0.012 over seeds 0-2 (0.9146 -> 0.9266, 2.6x the time), at 10x
-#: (3.2 bits) by 0.001 in one run for twice the time; on EfficientNet-Lite0 at 6x (5.3 bits) it did not help in one
-#: run. The cut lies between the measured points (12x is not measured).
+#: (3.2 bits) by 0.001 in one run for twice the time, at 12x (2.67 bits) by 0.004 in one run for 2.3x the time
+#: (experiment_block_tuning_12x.md); on EfficientNet-Lite0 at 6x (5.3 bits) it did not help in one run.
 AUTO_TUNE_BITS = 2.5
 AUTO_TUNE_STEPS = 400
 
