@@ -80,8 +80,9 @@ def main() -> None:
                      "mean_cosine": round(fidelity["mean_cosine"], 4), "min_cosine": round(fidelity["min_cosine"], 4)})
         print(rows[-1], flush=True)
     info = machine()
+    command = "python benchmarks/experiment_embedding_menu.py" + (" --aq" if args.aq else "")
     lines = ["# MiniLM's word-embedding table at equal bits: block length and codebook size\n",
-             f"`python benchmarks/experiment_embedding_menu.py` on {info['device']}, {info['date']}, 2 torch threads. "
+             f"`{command}` on {info['device']}, {info['date']}, 2 torch threads. "
              "Only the table is coded (hf-vq compress's embedding encoder, rows weighted by their use in the 1,024 "
              "calibration sentences); the rest of the model is dense. Cosine of mean-pooled sentence embeddings to the "
              "dense model on 256 held-out Lee news sentences.\n",
@@ -91,8 +92,6 @@ def main() -> None:
         lines.append(f"| {r.get('method', 'pq')} | {r.get('num_codebooks', 1)} | {r['d']} | {r['k']} | "
                      f"{r['bits_per_weight']:.3f} | {r['weight_error']:.4f} | **{r['mean_cosine']:.4f}** | "
                      f"{r['min_cosine']:.4f} | {r['seconds']:.0f} |")
-    command = "python benchmarks/experiment_embedding_menu.py" + (" --aq" if args.aq else "")
-    lines[1] = lines[1].replace("`python benchmarks/experiment_embedding_menu.py`", f"`{command}`")
     write(args.out, {"machine": info, "command": command, "calibration_sentences": len(calibration), "rows": rows},
           "\n".join(lines) + "\n")
 
@@ -107,13 +106,11 @@ def _additive_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout, num_cod
     from hf_vq.codec.aq import aq_encode, aq_quantize
     from hf_vq.codec.pq import decode, split_blocks
     from hf_vq.codec.refit import fit_scales
-    from hf_vq.pipeline.encode import unit_rows, use_weights
+    from hf_vq.pipeline.calibrated import rows_by_use
+    from hf_vq.pipeline.encode import unit_rows
 
     rows, cols = matrix.shape
-    n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))  # as many rows as the PQ encoder draws
-    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True,
-                              generator=torch.Generator().manual_seed(seed))  # [n_draw]
-    sample, _ = unit_rows(matrix[drawn], True)  # [n_draw, cols]
+    sample = rows_by_use(matrix, counts, layout, seed)  # [n_draw, cols]: the rows the PQ encoder fits on
     codebooks, _ = aq_quantize(split_blocks(sample, layout.d), num_codebooks, layout.k, n_iter=config.n_iter,
                                aq_iters=config.aq_iters, beam_size=config.beam_size, anneal=config.anneal, seed=seed)
     codebooks = codebooks.half().float()  # [M, k, d], as stored

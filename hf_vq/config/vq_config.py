@@ -42,7 +42,7 @@ def _budget_bits(recipe_kwargs: dict[str, Any]) -> float:
     value = bits if bits is not None else ratio
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         return float("inf")
-    return float(bits) if bits is not None else 32.0 / ratio
+    return float(value) if bits is not None else 32.0 / value
 
 
 # Keys accepted in a per-module override.

@@ -218,16 +218,23 @@ def _encode_rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: Laye
     Returns:
         codebooks `[1, k, d]`, codes `[rows, cols / d, 1]`, scales `[rows]` or None.
     """
-    rows, cols = matrix.shape
-    n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))
-    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True,
-                              generator=torch.Generator().manual_seed(seed))
-    sample, _ = unit_rows(matrix[drawn.to(matrix.device)], layout.scales)  # [n_draw, cols]
+    sample = rows_by_use(matrix, counts, layout, seed)  # [n_draw, cols]
     codebook, _ = kmeans(split_blocks(sample, layout.d), layout.k, n_iter=config.n_iter, anneal=config.anneal,
                          seed=seed)  # [k, d]
     codebook = codebook.half().float()
     codes, scales = assign_rows(matrix, codebook, layout.scales)  # [rows, cols/d, 1], [rows] or None
     return codebook[None], codes, scales
+
+
+def rows_by_use(matrix: torch.Tensor, counts: torch.Tensor, layout: LayerLayout, seed: int) -> torch.Tensor:
+    """The rows of an embedding table `[rows, cols]` a codebook is fitted on: drawn with replacement with probability
+    [`use_weights`]`(counts)`, enough for ~64 subvectors per codeword (between 1 and 4 times the table's rows),
+    RMS-normalised with `layout.scales`. Returns `[n_draw, cols]`."""
+    rows, cols = matrix.shape
+    n_draw = min(4 * rows, max(rows, 64 * layout.k * layout.d // cols))
+    drawn = torch.multinomial(use_weights(counts), n_draw, replacement=True,
+                              generator=torch.Generator().manual_seed(seed))
+    return unit_rows(matrix[drawn.to(matrix.device)], layout.scales)[0]
 
 
 def _stable_index(name: str) -> int:
