@@ -19,11 +19,17 @@ def machine() -> dict:
     """Where a benchmark ran: device name, CPU, threads, library versions, date."""
     import hf_vq
 
-    cpu = platform.processor() or ""
+    cpu, cpu_id = platform.processor() or "", None
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        cpu = info.get("model name", cpu)
+        # "AMD EPYC" names several generations, whose math libraries may take different kernels (AVX-512 or not)
+        # and round differently: family / model / vector width say which one ran
+        flags = set(info.get("flags", "").split())
+        cpu_id = {"family": info.get("cpu family"), "model": info.get("model"), "avx512": "avx512f" in flags}
+    except OSError:
         pass
     versions = {}
     for name in ("transformers", "timm", "faiss", "accelerate"):
@@ -32,7 +38,7 @@ def machine() -> dict:
         except ImportError:
             pass
     return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({cpu})",
-            "cpu": cpu, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu, "cpu_id": cpu_id, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "hf_vq": hf_vq.__version__,
             **versions, "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -65,6 +71,28 @@ def efficientnet_lite0_converter():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def rounded_weights(model: torch.nn.Module, bits: int | None = None,
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of `model` whose conv and linear weights (depthwise included) are rounded: to `bits` per output channel
+    (symmetric round-to-nearest, step = the channel's largest magnitude / (2^(bits-1) - 1)) or through `dtype`
+    (e.g. `torch.bfloat16`) and back. No file is written; the copy computes in the model's own dtype."""
+    import copy
+
+    if (bits is None) == (dtype is None):
+        raise ValueError("rounded_weights: give exactly one of bits, dtype")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                if dtype is not None:
+                    module.weight.copy_(module.weight.to(dtype).to(module.weight.dtype))
+                    continue
+                w = module.weight.reshape(module.weight.shape[0], -1)  # [out, in/groups·kh·kw]
+                step = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / (2 ** (bits - 1) - 1)  # [out, 1]
+                module.weight.copy_((torch.round(w / step) * step).reshape(module.weight.shape))
+    return model
 
 
 def minilm_path() -> Path:

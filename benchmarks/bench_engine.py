@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import os
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, write  # noqa: E402
+from _common import RESULTS, efficientnet_lite0_converter, machine, minilm_path, rounded_weights, write  # noqa: E402
 
 from hf_vq.cli import DEFAULT_RATIO, DEFAULT_SAMPLES  # noqa: E402
 from hf_vq.data import CALIBRATION_PHOTOS  # noqa: E402
@@ -181,7 +180,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def metric_reference(bits: tuple[int, ...] = (8, 6, 5, 4)) -> list[dict]:
     """How sensitive Lite0's held-out agreement is: every conv / linear weight (depthwise too) rounded to `b` bits
-    per output channel (symmetric round-to-nearest, no file written), on the same 128 held-out crops."""
+    per output channel (symmetric round-to-nearest, no file written), on the same 128 held-out crops
+    (experiment_agreement_floor.py widens this to more roundings and other photos)."""
     import torch.nn.functional as F
 
     from hf_vq.data import EVAL_PHOTOS, real_images
@@ -192,14 +192,8 @@ def metric_reference(bits: tuple[int, ...] = (8, 6, 5, 4)) -> list[dict]:
         reference = dense(images)  # [128, 1000]
     rows = []
     for b in bits:
-        model = copy.deepcopy(dense)
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                    w = module.weight.reshape(module.weight.shape[0], -1)  # [out, in/groups·kh·kw]
-                    step = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / (2 ** (b - 1) - 1)  # [out, 1]
-                    module.weight.copy_((torch.round(w / step) * step).reshape(module.weight.shape))
-            out = model(images)  # [128, 1000]
+            out = rounded_weights(dense, b)(images)  # [128, 1000]
         kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
         rows.append({"bits": b, "agreement": float((out.argmax(-1) == reference.argmax(-1)).float().mean()),
                      "kl": float(kl)})

@@ -34,6 +34,10 @@ at 32 bits are at commit c62e964 (`lite0_opencv` too; `lite0_8x_opencv` was not 
 (`hf_vq.config.AUTO_TUNE_BITS`: 400 steps per block at lr 3e-4); the same run without it (`--tune-steps 0`) is the
 file at commit e9769b7, and the explicit `--tune-steps 400 --tune-lr 3e-4` of the release before
 (`experiment_seeds_minilm_tuned`) is at that commit too.
+`lite0` was re-run at commit 4a0d67d (the same code path as caf634f for it) on a slower 2-core machine: mean
+agreement 0.820 against 0.867 at caf634f, the same mean KL (0.0374 / 0.0375); the file names the earlier rows
+(`previous_machine_rows`). The other Lite0 files are of the earlier machine (experiment_agreement_floor.py: how
+fine a measure the agreement is).
 
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 1 2
     .venv/bin/python benchmarks/experiment_seeds.py --model minilm --ratio 16 --seeds 0 1 2
