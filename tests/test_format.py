@@ -34,22 +34,35 @@ def _bert_config():
 
 
 # ---------------------------------------------------------------------------------------------- older formats
+def _assert_same_outputs(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """The outputs the fixture's writer computed, up to the float rounding of this CPU's matrix kernels: they were
+    computed on another machine, and a Zen 3 CPU without AVX-512 differs from it by up to 9e-8 on logits of ~0.3
+    (the sums run in another order). One wrong code or codebook value moves them by orders of magnitude more."""
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, version", [("bert_pq_v1", 1), ("bert_aq_pool_v2", 2)])
-def test_checkpoints_of_format_1_and_2_load_bit_identically(name, version):
-    """Written by hf_vq a6ddc07 (tests/fixtures/format_v2/make_v2.py): same outputs to the bit."""
+def test_checkpoints_of_format_1_and_2_load_with_the_same_outputs(name, version):
+    """Written by hf_vq a6ddc07 (tests/fixtures/format_v2/make_v2.py): the same outputs (to the float rounding of
+    the machine's kernels)."""
     folder = FIXTURES / name
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["version"] == version
     model = transformers.BertForMaskedLM.from_pretrained(folder).eval()
+    expected = load_file(FIXTURES / f"{name}.expected.safetensors")["output"]
     with torch.no_grad():
-        assert torch.equal(model(IDS).logits, load_file(FIXTURES / f"{name}.expected.safetensors")["output"])
+        _assert_same_outputs(model(IDS).logits, expected)
+        codes = model.bert.encoder.layer[1].output.dense.codes.view(-1)  # one code of one layer off by one
+        codes[0] = (codes[0] + 1) % 16
+        with pytest.raises(AssertionError):  # the tolerance tells a decoding error apart
+            _assert_same_outputs(model(IDS).logits, expected)
     assert model.vq_config.version == version and model.vq_config.record is None  # no record in old files
 
 
-def test_timm_checkpoint_of_format_1_loads_bit_identically():
+def test_timm_checkpoint_of_format_1_loads_with_the_same_outputs():
     model = timm.create_model(f"local-dir:{FIXTURES / 'timm_resnet_v1'}", pretrained=True).eval()
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model(x), load_file(FIXTURES / "timm_resnet_v1.expected.safetensors")["output"])
+        _assert_same_outputs(model(x), load_file(FIXTURES / "timm_resnet_v1.expected.safetensors")["output"])
 
 
 def test_resaving_an_old_checkpoint_keeps_its_version(tmp_path):
