@@ -85,13 +85,15 @@ def rounded_weights(model: torch.nn.Module, bits: int | None = None,
     model = copy.deepcopy(model)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                if dtype is not None:
-                    module.weight.copy_(module.weight.to(dtype).to(module.weight.dtype))
-                    continue
-                w = module.weight.reshape(module.weight.shape[0], -1)  # [out, in/groups·kh·kw]
+            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            w = module.weight.reshape(module.weight.shape[0], -1)  # [out, in/groups·kh·kw]
+            if dtype is not None:
+                w = w.to(dtype).to(w.dtype)
+            else:
                 step = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / (2 ** (bits - 1) - 1)  # [out, 1]
-                module.weight.copy_((torch.round(w / step) * step).reshape(module.weight.shape))
+                w = torch.round(w / step) * step
+            module.weight.copy_(w.reshape(module.weight.shape))
     return model
 
 

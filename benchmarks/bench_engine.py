@@ -182,21 +182,15 @@ def metric_reference(bits: tuple[int, ...] = (8, 6, 5, 4)) -> list[dict]:
     """How sensitive Lite0's held-out agreement is: every conv / linear weight (depthwise too) rounded to `b` bits
     per output channel (symmetric round-to-nearest, no file written), on the same 128 held-out crops
     (experiment_agreement_floor.py widens this to more roundings and other photos)."""
-    import torch.nn.functional as F
-
     from hf_vq.data import EVAL_PHOTOS, real_images
+    from hf_vq.evaluate import image_fidelity
 
     dense = efficientnet_lite0_converter().convert().eval()
     images = real_images(128, model=dense, photos=EVAL_PHOTOS)  # [128, 3, 224, 224], what `hf-vq compress` reports on
-    with torch.no_grad():
-        reference = dense(images)  # [128, 1000]
     rows = []
     for b in bits:
-        with torch.no_grad():
-            out = rounded_weights(dense, b)(images)  # [128, 1000]
-        kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
-        rows.append({"bits": b, "agreement": float((out.argmax(-1) == reference.argmax(-1)).float().mean()),
-                     "kl": float(kl)})
+        fidelity = image_fidelity(dense, rounded_weights(dense, b), images)
+        rows.append({"bits": b, "agreement": fidelity["top1_agreement"], "kl": fidelity["mean_kl"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -16,7 +16,7 @@ Each is scored on three sets of photos, none of which calibration uses:
 It also gives each set's median top-1 probability of the dense model and the share of inputs whose two best classes
 are within 0.05 of each other: near-ties that flip under small changes of the weights.
 
-    .venv/bin/python benchmarks/experiment_agreement_floor.py   # ~5 min on 2 cores
+    .venv/bin/python benchmarks/experiment_agreement_floor.py   # ~7 min on 2 cores
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ import sys
 
 import _threads  # noqa: F401 - thread counts fixed before torch starts its pool
 import torch
-import torch.nn.functional as F
 from _common import (OPENCV_PHOTOS, RESULTS, efficientnet_lite0_converter, machine, opencv_photos, rounded_weights,
                      write)
 
+from hf_vq.evaluate import image_fidelity
+
 OUT = RESULTS / "experiment_agreement_floor"
-ROUNDINGS = ("float16", "bfloat16", "12 bits", "10 bits", "8 bits", "7 bits", "6 bits")
+#: Each copy's rounding of the conv / linear weights: `_common.rounded_weights`'s arguments, by row name.
+ROUNDINGS = {"float16": {"dtype": torch.float16}, "bfloat16": {"dtype": torch.bfloat16},
+             **{f"{b} bits": {"bits": b} for b in (12, 10, 8, 7, 6)}}
 
 
 def image_sets(dense: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,13 +49,6 @@ def image_sets(dense: torch.nn.Module) -> dict[str, torch.Tensor]:
             f"opencv whole ({len(OPENCV_PHOTOS)} photos)": torch.stack([transform(p) for p in photos])}
 
 
-def rounded(dense: torch.nn.Module, name: str) -> torch.nn.Module:
-    """`dense` with its weights rounded as `name` (one of [`ROUNDINGS`]) says."""
-    if name.endswith(" bits"):
-        return rounded_weights(dense, bits=int(name.split()[0]))
-    return rounded_weights(dense, dtype=getattr(torch, name))
-
-
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,19 +57,16 @@ def main() -> None:
     torch.set_num_threads(int(_threads.THREADS))
     dense = efficientnet_lite0_converter().convert().eval()
     sets = image_sets(dense)
-    copies = {name: rounded(dense, name) for name in ROUNDINGS}
+    copies = {name: rounded_weights(dense, **rounding) for name, rounding in ROUNDINGS.items()}
     data = {"machine": machine(), "command": "python benchmarks/experiment_agreement_floor.py " + " ".join(sys.argv[1:]),
             "sets": []}
     for set_name, images in sets.items():
-        reference = dense(images)  # [n, 1000]
-        probs = reference.softmax(-1).topk(2, dim=-1).values  # [n, 2]
+        probs = dense(images).softmax(-1).topk(2, dim=-1).values  # [n, 2]
         entry = {"set": set_name, "n": len(images), "median_top1_prob": float(probs[:, 0].median()),
                  "near_ties": float(((probs[:, 0] - probs[:, 1]) < 0.05).float().mean()), "rows": []}
         for name, model in copies.items():
-            out = model(images)  # [n, 1000]
-            kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
-            entry["rows"].append({"rounding": name, "agreement": float((out.argmax(-1) == reference.argmax(-1))
-                                                                        .float().mean()), "kl": float(kl)})
+            fidelity = image_fidelity(dense, model, images)  # what `hf-vq compress` reports, on these images
+            entry["rows"].append({"rounding": name, "agreement": fidelity["top1_agreement"], "kl": fidelity["mean_kl"]})
             print(set_name, entry["rows"][-1], flush=True)
         data["sets"].append(entry)
     write(args.out, data, markdown(data))
@@ -96,7 +89,7 @@ def markdown(data: dict) -> str:
                  + " | ".join(f"{s['median_top1_prob']:.2f}" for s in sets) + " |")
     lines.append("| inputs whose two best classes are within 0.05 | "
                  + " | ".join(f"{s['near_ties']:.1%}" for s in sets) + " |")
-    eight = [s["rows"][ROUNDINGS.index("8 bits")]["agreement"] for s in sets]
+    eight = [s["rows"][list(ROUNDINGS).index("8 bits")]["agreement"] for s in sets]
     lines += ["", f"Every weight rounded to 8 bits per channel keeps {eight[0]:.4f} agreement on the held-out crops "
               f"`hf-vq compress` reports on ({min(eight):.4f} to {max(eight):.4f} over the three sets)."]
     return "\n".join(lines) + "\n"

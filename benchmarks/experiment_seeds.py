@@ -55,6 +55,8 @@ fine a measure the agreement is).
         --out benchmarks/results/experiment_seeds_lite0_8x_opencv
     .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 8 --seeds 0 1 2 \
         --out benchmarks/results/experiment_seeds_lite0_8x
+    .venv/bin/python benchmarks/experiment_seeds.py --model lite0 --ratio 6 --seeds 0 --finetune-steps 600 \
+        --out benchmarks/results/experiment_seeds_lite0_finetune600   # fidelity after PQF's third step
 """
 
 from __future__ import annotations
@@ -112,9 +114,11 @@ def markdown(data: dict) -> str:
     tuning = (f" With {'/'.join(map(str, sorted(tuned)))} steps of block-wise tuning per block"
               f"{'' if '--tune-steps' in flags else ' (VQConfig defaults it at this ratio)'}." if tuned else "")
     listed = " Each layer's choice is in the JSON (`choices`)." if rows[0].get("choices") else ""
+    finetuning = ("scored after the fine-tuning (before it: the JSON's `fidelity_all`)" if "--finetune-steps" in flags
+                  else "no fine-tuning")
     lines = [f"# `{run}` across seeds ({report.title})\n",
              f"`{data['command'].strip()}` on {info['device']}, {info['torch_threads']} torch threads, {info['date']}. "
-             f"Each row is `{run} --seed S`, no fine-tuning; fidelity on {report.held_out}.{tuning}"
+             f"Each row is `{run} --seed S`, {finetuning}; fidelity on {report.held_out}.{tuning}"
              f"{listed}\n",
              f"| seed | weights file ratio | {report.fidelity} | {report.second_name} | seconds | allocation |",
              "|---|---|---|---|---|---|"]

@@ -51,8 +51,9 @@ def test_checkpoints_of_format_1_and_2_load_with_the_same_outputs(name, version)
     expected = load_file(FIXTURES / f"{name}.expected.safetensors")["output"]
     with torch.no_grad():
         _assert_same_outputs(model(IDS).logits, expected)
-        codes = model.bert.encoder.layer[1].output.dense.codes.view(-1)  # one code of one layer off by one
-        codes[0] = (codes[0] + 1) % 16
+        layer = model.bert.encoder.layer[1].output.dense
+        codes = layer.codes.view(-1)  # one code of one layer off by one
+        codes[0] = (codes[0] + 1) % layer.codebooks.shape[-2]  # codebooks [M, k, d]
         with pytest.raises(AssertionError):  # the tolerance tells a decoding error apart
             _assert_same_outputs(model(IDS).logits, expected)
     assert model.vq_config.version == version and model.vq_config.record is None  # no record in old files
