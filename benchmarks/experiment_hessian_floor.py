@@ -23,6 +23,11 @@ KL on 128 crops of 8 held-out photos).
     .venv/bin/python benchmarks/experiment_hessian_floor.py --model minilm --ratio 16 --floors 1e-2 1e-1
     .venv/bin/python benchmarks/experiment_hessian_floor.py --model minilm --ratio 16 --floors 1e-4 --priors 0 1 \
         --out benchmarks/results/experiment_hessian_prior_minilm
+    .venv/bin/python benchmarks/experiment_hessian_floor.py --model lite0 --ratio 6 --floors 1e-1 3e-1 --seeds 0 1 \
+        --out benchmarks/results/experiment_hessian_floor_lite0_prior
+
+A run sets the floor through the module default (`hf_vq.codec.output_aware.FLOOR`), which `hf-vq compress
+--hessian-floor` / `VQConfig(hessian_floor=...)` overrides per run.
 
 The committed floor sweep of MiniLM has no floor 0 and 1e-4 rows (for time): floor 0 is seed 0 of
 `experiment_seeds_minilm.md` at commit 982b7b5 (0.9077); floor 1e-4 (without and with the prior) is

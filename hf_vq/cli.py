@@ -72,8 +72,8 @@ def _config_from_args(args: argparse.Namespace) -> VQConfig:
                   permute=not args.no_permute, encoder="output-aware" if engine else "kmeans",
                   target_ratio=args.ratio if args.ratio is not None or explicit or not engine else DEFAULT_RATIO,
                   scales=args.scales if args.scales is not None else engine)
-    for field in ("tune_steps", "tune_lr"):  # unless given, as VQConfig defaults them (tuning: by the budget)
-        if getattr(args, field) is not None:
+    for field in ("tune_steps", "tune_lr", "hessian_floor"):  # unless given, as VQConfig defaults them
+        if getattr(args, field, None) is not None:
             kwargs[field] = getattr(args, field)
     if getattr(args, "dense_dtype", None) is not None:
         kwargs.update(dense_dtype=None if args.dense_dtype == "float32" else args.dense_dtype)
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{32 / AUTO_TUNE_BITS:g} / --bits <= {AUTO_TUNE_BITS:g}, else 0; 0 turns it off)")
     p.add_argument("--tune-lr", type=float, metavar="LR",
                    help=f"Adam learning rate of block-wise tuning (default {Recipe.tune_lr:g})")
+    p.add_argument("--hessian-floor", type=float, metavar="F",
+                   help="weight-space term of each layer's output-error objective, H + F·mean(diag H)·I (default 1e-4); "
+                        "larger (0.1-0.3) where the calibration inputs are few or unlike the real ones")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="after compressing, distil from the dense model for at most N steps on the calibration source "
                         "(PQF's third step; held-out early stopping; default 0: off)")

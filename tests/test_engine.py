@@ -389,6 +389,60 @@ def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_pri
     assert errors[default] < 0.8 * errors[0.0], errors  # measured 0.036 vs 0.059
 
 
+def test_hessian_floor_is_validated_and_reaches_the_encoder_from_the_cli(minilm):
+    """`hessian_floor` (`--hessian-floor`) is the weight-space term of the objective the pipeline encodes every layer
+    under: on MiniLM's last attention output projection (real weights, calibrated on 64 real sentences), a large
+    floor gives codes nearer the weights (lower weight error) and farther from the calibration outputs (higher output
+    error on those inputs) than the default, both in the layer's encoding (`fit_layer`) and in the allocation's
+    estimate of an option (`_quick_fit`): measured 0.048 -> 0.034, 0.015 -> 0.023 and 0.050 -> 0.036."""
+    from transformers import AutoTokenizer
+
+    from hf_vq.calibrate import LayerStatistics
+    from hf_vq.cli import _config_from_args, build_parser
+    from hf_vq.codec.hessian import output_error
+    from hf_vq.codec.pq import decode
+    from hf_vq.config import LayerLayout
+    from hf_vq.data import real_sentences
+    from hf_vq.pipeline.allocation import _quick_fit
+    from hf_vq.pipeline.calibrated import fit_layer
+
+    for bad in (-1e-3, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="hessian_floor"):
+            hf_vq.VQConfig(hessian_floor=bad)
+    args = build_parser().parse_args(["compress", "model", "--out", "o", "--hessian-floor", "0.3"])
+    assert _config_from_args(args).recipe.hessian_floor == 0.3
+    assert _config_from_args(build_parser().parse_args(["compress", "model", "--out", "o"])).recipe.hessian_floor is None
+
+    name = "encoder.layer.5.attention.output.dense"
+    layer = minilm.get_submodule(name)
+    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        batch = tokenizer(real_sentences(64), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            minilm(**batch)
+    finally:
+        hook.remove()
+    x = seen[0][batch["attention_mask"].bool()].double()  # [tokens, 384]
+    stat = LayerStatistics(hessian=x.T @ x, count=x.shape[0])
+    h = stat.objective_hessian()  # [384, 384]
+    layout = LayerLayout(kind="linear", shape=(384, 384), k=64, d=2, scales=True)
+    weight = layer.weight.detach().float()  # [384, 384]
+    weight_errors, output_errors, quick = {}, {}, {}
+    for floor in (None, 10.0):
+        config = hf_vq.VQConfig(n_iter=8, permute=False, encoder="output-aware", hessian_floor=floor)
+        codebooks, codes, scales, _ = fit_layer(minilm, name, layout, stat, config, torch.device("cpu"))
+        approx = decode(codes, codebooks) * scales[:, None]  # [384, 384]
+        weight_errors[floor] = float((approx - weight).pow(2).sum() / weight.pow(2).sum())
+        output_errors[floor] = output_error(weight, approx, h)
+        pick, rows = _quick_fit(weight, h, 2, 64, config, True)  # [picked], [picked, 384]
+        quick[floor] = float((rows - weight[pick]).pow(2).sum() / weight[pick].pow(2).sum())
+    assert weight_errors[10.0] < 0.9 * weight_errors[None], weight_errors
+    assert output_errors[10.0] > 1.1 * output_errors[None], output_errors
+    assert quick[10.0] < 0.9 * quick[None], quick
+
+
 def test_allocation_measures_every_output_the_model_returns():
     """BertModel's pooler only feeds `pooler_output`: measured on `last_hidden_state` alone it looked free to ruin."""
     model = _bert(hidden=64, layers=1)

@@ -126,7 +126,7 @@ class VQConfig:
             methods and scales with 3). Configs from a format newer than [`FORMAT_VERSION`] are refused; older ones
             load unchanged (version 1 as per-layer product quantization).
         n_iter, aq_iters, beam_size, anneal, seed, permute, permute_iters, encoder, refit_rounds, tune_steps,
-        tune_lr, max_rows, target_ratio, bits_per_weight, allocation_outputs, dense_dtype:
+        tune_lr, max_rows, target_ratio, bits_per_weight, allocation_outputs, dense_dtype, hessian_floor:
             The [`Recipe`] (see there): how codes are computed — including the calibrated engine
             (`encoder="output-aware"`), bit allocation to a target size (`target_ratio` / `bits_per_weight`) and the
             16-bit storage of what stays dense (`dense_dtype`, on by default with allocation).

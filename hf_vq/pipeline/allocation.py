@@ -247,7 +247,7 @@ def _quick_fit(matrix: torch.Tensor, h: torch.Tensor, d: int, k: int, config: VQ
         if groups > 1:
             h = h[(pick[:: rows // groups] // (rows // groups)).to(h.device)]  # [picked groups, cols, cols]
         result = encode_output_aware(sub, h, k=k, d=d, scales=scales, seed=config.seed, n_iter=0, kmeans_iters=8,
-                                     reassign="gptq")
+                                     reassign="gptq", floor=config.recipe.hessian_floor)
         approx = decode(result.codes, result.codebooks)  # [picked, cols]
         return pick, approx * result.scales[:, None] if result.scales is not None else approx
     diag = torch.diagonal(h, dim1=-2, dim2=-1).float()  # [cols] or [G, cols]

@@ -166,7 +166,8 @@ def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStati
         h = stat.objective_hessian().to(device)  # [cols, cols] or [G, cols, cols]
         result = encode_output_aware(matrix, h, k=layout.k, d=layout.d, num_codebooks=layout.num_codebooks,
                                      scales=layout.scales, seed=seed, n_iter=config.recipe.refit_rounds,
-                                     kmeans_iters=min(config.n_iter, 20))  # an init: the GPTQ pass re-encodes
+                                     kmeans_iters=min(config.n_iter, 20),  # an init: the GPTQ pass re-encodes
+                                     floor=config.recipe.hessian_floor)
         codebooks, codes, scales = result.codebooks, result.codes, result.scales
         errors = {"output_error": float(result.stats["output_error"]),
                   "output_error_init": float(result.stats["output_error_init"])}
