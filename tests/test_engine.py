@@ -237,6 +237,23 @@ def test_conv_statistics_read_the_patches_the_conv_multiplies(make, size):
     torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-4)
 
 
+def _layer_inputs(model: nn.Module, name: str, texts: list[str]) -> torch.Tensor:
+    """The inputs layer `name` of the text model `model` (a fixture with `name_or_path`) reads on `texts`, padding
+    left out: `[tokens, in_features]` float64."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    return seen[0][batch["attention_mask"].bool()].double()
+
+
 def _file_ratio(model: nn.Module, dense_folder: Path, tmp: Path) -> float:
     model.save_pretrained(tmp)
     return (dense_folder / "model.safetensors").stat().st_size / (tmp / "model.safetensors").stat().st_size
@@ -313,23 +330,12 @@ def test_allocation_estimates_a_layer_whose_output_one_row_carries_from_any_row_
     massive-activation channel) carries ~95% of the output energy. Each menu option is measured on 256 sampled rows;
     whichever rows the seed samples, the estimate is within 1.5x of the error of the whole layer coded alike (relative
     to the sampled rows' own energy, a sample without row 99 measured it 8x too high)."""
-    from transformers import AutoTokenizer
-
     from hf_vq.calibrate import LayerStatistics
     from hf_vq.data import real_sentences
     from hf_vq.pipeline.allocation import _quick_error, _sample_rows
 
     layer = minilm.get_submodule("encoder.layer.0.output.dense")
-    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
-    seen: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    try:
-        batch = tokenizer(real_sentences(32), padding=True, return_tensors="pt")
-        with torch.no_grad():
-            minilm(**batch)
-    finally:
-        hook.remove()
-    x = seen[0][batch["attention_mask"].bool()].double()  # [tokens, 1536]
+    x = _layer_inputs(minilm, "encoder.layer.0.output.dense", real_sentences(32))  # [tokens, 1536]
     h = LayerStatistics(hessian=x.T @ x, count=x.shape[0]).objective_hessian()
     weight = layer.weight.detach().float()  # [384, 1536]
     energy = ((weight.double() @ h) * weight.double()).sum(1)  # [384] each row's output energy
@@ -348,8 +354,6 @@ def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_pri
     sentences (fewer rows than columns), scored on the tokens of 64 others: encoded by the pipeline
     (`fit_layer`) under the objective's prior (`LayerStatistics.objective_hessian`), its output error on the new
     sentences is lower than with the prior switched off (`PRIOR_ROWS = 0`: `H / count`)."""
-    from transformers import AutoTokenizer
-
     import hf_vq.calibrate.hessian as hessian
     from hf_vq.calibrate import LayerStatistics
     from hf_vq.codec.hessian import output_error
@@ -360,22 +364,8 @@ def test_a_layer_calibrated_on_few_rows_codes_better_for_new_inputs_with_the_pri
 
     name = "encoder.layer.5.attention.output.dense"
     layer = minilm.get_submodule(name)
-    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
-    seen: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-
-    def rows(texts: list[str]) -> torch.Tensor:  # [tokens, 384] of the layer's inputs, padding left out
-        seen.clear()
-        batch = tokenizer(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            minilm(**batch)
-        return seen[0][batch["attention_mask"].bool()].double()
-
-    try:
-        sentences = real_sentences(68)
-        fit, new = rows(sentences[:4]), rows(sentences[4:])
-    finally:
-        hook.remove()
+    sentences = real_sentences(68)
+    fit, new = _layer_inputs(minilm, name, sentences[:4]), _layer_inputs(minilm, name, sentences[4:])  # [tokens, 384]
     assert fit.shape[0] < fit.shape[1] < new.shape[0]
     stat = LayerStatistics(hessian=fit.T @ fit, count=fit.shape[0])
     layout = LayerLayout(kind="linear", shape=(384, 384), k=64, d=2, scales=True)
@@ -395,12 +385,10 @@ def test_hessian_floor_is_validated_and_reaches_the_encoder_from_the_cli(minilm)
     floor gives codes nearer the weights (lower weight error) and farther from the calibration outputs (higher output
     error on those inputs) than the default, both in the layer's encoding (`fit_layer`) and in the allocation's
     estimate of an option (`_quick_fit`): measured 0.048 -> 0.034, 0.015 -> 0.023 and 0.050 -> 0.036."""
-    from transformers import AutoTokenizer
-
     from hf_vq.calibrate import LayerStatistics
     from hf_vq.cli import _config_from_args, build_parser
     from hf_vq.codec.hessian import output_error
-    from hf_vq.codec.pq import decode
+    from hf_vq.codec.pq import decode, relative_error
     from hf_vq.config import LayerLayout
     from hf_vq.data import real_sentences
     from hf_vq.pipeline.allocation import _quick_fit
@@ -415,16 +403,7 @@ def test_hessian_floor_is_validated_and_reaches_the_encoder_from_the_cli(minilm)
 
     name = "encoder.layer.5.attention.output.dense"
     layer = minilm.get_submodule(name)
-    tokenizer = AutoTokenizer.from_pretrained(minilm.name_or_path)
-    seen: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    try:
-        batch = tokenizer(real_sentences(64), padding=True, return_tensors="pt")
-        with torch.no_grad():
-            minilm(**batch)
-    finally:
-        hook.remove()
-    x = seen[0][batch["attention_mask"].bool()].double()  # [tokens, 384]
+    x = _layer_inputs(minilm, name, real_sentences(64))  # [tokens, 384]
     stat = LayerStatistics(hessian=x.T @ x, count=x.shape[0])
     h = stat.objective_hessian()  # [384, 384]
     layout = LayerLayout(kind="linear", shape=(384, 384), k=64, d=2, scales=True)
@@ -434,10 +413,10 @@ def test_hessian_floor_is_validated_and_reaches_the_encoder_from_the_cli(minilm)
         config = hf_vq.VQConfig(n_iter=8, permute=False, encoder="output-aware", hessian_floor=floor)
         codebooks, codes, scales, _ = fit_layer(minilm, name, layout, stat, config, torch.device("cpu"))
         approx = decode(codes, codebooks) * scales[:, None]  # [384, 384]
-        weight_errors[floor] = float((approx - weight).pow(2).sum() / weight.pow(2).sum())
+        weight_errors[floor] = relative_error(weight, approx)
         output_errors[floor] = output_error(weight, approx, h)
         pick, rows = _quick_fit(weight, h, 2, 64, config, True)  # [picked], [picked, 384]
-        quick[floor] = float((rows - weight[pick]).pow(2).sum() / weight[pick].pow(2).sum())
+        quick[floor] = relative_error(weight[pick], rows)
     assert weight_errors[10.0] < 0.9 * weight_errors[None], weight_errors
     assert output_errors[10.0] > 1.1 * output_errors[None], output_errors
     assert quick[10.0] < 0.9 * quick[None], quick

@@ -77,10 +77,10 @@ class Recipe:
             `H + hessian_floor · mean(diag H) · I` — how little the encoder trusts the calibration inputs' second
             moments where they differ from what the model will see. Default None: `hf_vq.codec.output_aware.FLOOR`
             (1e-4, negligible where inputs were seen). Larger values help where the calibration inputs are few or
-            unlike the real ones: EfficientNet-Lite0 at `--ratio 6` on its 9 bundled calibration photos, seeds 0 and 1,
-            held-out top-1 agreement 0.81 / 0.85 / 0.88 and KL 0.036 / 0.033 / 0.031 at the default / 0.1 / 0.3
-            (benchmarks/results/experiment_hessian_floor_lite0_prior.md; one seed's KL rises); MiniLM at 16x on 1,024
-            Wikipedia sentences lost 0.003 of cosine at 0.1 (before the prior), so the default stays.
+            unlike the real ones: EfficientNet-Lite0 at `--ratio 6` on its 9 bundled calibration photos, seeds 0-2,
+            held-out top-1 agreement 0.820 -> 0.867 and KL 0.037 -> 0.033 at 0.3 (one seed's KL rises;
+            benchmarks/results/experiment_hessian_floor_lite0_prior*.md); MiniLM at 16x on 1,024 Wikipedia sentences
+            lost 0.003 of cosine at 0.1 (before the prior), so the default stays.
     """
 
     n_iter: int = 100
