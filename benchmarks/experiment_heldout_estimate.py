@@ -6,7 +6,8 @@ runs it (one GPTQ pass, 8 k-means iterations) is fitted under the second moment 
 relative output error `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` measured under:
 
 * **in-sample**: the same `H` it was fitted to (256 calibration crops of the calibration photos);
-* **held-out half**: fitted on the even calibration batches, measured on the odd ones (what the allocation does);
+* **held-out half**: fitted on the even calibration batches, measured on the odd ones (what the allocation did
+  before its halves held other photos, `hf_vq.data.photo_batches`: `experiment_floor_cv.py`);
 * **test photos**: fitted on all 256 calibration crops, measured on 128 crops of the 8 evaluation photos (what
   `hf-vq compress` reports fidelity on; used here only to show the gap, never by the allocation).
 

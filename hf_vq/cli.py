@@ -369,6 +369,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floor(value: str) -> float | str:
+    """`--hessian-floor`: a number, or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-vq", description="Vector-quantization compression for timm and transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -423,9 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{32 / AUTO_TUNE_BITS:g} / --bits <= {AUTO_TUNE_BITS:g}, else 0; 0 turns it off)")
     p.add_argument("--tune-lr", type=float, metavar="LR",
                    help=f"Adam learning rate of block-wise tuning (default {Recipe.tune_lr:g})")
-    p.add_argument("--hessian-floor", type=float, metavar="F",
+    p.add_argument("--hessian-floor", type=_floor, metavar="F",
                    help="weight-space term of each layer's output-error objective, H + F·mean(diag H)·I (default 1e-4); "
-                        "larger (0.1-0.3) where the calibration inputs are few or unlike the real ones")
+                        "larger (0.1-0.3) where the calibration inputs are few or unlike the real ones; 'auto': chosen "
+                        "per layer by its error on a held-out half of the calibration data")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="after compressing, distil from the dense model for at most N steps on the calibration source "
                         "(PQF's third step; held-out early stopping; default 0: off)")

@@ -422,6 +422,51 @@ def test_hessian_floor_is_validated_and_reaches_the_encoder_from_the_cli(minilm)
     assert quick[10.0] < 0.9 * quick[None], quick
 
 
+def test_auto_floor_is_chosen_on_a_held_out_half(minilm):
+    """`hessian_floor="auto"` (`--hessian-floor auto`) chooses each layer's floor by its error on the half of the
+    calibration its fit did not see: where the halves' inputs differ (each excites other channels: other photos),
+    the largest floor candidate codes best for the other half; where they are alike, the default's. In the pipeline
+    the choice is recorded with the layer's errors."""
+    from hf_vq.calibrate import LayerStatistics
+    from hf_vq.cli import _config_from_args, build_parser
+    from hf_vq.codec.output_aware import FLOOR, FLOOR_CANDIDATES
+    from hf_vq.config import LayerLayout
+    from hf_vq.data import real_sentences
+    from hf_vq.pipeline.allocation import cross_validated_floor
+    from hf_vq.pipeline.calibrated import fit_layer
+
+    args = build_parser().parse_args(["compress", "model", "--out", "o", "--hessian-floor", "auto"])
+    assert _config_from_args(args).recipe.hessian_floor == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "model", "--out", "o", "--hessian-floor", "big"])
+    with pytest.raises(ValueError, match="hessian_floor"):
+        hf_vq.VQConfig(hessian_floor="Auto")
+
+    def stat(x: torch.Tensor) -> LayerStatistics:  # x [rows, cols]
+        return LayerStatistics(hessian=(x.T @ x).double(), count=x.shape[0])
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=gen)  # [64, 32]
+    mix = torch.randn(32, 32, generator=gen)
+    alike = tuple(stat(torch.randn(4000, 32, generator=gen) @ mix) for _ in range(2))
+    excite = torch.cat([torch.ones(16), torch.full((16,), 0.01)])  # [32]: half A excites the first 16 channels
+    unlike = (stat(torch.randn(4000, 32, generator=gen) * excite), stat(torch.randn(4000, 32, generator=gen) * excite.flip(0)))
+    config = hf_vq.VQConfig(encoder="output-aware", permute=False, hessian_floor="auto")
+    floor, errors = cross_validated_floor(weight, 2, 16, True, alike, config)
+    assert floor == FLOOR and set(errors) == set(FLOOR_CANDIDATES), errors
+    floor, errors = cross_validated_floor(weight, 2, 16, True, unlike, config)  # measured 0.123 -> 0.105
+    assert floor == max(FLOOR_CANDIDATES) and errors[floor] < 0.9 * errors[FLOOR], errors
+
+    name = "encoder.layer.5.attention.output.dense"
+    x = _layer_inputs(minilm, name, real_sentences(64))  # [tokens, 384]
+    half = x.shape[0] // 2
+    layout = LayerLayout(kind="linear", shape=(384, 384), k=64, d=2, scales=True)
+    *_, recorded = fit_layer(minilm, name, layout, stat(x), config, torch.device("cpu"), (stat(x[:half]), stat(x[half:])))
+    assert recorded["hessian_floor"] in FLOOR_CANDIDATES and recorded["output_error"] > 0
+    *_, fixed = fit_layer(minilm, name, layout, stat(x), config.replace(hessian_floor=0.3), torch.device("cpu"))
+    assert "hessian_floor" not in fixed
+
+
 def test_allocation_measures_every_output_the_model_returns():
     """BertModel's pooler only feeds `pooler_output`: measured on `last_hidden_state` alone it looked free to ruin."""
     model = _bert(hidden=64, layers=1)
@@ -743,6 +788,30 @@ def test_calibration_and_fidelity_data_are_disjoint():
     assert not set(EVAL_PHOTOS) & set(CALIBRATION_PHOTOS)
     eval_pixels = {p.tobytes() for p in real_photos(EVAL_PHOTOS)}
     assert not {p.tobytes() for p in real_photos(CALIBRATION_PHOTOS)} & eval_pixels
+
+
+def test_calibration_image_batches_hold_one_photo_each(tmp_path):
+    """Image calibration batches hold one photo's crops each, photo by photo, so the contiguous halves the
+    allocation and `hessian_floor="auto"` hold out are other photos; the crops are the ones `calibration_images`
+    makes (the same pixels, regrouped)."""
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+
+    from hf_vq.data import calibration_batches, calibration_images, photo_batches
+    from hf_vq.pipeline.stages import half_of
+
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / f"{i}.png")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    batches = calibration_batches(14, model=model, source=str(tmp_path), batch_size=3)
+    crops = calibration_images(14, model, str(tmp_path))  # [14, 3, 224, 224], crop i of photo i mod 3
+    assert [len(b) for b in batches] == [3, 2, 3, 2, 3, 1]  # photo 0: crops 0, 3, ..., 12; photo 1: 1, ..., 13
+    assert torch.equal(torch.cat(batches), torch.cat([crops[0::3], crops[1::3], crops[2::3]]))
+    means = [b.mean((0, 2, 3)) for b in batches]  # [3] each: one colour per photo
+    assert all(torch.allclose(means[j], means[j + 1]) for j in (0, 2, 4))
+    assert [half_of(i, len(batches)) for i in range(len(batches))] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="photos"):
+        photo_batches(crops, 0)
 
 
 def test_calibration_text_file_of_any_suffix(tmp_path):

@@ -37,7 +37,7 @@ from .kmeans import kmeans
 from .pq import decode, relative_error, split_blocks
 from .refit import refit_codebooks, refit_scales
 
-__all__ = ["FLOOR", "OutputAwareResult", "encode_output_aware", "hessian_entry_weights", "weighted_residual_kmeans"]
+__all__ = ["FLOOR", "FLOOR_CANDIDATES", "OutputAwareResult", "encode_output_aware", "hessian_entry_weights", "weighted_residual_kmeans"]
 
 _REASSIGN = ("gptq", "icm", "gptq+icm", "none")
 
@@ -176,6 +176,11 @@ class _State:
 #: 0.052 on held-out photos; larger floors lower the KL further (0.047 at 1e-2, 0.042 at 1e-1) but cost MiniLM's
 #: 16x cosine (0.9077 at 0 -> 0.9063 / 0.9049): benchmarks/results/experiment_hessian_floor_*.md.
 FLOOR = 1e-4
+
+#: The floors `hessian_floor="auto"` chooses from, per layer, by their output error on a held-out half of the
+#: calibration (hf_vq.pipeline.allocation.cross_validated_floor): from the default's negligible term to one as large
+#: as the inputs' mean energy.
+FLOOR_CANDIDATES = (FLOOR, 3e-2, 3e-1, 1.0)
 
 
 def _init_scales(weight: torch.Tensor) -> torch.Tensor:

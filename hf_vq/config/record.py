@@ -73,14 +73,19 @@ class Recipe:
             dtype's range (or not finite) stays as it is. Default: `"float16"` with bit allocation (`target_ratio` /
             `bits_per_weight`: a whole-file budget is better spent on weights than on 32-bit norms and biases), else
             None (every tensor as the model holds it: the PQF paper's convention, other tensors at fp32).
-        hessian_floor (`float`, *optional*): output-aware only: the weight-space term of every layer's objective,
+        hessian_floor (`float` or `"auto"`, *optional*): output-aware only: the weight-space term of every layer's objective,
             `H + hessian_floor · mean(diag H) · I` — how little the encoder trusts the calibration inputs' second
             moments where they differ from what the model will see. Default None: `hf_vq.codec.output_aware.FLOOR`
             (1e-4, negligible where inputs were seen). Larger values help where the calibration inputs are few or
             unlike the real ones: EfficientNet-Lite0 at `--ratio 6` on its 9 bundled calibration photos, seeds 0-2,
             held-out top-1 agreement 0.820 -> 0.867 and KL 0.037 -> 0.033 at 0.3 (one seed's KL rises;
             benchmarks/results/experiment_hessian_floor_lite0_prior*.md); MiniLM at 16x on 1,024 Wikipedia sentences
-            lost 0.003 of cosine at 0.1 (before the prior), so the default stays.
+            lost 0.003 of cosine at 0.1 (before the prior), so the default stays. `"auto"`: chosen per layer among
+            `hf_vq.codec.output_aware.FLOOR_CANDIDATES` by the layer's output error on the half of the calibration
+            batches its fit did not see (other photos, [`hf_vq.data.photo_batches`]), in 1.2-1.3x the compression
+            time; recorded in the compression record (`calibration["hessian floor"]`). On Lite0 at `--ratio 6` it
+            chose as the test photos would on single layers, but moved nothing the seeds resolve end to end (mean
+            agreement 0.857 -> 0.826, KL 0.030 -> 0.029: benchmarks/results/experiment_hessian_floor_auto_lite0.md).
     """
 
     n_iter: int = 100
@@ -99,7 +104,7 @@ class Recipe:
     bits_per_weight: float | None = None
     allocation_outputs: tuple[str, ...] | None = None
     dense_dtype: str | None = None
-    hessian_floor: float | None = None
+    hessian_floor: float | str | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("n_iter", 1), ("seed", 0), ("permute_iters", 0), ("aq_iters", 0), ("beam_size", 1),
@@ -119,9 +124,10 @@ class Recipe:
                 optional = " (or None)" if getattr(Recipe, name) is None else ""
                 raise ValueError(f"VQConfig.{name}={value!r} must be a number > {low:g}{optional}.")
         floor = self.hessian_floor
-        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
-                                  or not math.isfinite(floor) or floor < 0):
-            raise ValueError(f"VQConfig.hessian_floor={floor!r} must be a number >= 0 (or None: the default 1e-4).")
+        if floor is not None and floor != "auto" and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                                                      or not math.isfinite(floor) or floor < 0):
+            raise ValueError(f"VQConfig.hessian_floor={floor!r} must be a number >= 0, 'auto' (chosen per layer on a "
+                             "held-out half of the calibration data), or None (the default 1e-4).")
         names = self.allocation_outputs
         if names is not None:
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \

@@ -30,9 +30,10 @@ from ..config import LayerLayout, Recipe, VQConfig
 from ..nn import VQModuleMixin, vq_class_for
 from ..nn.model import vq_from_layout
 from ..nn.storage import DENSE_STORAGE, round_to_storage_
+from .allocation import cross_validated_floor, fixed_floor
 from .encode import assign_rows, encode_unit, unit_rows, use_weights
 from .parallel import Workers, layer_cost
-from .stages import Stage, StageDone, forward_batches, plan_stages
+from .stages import Stage, StageDone, forward_batches, half_of, plan_stages
 
 __all__ = ["encode_calibrated", "encode_layers", "fit_layer", "install_layer", "tune_block_"]
 
@@ -69,13 +70,13 @@ def encode_calibrated(model: nn.Module, layouts: dict[str, LayerLayout], config:
     bar = tqdm(total=len(owners), desc="hf_vq quantize (calibrated)", unit="layer", disable=not progress)
     for stage in stages:
         with workers.phase("calibration"):
-            stats, pairs = _measure(model, stage, batches, config, workers)
+            stats, pairs, halves = _measure(model, stage, batches, config, workers)
             dense_target = trajectory is not None and trajectory.covers(stage.block)
             if pairs and dense_target:  # the block is still dense
                 pairs = trajectory.retarget(model.get_submodule(stage.block), pairs)
         entry = {"stage": stage.name, "layers": {}}
         with workers.phase("encoding"):
-            fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers)
+            fitted = encode_layers(model, stage.layers, layouts, stats, config, device, workers, halves)
         for name in stage.layers:
             layouts[name], entry["layers"][name] = install_layer(model, name, layouts[name], *fitted[name], device)
             bar.update(1)
@@ -97,10 +98,12 @@ Pair = tuple[tuple[tuple, dict], torch.Tensor, "torch.Tensor | None"]  # (block 
 
 
 def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], config: VQConfig, workers: Workers
-             ) -> tuple[dict[str, LayerStatistics], list[Pair]]:
+             ) -> tuple[dict[str, LayerStatistics], list[Pair], dict[str, tuple[LayerStatistics, LayerStatistics]]]:
     """Run the batches through the compressed prefix up to the end of `stage` (each process its share): the
-    statistics of its layers and, for a block to tune, per batch in batch order: its inputs, the dense block's
-    output on them and which positions count (a text batch's attention mask `[batch, seq]`; padding never does)."""
+    statistics of its layers; for a block to tune, per batch in batch order: its inputs, the dense block's
+    output on them and which positions count (a text batch's attention mask `[batch, seq]`; padding never does);
+    and, with `hessian_floor="auto"`, each layer's statistics of the first and of the second half of the batches
+    (else empty)."""
     modules = dict(model.named_modules())
     collector = HessianCollector({n: modules[n] for n in stage.layers}, max_rows=config.recipe.max_rows)
     seen: dict[str, Any] = {}
@@ -111,24 +114,28 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
             lambda m, a, k: seen.__setitem__("in", (_detach(a), _detach(k))), with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, out: seen.__setitem__("out", _first_tensor(out).detach())))
     total: dict[str, LayerStatistics] = {}
+    halves: tuple[dict[str, LayerStatistics], dict[str, LayerStatistics]] | None = \
+        ({}, {}) if config.recipe.hessian_floor == "auto" else None
     pairs: list[Pair] = []
 
     def set_mask(kwargs: dict) -> None:
         collector.token_mask = token_mask(kwargs)
 
-    def measure(i: int) -> tuple[dict[str, LayerStatistics], Any]:
+    def measure(i: int) -> tuple[int, dict[str, LayerStatistics], Any]:
         seen.clear()
         forward_batches(model, [batches[i]], last=stage.last, on_batch=set_mask)
         if "out" not in seen:
-            return collector.take(), None
+            return i, collector.take(), None
         mask = collector.token_mask  # this batch's [batch, seq], set by set_mask, or None
         fits = mask is not None and tuple(mask.shape) == tuple(seen["out"].shape[:2])
-        return collector.take(), (seen["in"], seen["out"], mask.to(seen["out"].device) if fits else None)
+        return i, collector.take(), (seen["in"], seen["out"], mask.to(seen["out"].device) if fits else None)
 
-    def merge(part: tuple[dict[str, LayerStatistics], Any]) -> None:
-        merge_statistics(total, part[0])
-        if part[1] is not None:
-            pairs.append(part[1])
+    def merge(part: tuple[int, dict[str, LayerStatistics], Any]) -> None:
+        merge_statistics(total, part[1])
+        if halves is not None:
+            merge_statistics(halves[half_of(part[0], len(batches))], part[1])
+        if part[2] is not None:
+            pairs.append(part[2])
 
     try:
         with collector.collecting():
@@ -136,7 +143,11 @@ def _measure(model: nn.Module, stage: Stage, batches: list[tuple[tuple, dict]], 
     finally:
         for handle in handles:
             handle.remove()
-    return collector.result(total), pairs
+    split = {}
+    if halves is not None:
+        first, second = collector.result(halves[0]), collector.result(halves[1])
+        split = {n: (first[n], second[n]) for n in first if n in second}
+    return collector.result(total), pairs, split
 
 
 Fitted = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, float]]
@@ -144,33 +155,43 @@ Fitted = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, floa
 
 def encode_layers(model: nn.Module, names: list[str], layouts: dict[str, LayerLayout],
                   stats: dict[str, LayerStatistics], config: VQConfig, device: torch.device,
-                  workers: Workers) -> dict[str, Fitted]:
+                  workers: Workers, halves: dict[str, tuple[LayerStatistics, LayerStatistics]] | None = None
+                  ) -> dict[str, Fitted]:
     """Fit the named layers (this process its share by cost, see [`Workers.share`]); every process gets them all:
-    name -> (codebooks `[M, k, d]`, codes `[rows, cols / d, M]`, scales `[rows]` or None, errors)."""
+    name -> (codebooks `[M, k, d]`, codes `[rows, cols / d, M]`, scales `[rows]` or None, errors). `halves`: each
+    layer's statistics of the two halves of the calibration (for `hessian_floor="auto"`)."""
+    halves = halves or {}
     costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=stats.get(n) is not None
                         and stats[n].hessian is not None) for n in names]
-    mine = {names[j]: fit_layer(model, names[j], layouts[names[j]], stats.get(names[j]), config, device)
-            for j in workers.share(costs)}
+    mine = {names[j]: fit_layer(model, names[j], layouts[names[j]], stats.get(names[j]), config, device,
+                                halves.get(names[j])) for j in workers.share(costs)}
     return workers.exchange(mine)
 
 
 def fit_layer(model: nn.Module, name: str, layout: LayerLayout, stat: LayerStatistics | None, config: VQConfig,
-              device: torch.device) -> Fitted:
+              device: torch.device, halves: tuple[LayerStatistics, LayerStatistics] | None = None) -> Fitted:
     """Encode one layer for its outputs (an embedding: its rows by how often they are read; a layer the data never
-    reached: its weights). The model is not changed (see [`install_layer`])."""
+    reached: its weights). With `hessian_floor="auto"` and the statistics of the calibration's two `halves`, the
+    objective's weight-space term is chosen for the layer first ([`cross_validated_floor`]; recorded in its errors
+    as `"hessian_floor"`). The model is not changed (see [`install_layer`])."""
     module = model.get_submodule(name)
     matrix = vq_class_for(type(module))._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)
     seed = config.seed + _stable_index(name)
     errors: dict[str, float] = {}
     if stat is not None and stat.hessian is not None:
+        floor = fixed_floor(config)
+        if config.recipe.hessian_floor == "auto" and halves is not None \
+                and all(half.hessian is not None and half.count > 0 for half in halves):
+            floor, _ = cross_validated_floor(matrix, layout.d, layout.k, layout.scales, halves, config)
+            errors["hessian_floor"] = floor
         h = stat.objective_hessian().to(device)  # [cols, cols] or [G, cols, cols]
         result = encode_output_aware(matrix, h, k=layout.k, d=layout.d, num_codebooks=layout.num_codebooks,
                                      scales=layout.scales, seed=seed, n_iter=config.recipe.refit_rounds,
                                      kmeans_iters=min(config.n_iter, 20),  # an init: the GPTQ pass re-encodes
-                                     floor=config.recipe.hessian_floor)
+                                     floor=floor)
         codebooks, codes, scales = result.codebooks, result.codes, result.scales
-        errors = {"output_error": float(result.stats["output_error"]),
-                  "output_error_init": float(result.stats["output_error_init"])}
+        errors.update(output_error=float(result.stats["output_error"]),
+                      output_error_init=float(result.stats["output_error_init"]))
     elif stat is not None and stat.row_counts is not None:  # an embedding: rows weighted by how often they are read
         codebooks, codes, scales = _encode_rows_by_use(matrix, stat.row_counts.to(device), layout, config, seed)
     else:  # a layer the calibration data never reached: weights only

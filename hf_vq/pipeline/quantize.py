@@ -165,6 +165,11 @@ def quantize_(
         filled.record.calibration = {**(filled.record.calibration or {}), "statistics": "XᵀX per layer, block by block "
                                      "on inputs from the compressed prefix", "encoder": "output-aware",
                                      "block tuning steps": config.tune_steps}
+        floors = [errors["hessian_floor"] for stage in engine["stages"] for errors in stage["layers"].values()
+                  if "hessian_floor" in errors]
+        if floors:  # hessian_floor="auto"
+            filled.record.calibration["hessian floor"] = "per layer, on a held-out half of the calibration: " + \
+                ", ".join(f"{f:g} ×{floors.count(f)}" for f in sorted(set(floors)))
         if config.tune_steps:
             targets = {stage["tuning"]["target"] for stage in engine["stages"] if "tuning" in stage}
             filled.record.calibration["block tuning target"] = ", ".join(sorted(targets)) + " (padding excluded)"

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..calibrate import to_device
 
-__all__ = ["Stage", "find_blocks", "plan_stages", "run_until", "StageDone"]
+__all__ = ["Stage", "find_blocks", "half_of", "plan_stages", "run_until", "StageDone"]
 
 
 @dataclass
@@ -139,3 +139,9 @@ def forward_batches(model: nn.Module, batches: list[tuple[tuple, dict]], *, last
                     pass
     finally:
         model.train(was_training)
+
+
+def half_of(i: int, n: int) -> int:
+    """Which half of `n` calibration batches batch `i` is in (0: the first, 1: the second). The halves are contiguous:
+    image batches hold one photo's crops each ([`hf_vq.data.photo_batches`]), so each half holds other photos."""
+    return int(2 * i >= n)

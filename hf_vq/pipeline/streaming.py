@@ -39,7 +39,7 @@ from .calibrated import _first_tensor, fit_layer, install_layer
 from .encode import encode_unit
 from .parallel import Workers, layer_cost
 from .select import plan
-from .stages import StageDone, find_blocks
+from .stages import StageDone, find_blocks, half_of
 
 __all__ = ["quantize_streaming_"]
 
@@ -142,20 +142,29 @@ def _encode_block(model: nn.Module, block_name: str, layouts: dict[str, LayerLay
     block = model.get_submodule(block_name)
     names = [n for n, lay in layouts.items() if n.startswith(block_name + ".") and lay.tied_to is None]
     stats: dict[str, LayerStatistics] = {}
+    split: dict[str, tuple[LayerStatistics, LayerStatistics]] = {}
     if inputs is not None and config.encoder == "output-aware":
         collector = HessianCollector({n: model.get_submodule(n) for n in names}, max_rows=config.recipe.max_rows)
+        halves: tuple[dict, dict] = ({}, {})  # the first and second half of the batches (hessian_floor="auto")
 
-        def measure(i: int) -> dict[str, LayerStatistics]:
+        def measure(i: int) -> tuple[int, dict[str, LayerStatistics]]:
             block(*inputs[i][0], **inputs[i][1])
-            return collector.take()
+            return i, collector.take()
+
+        def merge(part: tuple[int, dict[str, LayerStatistics]]) -> None:
+            merge_statistics(stats, part[1])
+            if config.recipe.hessian_floor == "auto":
+                merge_statistics(halves[half_of(part[0], n_batches)], part[1])
 
         with workers.phase("calibration"), collector.collecting(), torch.no_grad():
-            workers.reduce_batches(n_batches, measure, lambda part: merge_statistics(stats, part))
+            workers.reduce_batches(n_batches, measure, merge)
         stats = collector.result(stats)
+        first, second = collector.result(halves[0]), collector.result(halves[1])
+        split = {n: (first[n], second[n]) for n in first if n in second}
     with workers.phase("encoding"):
         costs = [layer_cost(*layouts[n].matrix_shape, layouts[n].k, output_aware=n in stats) for n in names]
-        fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, stats.get(names[j]), config, device)
-                                   for j in workers.share(costs)})
+        fitted = workers.exchange({names[j]: _fit(model, names[j], layouts, stats.get(names[j]), config, device,
+                                                  split.get(names[j])) for j in workers.share(costs)})
     errors = {}
     for name in names:
         layouts[name], errors[name] = install_layer(model, name, layouts[name], *fitted[name], device)
@@ -167,12 +176,13 @@ def _encode_block(model: nn.Module, block_name: str, layouts: dict[str, LayerLay
 
 
 def _fit(model: nn.Module, name: str, layouts: dict[str, LayerLayout], stat: LayerStatistics | None,
-         config: VQConfig, device: torch.device) -> tuple:
+         config: VQConfig, device: torch.device, halves: tuple[LayerStatistics, LayerStatistics] | None = None
+         ) -> tuple:
     """One layer fitted for its outputs when its statistics were measured, else on its weights alone, seeded as
     `quantize_` seeds it (its index in the plan): the data-free streaming path gives the same codes as compressing
     in memory."""
     if stat is not None:
-        return fit_layer(model, name, layouts[name], stat, config, device)
+        return fit_layer(model, name, layouts[name], stat, config, device, halves)
     module = model.get_submodule(name)
     matrix = vq_class_for(type(module))._weight_to_matrix(module._parameters["weight"].detach()).to(device, torch.float32)
     codebooks, codes, scales = encode_unit([matrix], layouts[name], config, seed=config.seed + list(layouts).index(name))
