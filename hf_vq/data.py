@@ -152,7 +152,7 @@ def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = Non
 
     Text (give `tokenizer`): [`calibration_texts`] (default: sentences of gensim's Wikipedia pages), tokenized
     (dicts of model inputs; truncated to the positions `model` embeds when it is given). Images (give `model` for its preprocessing): [`calibration_images`] (default: views of
-    [`CALIBRATION_PHOTOS`]), `[batch, C, H, W]` tensors.
+    [`CALIBRATION_PHOTOS`]), `[batch, C, H, W]` tensors, each batch one photo's crops ([`photo_batches`]).
     """
     if n < 1:
         raise ValueError(f"calibration_batches needs n >= 1 inputs, got {n}.")
