@@ -775,6 +775,30 @@ def test_streaming_output_aware_beats_data_free(tmp_path):
     assert errors["output-aware"] < errors["kmeans"], errors
 
 
+def test_auto_floor_streams_and_is_recorded(tmp_path):
+    """`hessian_floor="auto"` under `--stream` and in memory: every layer encoded for its outputs gets a floor chosen
+    on the held-out half of the calibration batches, and the record (and so the card) says which."""
+    from hf_vq.codec.output_aware import FLOOR_CANDIDATES
+    from hf_vq.integrations.transformers.streaming import compress_streaming
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    gen = torch.Generator().manual_seed(0)
+    calibration = [{"input_ids": torch.randint(0, 128, (8, 16), generator=gen)} for _ in range(4)]
+    scheme = hf_vq.VQConfig(k=16, n_iter=5, permute=False, encoder="output-aware", hessian_floor="auto")
+    streamed = compress_streaming(tmp_path / "dense", scheme, calibration=calibration, progress=False)
+    in_memory = copy.deepcopy(dense)
+    hf_vq.quantize_(in_memory, scheme, calibration=calibration, progress=False)
+    # 2 blocks x 7 linears; in memory the head too (streaming codes it on its weights: its inputs are not propagated)
+    for model, layers in ((streamed, 14), (in_memory, 15)):
+        text = model.vq_config.record.calibration["hessian floor"]
+        counts = {float(f): int(n) for f, n in (part.split(" ×") for part in text.split(": ")[1].split(", "))}
+        assert set(counts) <= set(FLOOR_CANDIDATES) and sum(counts.values()) == layers, text
+
+
 # ---------------------------------------------------------------------------------------------- calibration data
 def test_calibration_and_fidelity_data_are_disjoint():
     pytest.importorskip("gensim")

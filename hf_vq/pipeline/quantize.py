@@ -25,7 +25,7 @@ from ..nn.model import vq_from_layout
 from ..nn.storage import DENSE_STORAGE, round_to_storage_
 from . import hooks
 from .allocation import allocate_layouts
-from .calibrated import encode_calibrated
+from .calibrated import chosen_floors, encode_calibrated
 from .encode import encode_unit, encoding_units, entry_weights
 from .parallel import Workers
 from .permute import PermutationReport, permute_
@@ -165,11 +165,9 @@ def quantize_(
         filled.record.calibration = {**(filled.record.calibration or {}), "statistics": "XᵀX per layer, block by block "
                                      "on inputs from the compressed prefix", "encoder": "output-aware",
                                      "block tuning steps": config.tune_steps}
-        floors = [errors["hessian_floor"] for stage in engine["stages"] for errors in stage["layers"].values()
-                  if "hessian_floor" in errors]
+        floors = chosen_floors(errors for stage in engine["stages"] for errors in stage["layers"].values())
         if floors:  # hessian_floor="auto"
-            filled.record.calibration["hessian floor"] = "per layer, on a held-out half of the calibration: " + \
-                ", ".join(f"{f:g} ×{floors.count(f)}" for f in sorted(set(floors)))
+            filled.record.calibration["hessian floor"] = floors
         if config.tune_steps:
             targets = {stage["tuning"]["target"] for stage in engine["stages"] if "tuning" in stage}
             filled.record.calibration["block tuning target"] = ", ".join(sorted(targets)) + " (padding excluded)"

@@ -35,7 +35,7 @@ from ..nn import register_shared_, vq_class_for
 from ..nn.model import vq_from_layout
 from ..nn.storage import DENSE_STORAGE, round_to_storage_
 from . import hooks
-from .calibrated import _first_tensor, fit_layer, install_layer
+from .calibrated import _first_tensor, chosen_floors, fit_layer, install_layer
 from .encode import encode_unit
 from .parallel import Workers, layer_cost
 from .select import plan
@@ -283,6 +283,9 @@ def quantize_streaming_(model: nn.Module, config: VQConfig, load: Loader, *, cal
         base_model=base_model, recipe={**config.recipe.to_dict(), "streaming": True},
         calibration=None if batches is None else {"batches": len(batches), "statistics": "XᵀX per layer, block by "
                                                   "block on inputs propagated through the compressed blocks"})
+    floors = chosen_floors(errors for block in blocks for errors in report[block].values())
+    if floors:  # hessian_floor="auto"
+        filled.record.calibration["hessian floor"] = floors
     model.vq_config = filled
     model.vq_timings = dict(workers.seconds)
     hooks.compressed(model, filled)
