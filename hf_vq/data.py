@@ -114,16 +114,25 @@ def _crops(photos: list, n: int, *, model: nn.Module | None = None, data_config:
 #: The fidelity evaluations use the first `EVAL_SENTENCES` sentences of the Lee news corpus and views of
 #: [`EVAL_PHOTOS`]; calibration never does.
 EVAL_SENTENCES = 256
-def calibration_images(n: int, model: nn.Module, source: str | None = None, *, seed: int = 1) -> torch.Tensor:
+
+#: The seed of the calibration crops (the evaluation's are drawn with seed 0).
+_CALIBRATION_SEED = 1
+
+
+def calibration_images(n: int, model: nn.Module, source: str | None = None, *,
+                       seed: int = _CALIBRATION_SEED) -> torch.Tensor:
     """`n` calibration images preprocessed for `model`, `[n, C, H, W]`: random crops of the images in folder `source`
     (any depth; jpg / png / ...) or, by default, of [`CALIBRATION_PHOTOS`] (disjoint from the evaluation's photos).
 
     Raises:
         `ValueError`: if the folder holds no readable image.
     """
-    if source is None:
-        return real_images(n, model=model, seed=seed, photos=CALIBRATION_PHOTOS)
-    return _crops(photo_folder(source), n, model=model, seed=seed)
+    return _crops(_calibration_photos(source), n, model=model, seed=seed)
+
+
+def _calibration_photos(source: str | None) -> list:
+    """The photos calibration crops: those of folder `source`, or [`CALIBRATION_PHOTOS`]."""
+    return real_photos(CALIBRATION_PHOTOS) if source is None else photo_folder(source)
 
 
 def photo_folder(source: str | Path) -> list:
@@ -159,8 +168,8 @@ def calibration_batches(n: int, *, tokenizer=None, model: nn.Module | None = Non
     if tokenizer is not None:
         texts = calibration_texts(n, source)
         return tokenize_batches(tokenizer, texts, model=model, batch_size=batch_size, max_length=max_length)
-    photos = real_photos(CALIBRATION_PHOTOS) if source is None else photo_folder(source)
-    images = _crops(photos, n, model=model, seed=1)  # [n, C, H, W], as calibration_images(n, model, source)
+    photos = _calibration_photos(source)  # loaded once: the crops and their count of photos
+    images = _crops(photos, n, model=model, seed=_CALIBRATION_SEED)  # [n, C, H, W], as calibration_images makes them
     return photo_batches(images, len(photos), batch_size)
 
 

@@ -754,16 +754,23 @@ def test_streaming_reads_the_layers_outside_the_blocks_one_at_a_time_when_needed
         assert not any(p.device.type == "meta" for p in model.parameters())
 
 
-def test_streaming_output_aware_beats_data_free(tmp_path):
-    from hf_vq.integrations.transformers.streaming import compress_streaming
-
+def _llama_folder(folder: Path) -> tuple[nn.Module, list[dict], torch.Generator]:
+    """A small random Llama saved to `folder`, 4 calibration batches of token ids `[8, 16]`, and the generator that
+    drew them (for held-out ids)."""
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     dense = transformers.LlamaForCausalLM(config).eval()
-    dense.save_pretrained(tmp_path / "dense")
+    dense.save_pretrained(folder)
     gen = torch.Generator().manual_seed(0)
     calibration = [{"input_ids": torch.randint(0, 128, (8, 16), generator=gen)} for _ in range(4)]
+    return dense, calibration, gen
+
+
+def test_streaming_output_aware_beats_data_free(tmp_path):
+    from hf_vq.integrations.transformers.streaming import compress_streaming
+
+    dense, calibration, gen = _llama_folder(tmp_path / "dense")
     held_out = torch.randint(0, 128, (8, 16), generator=gen)
     errors = {}
     for encoder in ("kmeans", "output-aware"):
@@ -781,13 +788,7 @@ def test_auto_floor_streams_and_is_recorded(tmp_path):
     from hf_vq.codec.output_aware import FLOOR_CANDIDATES
     from hf_vq.integrations.transformers.streaming import compress_streaming
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(config).eval()
-    dense.save_pretrained(tmp_path / "dense")
-    gen = torch.Generator().manual_seed(0)
-    calibration = [{"input_ids": torch.randint(0, 128, (8, 16), generator=gen)} for _ in range(4)]
+    dense, calibration, _ = _llama_folder(tmp_path / "dense")
     scheme = hf_vq.VQConfig(k=16, n_iter=5, permute=False, encoder="output-aware", hessian_floor="auto")
     streamed = compress_streaming(tmp_path / "dense", scheme, calibration=calibration, progress=False)
     in_memory = copy.deepcopy(dense)
