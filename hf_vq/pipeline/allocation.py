@@ -303,8 +303,9 @@ def cross_validated_floor(matrix: torch.Tensor, d: int, k: int, scales: bool, ha
     first, second = halves
     pairs = ((first.objective_hessian(), second.mean_hessian()), (second.objective_hessian(), first.mean_hessian()))
     pairs = tuple((fit.to(matrix.device), test.to(matrix.device)) for fit, test in pairs)
-    errors = {f: sum(_quick_error(matrix, fit, d, k, config, scales, h_test=test, floor=f) for fit, test in pairs) / 2
-              for f in candidates}
+    energies = [output_energy(matrix, test) for _, test in pairs]  # the same for every candidate
+    errors = {f: sum(_quick_error(matrix, fit, d, k, config, scales, h_test=test, energy=energy, floor=f)
+                     for (fit, test), energy in zip(pairs, energies)) / 2 for f in candidates}
     best = min(errors.values())
     return next(f for f in candidates if errors[f] <= best * (1 + tolerance)), errors
 
